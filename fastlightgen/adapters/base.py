@@ -1,0 +1,196 @@
+"""The model-adapter seam: a DiT seen as  g2 . B_{N-1} . ... . B_0 . g1  (paper eq. 2).
+
+An adapter splits a model's forward into `begin` (g1: embeddings), `run_block` (one block of the
+ordered list) and `end` (g2: output head), so that skipping blocks, sharing a common prefix between
+two skip-sets and Stage I's prefix reuse are written once here, for every family.
+Nothing here copies weights or mutates the wrapped model.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """What a prune plan must agree with before it may be applied to a model."""
+
+    family: str
+    num_blocks: int
+    hidden_size: int
+
+    def to_dict(self) -> dict:
+        return {"family": self.family, "num_blocks": self.num_blocks, "hidden_size": self.hidden_size}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelFingerprint":
+        return cls(family=str(d["family"]), num_blocks=int(d["num_blocks"]), hidden_size=int(d["hidden_size"]))
+
+    def __str__(self) -> str:
+        return f"{self.family} with {self.num_blocks} blocks of width {self.hidden_size}"
+
+
+@dataclass
+class Conditioning:
+    """Conditioning of one batch. `text` is the encoder's sequence (B, L, D); the rest is family-specific."""
+
+    text: torch.Tensor
+    image: torch.Tensor | None = None  # Wan 2.1 I2V CLIP image tokens
+    text_mask: torch.Tensor | None = None  # HunyuanVideo attention mask over text tokens
+    pooled: torch.Tensor | None = None  # HunyuanVideo pooled text projection
+
+    def null_like(self) -> "Conditioning":
+        """Zeroed text (the toy encoder's and Wan's empty-prompt convention); keeps image tokens."""
+        return replace(self, text=torch.zeros_like(self.text),
+                       pooled=None if self.pooled is None else torch.zeros_like(self.pooled))
+
+    def repeat(self, n: int) -> "Conditioning":
+        rep = lambda t: None if t is None else t.repeat(n, *([1] * (t.ndim - 1)))  # noqa: E731
+        return Conditioning(rep(self.text), rep(self.image), rep(self.text_mask), rep(self.pooled))
+
+
+@dataclass
+class BlockState:
+    """What flows between blocks: the evolving streams plus per-call constants (time embedding, rope...)."""
+
+    streams: tuple[torch.Tensor, ...]
+    ctx: dict[str, Any] = field(default_factory=dict)
+
+
+def _as_skip(skip: Iterable[int] | None) -> frozenset[int]:
+    return frozenset(int(i) for i in (skip or ()))
+
+
+class DiTAdapter(ABC):
+    """A DiT with an ordered block list. Subclasses implement begin/run_block/end and the naming."""
+
+    family: str
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.block_evaluations = 0  # counted so tests and benchmarks can prove prefix sharing
+        self.gradient_checkpointing = False
+
+    # ---- family-specific -------------------------------------------------------------------
+    @abstractmethod
+    def blocks(self) -> list[nn.Module]:
+        """All blocks in execution order (HunyuanVideo: double blocks then single blocks)."""
+
+    @property
+    @abstractmethod
+    def hidden_size(self) -> int: ...
+
+    @abstractmethod
+    def begin(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> BlockState: ...
+
+    @abstractmethod
+    def _block_forward(self, index: int, state: BlockState) -> BlockState: ...
+
+    @abstractmethod
+    def end(self, state: BlockState) -> torch.Tensor: ...
+
+    @abstractmethod
+    def block_key_prefix(self, index: int) -> str:
+        """State-dict prefix of block `index`, e.g. 'blocks.7.'."""
+
+    @abstractmethod
+    def pruned_config(self, keep: Sequence[int]) -> dict: ...
+
+    @abstractmethod
+    def renumbered_prefix(self, index: int, keep: Sequence[int]) -> str:
+        """Prefix that block `index` gets in the physically pruned model keeping `keep`."""
+
+    # ---- shared machinery ------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks())
+
+    def fingerprint(self) -> ModelFingerprint:
+        return ModelFingerprint(self.family, self.num_blocks, self.hidden_size)
+
+    def check_skip(self, skip: Iterable[int] | None) -> frozenset[int]:
+        s = _as_skip(skip)
+        bad = sorted(i for i in s if not 0 <= i < self.num_blocks)
+        if bad:
+            raise ValueError(f"block indices {bad} are out of range for a model with {self.num_blocks} blocks")
+        return s
+
+    def run_block(self, index: int, state: BlockState) -> BlockState:
+        self.block_evaluations += 1
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            # Recompute each block in backward: activation memory stays O(one block) on big models.
+            streams = torch.utils.checkpoint.checkpoint(
+                lambda *s: self._block_forward(index, BlockState(s, state.ctx)).streams,
+                *state.streams, use_reentrant=False)
+            return BlockState(tuple(streams), state.ctx)
+        return self._block_forward(index, state)
+
+    def run_blocks(self, state: BlockState, start: int, stop: int, skip: frozenset[int]) -> BlockState:
+        for i in range(start, stop):
+            if i not in skip:
+                state = self.run_block(i, state)
+        return state
+
+    def forward(self, x: torch.Tensor, sigma, cond: Conditioning, skip: Iterable[int] | None = None) -> torch.Tensor:
+        """Velocity with the blocks in `skip` bypassed (identity), no weight copy."""
+        skip = self.check_skip(skip)
+        state = self.begin(x, self._sigma(sigma, x), cond)
+        return self.end(self.run_blocks(state, 0, self.num_blocks, skip))
+
+    __call__ = forward
+
+    def forward_pair(self, x: torch.Tensor, sigma, cond: Conditioning, skip_a: Iterable[int] | None,
+                     skip_b: Iterable[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two skip-sets in one call: blocks before the first index where the sets differ run once."""
+        a, b = self.check_skip(skip_a), self.check_skip(skip_b)
+        differ = sorted(a ^ b)
+        fork = differ[0] if differ else self.num_blocks
+        state = self.run_blocks(self.begin(x, self._sigma(sigma, x), cond), 0, fork, a)
+        out_a = self.end(self.run_blocks(state, fork, self.num_blocks, a))
+        if not differ:
+            return out_a, out_a
+        return out_a, self.end(self.run_blocks(state, fork, self.num_blocks, b))
+
+    def block_inputs(self, x: torch.Tensor, sigma, cond: Conditioning) -> tuple[list[BlockState], torch.Tensor]:
+        """Full pass keeping the input state of every block; returns (states, full-model velocity)."""
+        state = self.begin(x, self._sigma(sigma, x), cond)
+        states = []
+        for i in range(self.num_blocks):
+            states.append(state)
+            state = self.run_block(i, state)
+        return states, self.end(state)
+
+    def skip_one_from(self, states: list[BlockState], index: int) -> torch.Tensor:
+        """Velocity of the model with block `index` skipped, reusing the full pass's prefix."""
+        return self.end(self.run_blocks(states[index], index + 1, self.num_blocks, frozenset()))
+
+    @staticmethod
+    def _sigma(sigma, x: torch.Tensor) -> torch.Tensor:
+        s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        return s.expand(x.shape[0]) if s.ndim == 0 else s
+
+    # ---- physical pruning -------------------------------------------------------------------
+    def pruned_state_dict(self, keep: Sequence[int]) -> dict[str, torch.Tensor]:
+        """State dict without the dropped blocks, kept blocks renumbered 0..K-1 in each list."""
+        keep = sorted(set(int(i) for i in keep))
+        self.check_skip(keep)
+        dropped = [self.block_key_prefix(i) for i in range(self.num_blocks) if i not in keep]
+        renames = {self.block_key_prefix(i): self.renumbered_prefix(i, keep) for i in keep}
+        out = {}
+        for key, value in self.model.state_dict().items():
+            if any(key.startswith(p) for p in dropped):
+                continue
+            prefix = next((p for p in renames if key.startswith(p)), None)
+            out[key if prefix is None else renames[prefix] + key[len(prefix):]] = value
+        return out
+
+    def pruned_model(self, keep: Sequence[int]) -> nn.Module:
+        """A new, smaller model of the same class holding copies of the kept blocks (dtype/device kept)."""
+        model = type(self.model).from_config(self.pruned_config(keep))
+        weights = {k: v.detach().clone() for k, v in self.pruned_state_dict(keep).items()}
+        model.load_state_dict(weights, strict=True, assign=True)
+        return model.train(self.model.training)

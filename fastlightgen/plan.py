@@ -1,0 +1,116 @@
+"""PrunePlan: which blocks of which model are kept, and why. JSON round trip; refuses foreign models."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .adapters.base import ModelFingerprint
+from .io_utils import atomic_write_text
+
+PLAN_FORMAT = "fastlightgen.prune_plan/1"
+
+
+class PlanMismatchError(ValueError):
+    """A plan applied to a model it was not made for."""
+
+
+@dataclass
+class PrunePlan:
+    fingerprint: ModelFingerprint
+    kept: list[int]
+    method: str = "explicit"  # "scores" (Stage I ranking) or "explicit" (a block list)
+    keep_ratio: float | None = None
+    protected: list[int] = field(default_factory=list)
+    scores: list[float] | None = None
+    reference_error: float | None = None
+
+    def __post_init__(self):
+        n = self.fingerprint.num_blocks
+        self.kept = sorted(set(int(i) for i in self.kept))
+        bad = [i for i in self.kept if not 0 <= i < n]
+        if bad or not self.kept:
+            raise ValueError(f"a prune plan must keep at least one block within 0..{n - 1}; got kept={self.kept}")
+        if self.scores is not None and len(self.scores) != n:
+            raise ValueError(f"the plan has {len(self.scores)} scores for {n} blocks")
+
+    @property
+    def dropped(self) -> list[int]:
+        return [i for i in range(self.fingerprint.num_blocks) if i not in set(self.kept)]
+
+    @property
+    def skip(self) -> frozenset[int]:
+        return frozenset(self.dropped)
+
+    # ---- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_scores(cls, fingerprint: ModelFingerprint, scores: Sequence[float], keep_ratio: float | None = None,
+                    keep_count: int | None = None, protected: Sequence[int] = (),
+                    reference_error: float | None = None) -> "PrunePlan":
+        """Keep the highest-scoring blocks (largest error when skipped = most important), plus `protected`."""
+        n = fingerprint.num_blocks
+        count = _keep_count(n, keep_ratio, keep_count)
+        protected = sorted(set(int(i) for i in protected))
+        if len(protected) > count:
+            raise ValueError(f"{len(protected)} protected blocks do not fit in a plan keeping {count}")
+        ranked = sorted(range(n), key=lambda i: -scores[i])
+        kept = list(protected) + [i for i in ranked if i not in protected][: count - len(protected)]
+        return cls(fingerprint, kept, "scores", count / n, protected, [float(s) for s in scores], reference_error)
+
+    @classmethod
+    def from_blocks(cls, fingerprint: ModelFingerprint, dropped: Sequence[int]) -> "PrunePlan":
+        n = fingerprint.num_blocks
+        bad = sorted(i for i in dropped if not 0 <= int(i) < n)
+        if bad:
+            raise ValueError(f"blocks {bad} do not exist in a model of {n} blocks (valid: 0..{n - 1})")
+        kept = [i for i in range(n) if i not in set(int(d) for d in dropped)]
+        return cls(fingerprint, kept, "explicit", len(kept) / n)
+
+    # ---- checks ----------------------------------------------------------------------------------
+    def check(self, fingerprint: ModelFingerprint) -> None:
+        if fingerprint != self.fingerprint:
+            raise PlanMismatchError(f"this prune plan was made for a {self.fingerprint}, but the model is a "
+                                    f"{fingerprint}; run Stage I on this model to get its own plan")
+
+    # ---- JSON ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"format": PLAN_FORMAT, "fingerprint": self.fingerprint.to_dict(), "kept": self.kept,
+                "dropped": self.dropped, "method": self.method, "keep_ratio": self.keep_ratio,
+                "protected": self.protected, "scores": self.scores, "reference_error": self.reference_error}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PrunePlan":
+        if d.get("format") != PLAN_FORMAT:
+            raise ValueError(f"not a FastLightGen prune plan (format {d.get('format')!r}, expected {PLAN_FORMAT!r})")
+        plan = cls(ModelFingerprint.from_dict(d["fingerprint"]), d["kept"], d["method"], d.get("keep_ratio"),
+                   d.get("protected", []), d.get("scores"), d.get("reference_error"))
+        if "dropped" in d and sorted(d["dropped"]) != plan.dropped:
+            raise ValueError("prune plan is inconsistent: 'dropped' is not the complement of 'kept'")
+        return plan
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PrunePlan":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(Path(path), self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PrunePlan":
+        return cls.from_json(Path(path).read_text())
+
+
+def _keep_count(n: int, keep_ratio: float | None, keep_count: int | None) -> int:
+    if (keep_ratio is None) == (keep_count is None):
+        raise ValueError("give exactly one of keep_ratio or keep_count")
+    if keep_count is None:
+        if not 0 < keep_ratio <= 1:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+        keep_count = max(1, round(keep_ratio * n))
+    if not 1 <= keep_count <= n:
+        raise ValueError(f"keep_count must be in 1..{n}, got {keep_count}")
+    return keep_count

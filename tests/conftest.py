@@ -1,0 +1,89 @@
+"""Shared pytest fixtures.
+
+ComfyUI fixtures (need ``scripts/install_comfyui.sh``; skipped otherwise):
+
+* ``comfyui_server`` (session): a real ComfyUI server process started once per
+  session (``tests/comfyui_harness.ServerHandle``). Set $COMFYUI_URL to use an
+  already running server instead of starting one.
+* ``comfy_in_process`` (session): ComfyUI importable in this process (CPU forced),
+  so tests can ``import comfy.sd, comfy.samplers, nodes, comfy_extras.nodes_wan``.
+
+Tests that use either fixture are auto-marked ``comfyui``: deselect them with
+``-m "not comfyui"``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import comfyui_harness  # noqa: E402
+
+COMFYUI_FIXTURES = {"comfyui_server", "comfy_in_process"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "comfyui: needs a real ComfyUI install (scripts/install_comfyui.sh); "
+        "auto-applied to tests using the comfyui_server / comfy_in_process fixtures",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if COMFYUI_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.comfyui)
+
+
+class _ExternalServer(comfyui_harness.ServerHandle):
+    """Wraps an already running server given by $COMFYUI_URL (never stopped by us)."""
+
+    def __init__(self, url: str):  # noqa: D401 - no process of ours
+        from urllib.parse import urlparse
+
+        u = urlparse(url)
+        self.proc = None
+        self.pid = None
+        self.host, self.port = u.hostname, u.port
+        self.url = url.rstrip("/")
+        self.log_path = None
+        self.work_dir = self.output_dir = self.input_dir = self.temp_dir = self.user_dir = None
+        self.comfy_dir = comfyui_harness.comfyui_dir()
+        self._stopped = True
+
+    def is_alive(self) -> bool:
+        return True
+
+    def log_text(self, tail_chars=8000) -> str:
+        return "(external server: log not available)"
+
+    def stop(self, *a, **k) -> None:
+        pass
+
+
+@pytest.fixture(scope="session")
+def comfyui_server():
+    url = os.environ.get("COMFYUI_URL")
+    if url:
+        yield _ExternalServer(url)
+        return
+    if not comfyui_harness.comfyui_available():
+        pytest.skip(comfyui_harness.INSTALL_HINT)
+    handle = comfyui_harness.start_server()
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+@pytest.fixture(scope="session")
+def comfy_in_process():
+    if not comfyui_harness.comfyui_available():
+        pytest.skip(comfyui_harness.INSTALL_HINT)
+    comfyui_harness.import_comfy_in_process()
+    return comfyui_harness.comfyui_dir()
