@@ -1,0 +1,1 @@
+"""FastLightGen training entry points: `python -m train.<stage>`; thin loops over `fastlightgen`."""

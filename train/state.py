@@ -1,0 +1,71 @@
+"""Resumable training state without pickle: tensors in safetensors, everything else in JSON.
+
+A state is a folder `step_000123/` holding `tensors.safetensors` and `state.json`; it is written under a
+temporary name and renamed, so a folder that exists is complete. `latest_state` finds the newest one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "state.json"
+TENSORS_FILE = "tensors.safetensors"
+
+
+def flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state as named tensors plus its JSON-able remainder (param groups, scalar entries)."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for index, entries in sd["state"].items():
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], rest: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in [*tensors.items(), *rest["scalars"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+
+
+def save_state(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], info: dict, keep: int = 2) -> Path:
+    run_dir = Path(run_dir)
+    final = run_dir / f"step_{step:07d}"
+    tmp = run_dir / f".tmp_step_{step:07d}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS_FILE))
+    (tmp / STATE_FILE).write_text(json.dumps({**info, "step": step}, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(run_dir.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_state(run_dir: Path) -> Path | None:
+    done = sorted(p for p in Path(run_dir).glob("step_*") if (p / STATE_FILE).is_file())
+    return done[-1] if done else None
+
+
+def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    return load_file(str(Path(path) / TENSORS_FILE)), json.loads((Path(path) / STATE_FILE).read_text())
+
+
+def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in tensors.items()}

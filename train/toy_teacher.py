@@ -1,0 +1,124 @@
+"""`python -m train.toy_teacher`: train the toy world's Wan 2.2-style teacher from scratch on a CPU.
+
+Recipe: flow matching in the project's convention (fastlightgen.flow), logit-normal sigmas, TI2V (the
+first latent frame is given clean at sigma 0 and carries no loss), 10% caption dropout for CFG, AdamW with
+warm-up, an EMA of the weights that becomes the shipped teacher. Every batch and noise draw is a pure
+function of (seed, step), so a resumed run continues exactly where it stopped.
+The committed `models/fastlightgen/toy_teacher.safetensors` was made by the command in README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from fastlightgen.adapters import adapt
+from fastlightgen.checkpoint import CheckpointMeta, Recommended, save_checkpoint
+from fastlightgen.flow import add_noise, pinned_first_frame_sigma, sample_training_sigma, velocity_target
+from fastlightgen.toy.teacher import TOY_TEACHER, batch_latents, build_toy_teacher, conditioning
+from fastlightgen.toy.world import make_batch
+from train.state import flatten_optimizer, latest_state, load_state, save_state, split_prefix, \
+    unflatten_optimizer, with_prefix
+
+
+@dataclass
+class ToyTeacherRun:
+    steps: int = 3000
+    batch: int = 16
+    lr: float = 3e-4
+    warmup: int = 100
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    seed: int = 0
+    save_every: int = 100
+    run_dir: str = "runs/toy_teacher"
+    out: str = "models/fastlightgen/toy_teacher.safetensors"
+
+
+def parse_args(argv=None) -> tuple[ToyTeacherRun, argparse.Namespace]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, value in asdict(ToyTeacherRun()).items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    p.add_argument("--export-only", action="store_true", help="write the teacher file from the newest state")
+    args = p.parse_args(argv)
+    return ToyTeacherRun(**{k: getattr(args, k) for k in asdict(ToyTeacherRun())}), args
+
+
+def training_step_inputs(cfg: ToyTeacherRun, step: int):
+    """(x_t, sigma, cond, target) of one step: a pure function of (seed, step)."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    batch = make_batch("train", cfg.batch, seed=cfg.seed * 1_000_003 + step)
+    captions = [c if torch.rand((), generator=g).item() >= cfg.caption_dropout else "" for c in batch.captions]
+    x0 = batch_latents(batch)
+    noise = torch.randn(x0.shape, generator=g)
+    sigma = pinned_first_frame_sigma(sample_training_sigma(cfg.batch, g), x0.shape[2])
+    return add_noise(x0, noise, sigma), sigma, conditioning(captions), velocity_target(x0, noise)
+
+
+def export(cfg: ToyTeacherRun, ema: torch.nn.Module, step: int, loss: float) -> Path:
+    meta = CheckpointMeta(original_num_blocks=TOY_TEACHER.num_layers, kept_blocks=list(range(TOY_TEACHER.num_layers)),
+                          recommended=Recommended(steps=50, denoising_step_list=[], shift=5.0, cfg_scale=5.0),
+                          provenance={"trainer": "train.toy_teacher", "config": asdict(cfg), "step": step,
+                                      "final_loss": loss, "weights": "EMA"})
+    return save_checkpoint(cfg.out, ema, meta, dtype=torch.bfloat16)
+
+
+def main(argv=None) -> None:
+    cfg, args = parse_args(argv)
+    model = build_toy_teacher(seed=cfg.seed).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup))
+    start, loss_ema = 0, float("nan")
+    resume = latest_state(Path(cfg.run_dir))
+    if resume is not None:
+        tensors, info = load_state(resume)
+        model.load_state_dict(split_prefix(tensors, "model."))
+        ema.load_state_dict(split_prefix(tensors, "ema."))
+        unflatten_optimizer(opt, split_prefix(tensors, "opt."), info["optimizer"])
+        sched.load_state_dict(info["scheduler"])
+        start, loss_ema = info["step"], info["loss_ema"]
+        print(f"resumed from {resume} at step {start}")
+    if args.export_only:
+        print(f"wrote {export(cfg, ema, start, loss_ema)}")
+        return
+
+    adapter = adapt(model)
+    log = Path(cfg.run_dir) / "log.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    tic = time.perf_counter()
+    for step in range(start, cfg.steps):
+        x_t, sigma, cond, target = training_step_inputs(cfg, step)
+        v = adapter(x_t, sigma, cond)
+        loss = (v - target)[:, :, 1:].pow(2).mean()  # frame 0 is given, not predicted
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), model.parameters()):
+                p_ema.lerp_(p, 1 - cfg.ema_decay)
+        loss_ema = loss.item() if loss_ema != loss_ema else 0.98 * loss_ema + 0.02 * loss.item()
+        if (step + 1) % 10 == 0:
+            rate = (time.perf_counter() - tic) / 10
+            tic = time.perf_counter()
+            with log.open("a") as f:
+                f.write(json.dumps({"step": step + 1, "loss": loss.item(), "loss_ema": loss_ema, "s_per_step": rate}) + "\n")
+            print(f"step {step + 1}/{cfg.steps} loss {loss.item():.4f} (ema {loss_ema:.4f}) {rate:.2f}s/step", flush=True)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            opt_tensors, opt_rest = flatten_optimizer(opt)
+            tensors = {**with_prefix(model.state_dict(), "model."), **with_prefix(ema.state_dict(), "ema."),
+                       **with_prefix(opt_tensors, "opt.")}
+            save_state(Path(cfg.run_dir), step + 1, tensors, {"optimizer": opt_rest, "scheduler": sched.state_dict(),
+                                                              "loss_ema": loss_ema, "config": asdict(cfg)})
+    print(f"wrote {export(cfg, ema, cfg.steps, loss_ema)}")
+
+
+if __name__ == "__main__":
+    main()
