@@ -1,0 +1,59 @@
+"""Generating toy-world videos with any adapter: the teacher's 50-step CFG sampler or the few-step one.
+
+The given first frame (TI2V) is the clean render of the factors' first frame, encoded by the codec.
+Noise comes from one generator per call, so a (seed, prompts) pair always yields the same videos.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+from ..adapters import DiTAdapter
+from ..sampling import FewStepSampling, TeacherSampling, sample_euler_cfg, sample_few_step
+from .codec import decode_video, encode_video
+from .teacher import conditioning
+from .world import Factors, caption, render
+
+
+@dataclass(frozen=True)
+class Prompts:
+    factors: tuple[Factors, ...]
+
+    @property
+    def captions(self) -> list[str]:
+        return [caption(f) for f in self.factors]
+
+    def first_frames(self) -> torch.Tensor:
+        """Model-space first latent frames (B, 48, 1, h, w)."""
+        videos = torch.stack([render(f) for f in self.factors])
+        return encode_video(videos)[:, :, :1]
+
+    def latent_shape(self) -> tuple[int, ...]:
+        return tuple(encode_video(render(self.factors[0])[None]).shape[1:])
+
+
+def _noise(prompts: Prompts, seed: int) -> tuple[torch.Tensor, torch.Generator]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((len(prompts.factors), *prompts.latent_shape()), generator=g), g
+
+
+def generate_teacher(adapter: DiTAdapter, prompts: Prompts, seed: int,
+                     config: TeacherSampling = TeacherSampling(), skip: Iterable[int] = ()) -> torch.Tensor:
+    """Videos (B, 3, F, H, W) from the multi-step Euler CFG sampler."""
+    noise, _ = _noise(prompts, seed)
+    cond = conditioning(prompts.captions)
+    latents = sample_euler_cfg(adapter, noise, cond, cond.null_like(), config, skip=skip,
+                               first_frame=prompts.first_frames())
+    return decode_video(latents)
+
+
+def generate_few_step(adapter: DiTAdapter, prompts: Prompts, seed: int,
+                      config: FewStepSampling = FewStepSampling(), skip: Iterable[int] = (),
+                      sigmas: Sequence[float] | None = None) -> torch.Tensor:
+    """Videos (B, 3, F, H, W) from the few-step (CFG-free) sampler."""
+    noise, g = _noise(prompts, seed)
+    latents = sample_few_step(adapter, noise, conditioning(prompts.captions), config, skip=skip, generator=g,
+                              first_frame=prompts.first_frames(), sigmas=sigmas)
+    return decode_video(latents)
