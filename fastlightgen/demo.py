@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from .io_utils import atomic_write_text
 from .sampling import FewStepSampling, TeacherSampling
 from .toy.evaluate import evaluate_batch
 from .toy.generate import Prompts, generate_few_step, generate_teacher
-from .toy.world import heldout_combinations, sample_factors
+from .toy.world import sample_factors, split_combinations
 from .video_io import write_mp4
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models" / "fastlightgen"
@@ -27,11 +28,15 @@ TEACHER = MODELS_DIR / "toy_teacher.safetensors"
 STUDENT = MODELS_DIR / "toy_student.safetensors"
 
 
-def heldout_prompts(per_combination: int = 1, seed: int = 0) -> Prompts:
-    """Every held-out combination, `per_combination` times, with seeded positions and backgrounds."""
-    combos = heldout_combinations()
+def split_prompts(split: str, per_combination: int = 1, seed: int = 0, limit: int | None = None) -> Prompts:
+    """Every combination of a split, `per_combination` times, with seeded positions and backgrounds."""
+    combos = split_combinations(split)[:limit]
     return Prompts(tuple(sample_factors(seed * 10_007 + i * len(combos) + j, [c])
                          for i in range(per_combination) for j, c in enumerate(combos)))
+
+
+def heldout_prompts(per_combination: int = 1, seed: int = 0) -> Prompts:
+    return split_prompts("heldout", per_combination, seed)
 
 
 def load_fp32(path: Path):
@@ -55,16 +60,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("outputs/demo"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-combination", type=int, default=1)
+    p.add_argument("--split", choices=("heldout", "train"), default="heldout",
+                   help="tune sampling settings on 'train' prompts, never on the held-out ones")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N combinations of the split")
+    p.add_argument("--cfg", type=float, default=None, help="override the teacher's recommended CFG scale")
+    p.add_argument("--steps", type=int, default=None, help="override the teacher's recommended step count")
     p.add_argument("--teacher", type=Path, default=TEACHER)
     p.add_argument("--student", type=Path, default=STUDENT)
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    prompts = heldout_prompts(args.per_combination, args.seed)
+    prompts = split_prompts(args.split, args.per_combination, args.seed, args.limit)
     sections, times = [], {}
     teacher, meta = load_fp32(args.teacher)
     rec = meta.recommended if meta else None
     teacher_cfg = TeacherSampling(steps=rec.steps, shift=rec.shift, cfg_scale=rec.cfg_scale) if rec else TeacherSampling()
+    teacher_cfg = replace(teacher_cfg, **{k: v for k, v in (("steps", args.steps), ("cfg_scale", args.cfg)) if v})
     text, times["teacher"] = run_model(
         f"teacher ({teacher_cfg.steps}-step Euler, CFG {teacher_cfg.cfg_scale})",
         lambda: generate_teacher(teacher, prompts, args.seed, teacher_cfg), prompts, args.out)
@@ -79,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         sections.append(text + f"\nspeed-up over the teacher: {times['teacher'] / times['student']:.1f}x\n")
     else:
         sections.append(f"(no student at {args.student}: train one with the pipeline in train/README.md)\n")
-    report = (f"# FastLightGen toy-world demo\n\n{len(prompts.factors)} held-out prompts, seed {args.seed}, "
+    report = (f"# FastLightGen toy-world demo\n\n{len(prompts.factors)} {args.split} prompts, seed {args.seed}, "
               f"{torch.get_num_threads()} CPU threads.\n\n" + "\n".join(sections))
     atomic_write_text(args.out / "report.md", report)
     print(report)

@@ -34,6 +34,7 @@ class ToyTeacherRun:
     warmup: int = 100
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
+    threads: int = 0  # 0: torch's default; 1 keeps a run steady on a machine shared with other work
     seed: int = 0
     save_every: int = 100
     run_dir: str = "runs/toy_teacher"
@@ -70,6 +71,8 @@ def export(cfg: ToyTeacherRun, ema: torch.nn.Module, step: int, loss: float) -> 
 
 def main(argv=None) -> None:
     cfg, args = parse_args(argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     model = build_toy_teacher(seed=cfg.seed).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -102,8 +105,10 @@ def main(argv=None) -> None:
         opt.step()
         sched.step()
         with torch.no_grad():
+            # warm-up of the decay so that a short run's EMA is not dominated by the random init
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
             for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p, 1 - cfg.ema_decay)
+                p_ema.lerp_(p, 1 - decay)
         loss_ema = loss.item() if loss_ema != loss_ema else 0.98 * loss_ema + 0.02 * loss.item()
         if (step + 1) % 10 == 0:
             rate = (time.perf_counter() - tic) / 10

@@ -1,0 +1,312 @@
+"""Write the shipped workflows (workflows/*.json, UI format) and their thumbnails (workflows/*.jpg).
+
+Graphs are declared below as nodes with widget values and links; the node definitions of a running
+ComfyUI (/object_info) give each node's sockets, outputs and widget order, so the files are exactly what
+the editor would save. The frontend shows a custom-node template's thumbnail from <name>.jpg next to it.
+
+    python scripts/build_workflows.py                 # starts a ComfyUI from .comfyui/ for /object_info
+    python scripts/build_workflows.py --url http://127.0.0.1:8188
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "tests"))
+
+from workflow_to_prompt import widget_names  # noqa: E402
+
+OUT_DIR = REPO / "workflows"
+STUDENT = "toy_student.safetensors"
+TEACHER = "toy_teacher.safetensors"
+COLUMN_WIDTH, ROW_GAP = 380, 40
+
+
+@dataclass
+class Node:
+    key: str
+    type: str
+    widgets: dict[str, Any] = field(default_factory=dict)
+    links: dict[str, tuple[str, int]] = field(default_factory=dict)  # input name -> (source key, output slot)
+    title: str | None = None
+
+
+@dataclass
+class Workflow:
+    name: str
+    note: str
+    nodes: list[Node]
+
+
+def _first_frame(key: str = "latent", **widgets: Any) -> Node:
+    return Node(key, "FastLightGenToyFirstFrameLatent",
+                {"color": "red", "shape": "circle", "direction": "right", "background": "plain", "seed": 3,
+                 "caption": "", "batch_size": 1, **widgets})
+
+
+def _teacher_plan() -> list[Node]:
+    """The toy teacher and a Stage I plan keeping 70% of its blocks."""
+    return [
+        Node("teacher", "FastLightGenLoadCheckpoint", {"ckpt_name": TEACHER}),
+        Node("data", "FastLightGenToyDatasetLatents", {"split": "train", "count": 4, "seed": 0}),
+        Node("data_text", "FastLightGenToyTextEncode", links={"prompt": ("data", 1)}),
+        Node("importance", "FastLightGenBlockImportance",
+             {"num_timesteps": 2, "num_samples": 1, "seed": 0, "keep_ratio": 0.7, "prefix_reuse": True},
+             {"model": ("teacher", 0), "latent": ("data", 0), "positive": ("data_text", 0)}),
+    ]
+
+
+def _prompts(first_frame: str = "latent") -> list[Node]:
+    return [
+        Node("positive", "FastLightGenToyTextEncode", links={"prompt": (first_frame, 1)}),
+        Node("negative", "FastLightGenToyTextEncode", {"prompt": ""}, title="Null prompt (negative)"),
+    ]
+
+
+WORKFLOWS = [
+    Workflow("fastlightgen_toy_student_4step",
+             "# FastLightGen: 4-step TI2V with the toy student\nFirst frame + caption -> 4 steps, CFG off. "
+             "The loader returns the schedule the checkpoint recommends.", [
+                 Node("student", "FastLightGenLoadCheckpoint", {"ckpt_name": STUDENT}),
+                 _first_frame(),
+                 Node("positive", "FastLightGenToyTextEncode", links={"prompt": ("latent", 1)}),
+                 Node("sampler", "FastLightGenSampler", {"seed": 0},
+                      {"model": ("student", 0), "positive": ("positive", 0), "latent_image": ("latent", 0),
+                       "sigmas": ("student", 1)}),
+                 Node("decode", "FastLightGenToyDecode", links={"samples": ("sampler", 0)}),
+                 Node("frames", "SaveImage", {"filename_prefix": "fastlightgen/student_frames"},
+                      {"images": ("decode", 0)}),
+                 Node("video", "CreateVideo", {"fps": 6.0}, {"images": ("decode", 0)}),
+                 Node("save_video", "SaveVideo", {"filename_prefix": "fastlightgen/student", "format": "auto",
+                                                  "codec": "auto"}, {"video": ("video", 0)}),
+             ]),
+    Workflow("fastlightgen_block_importance",
+             "# FastLightGen: Stage I block importance\nScores each block of the toy teacher by the x0 error "
+             "when it is skipped, plots them and makes a 70% prune plan.", [
+                 *_teacher_plan(),
+                 Node("plot", "SaveImage", {"filename_prefix": "fastlightgen/importance"},
+                      {"images": ("importance", 0)}),
+                 Node("table", "PreviewAny", links={"source": ("importance", 2)}),
+             ]),
+    Workflow("fastlightgen_teacher_mix",
+             "# FastLightGen: well-guided teacher preview and (beta1, beta2) sweep\nEq. 9 on the toy teacher "
+             "with its Stage I plan: one preview with SamplerCustomAdvanced, and a sweep grid (last frames).", [
+                 *_teacher_plan(),
+                 _first_frame(),
+                 *_prompts(),
+                 Node("shift", "ModelSamplingSD3", {"shift": 5.0}, {"model": ("teacher", 0)}),
+                 Node("schedule", "BasicScheduler", {"scheduler": "simple", "steps": 12, "denoise": 1.0},
+                      {"model": ("shift", 0)}),
+                 Node("euler", "KSamplerSelect", {"sampler_name": "euler"}),
+                 Node("guider", "FastLightGenWellGuidedTeacher", {"beta1": 3.5, "beta2": 0.25},
+                      {"model": ("teacher", 0), "prune_plan": ("importance", 1), "positive": ("positive", 0),
+                       "negative": ("negative", 0)}),
+                 Node("noise", "RandomNoise", {"noise_seed": 0}),
+                 Node("sample", "SamplerCustomAdvanced", links={
+                     "noise": ("noise", 0), "guider": ("guider", 0), "sampler": ("euler", 0),
+                     "sigmas": ("schedule", 0), "latent_image": ("latent", 0)}),
+                 Node("decode", "FastLightGenToyDecode", links={"samples": ("sample", 0)}),
+                 Node("preview", "SaveImage", {"filename_prefix": "fastlightgen/teacher_frames"},
+                      {"images": ("decode", 0)}),
+                 Node("sweep", "FastLightGenTeacherMixSweep",
+                      {"seed": 0, "beta1_values": "2.5, 3.5, 4.5", "beta2_values": "0, 0.25, 0.5"},
+                      {"model": ("teacher", 0), "prune_plan": ("importance", 1), "positive": ("positive", 0),
+                       "negative": ("negative", 0), "latent_image": ("latent", 0), "sampler": ("euler", 0),
+                       "sigmas": ("schedule", 0)}),
+                 Node("sweep_decode", "FastLightGenToyDecode", links={"samples": ("sweep", 0)}),
+                 Node("grid", "FastLightGenVideoGrid", {"videos": 9, "mode": "last frame", "scale": 4, "columns": 3},
+                      {"images": ("sweep_decode", 0), "labels": ("sweep", 1)}),
+                 Node("save_grid", "SaveImage", {"filename_prefix": "fastlightgen/teacher_sweep"},
+                      {"images": ("grid", 0)}),
+             ]),
+    Workflow("fastlightgen_pruned_ksampler",
+             "# FastLightGen: the pruned teacher in the stock KSampler\nApply Prune Plan skips the dropped "
+             "blocks on a clone of the model (weights shared); KSampler samples it with CFG.", [
+                 *_teacher_plan(),
+                 Node("pruned", "FastLightGenApplyPrunePlan", links={"model": ("teacher", 0),
+                                                                     "prune_plan": ("importance", 1)}),
+                 Node("shift", "ModelSamplingSD3", {"shift": 5.0}, {"model": ("pruned", 0)}),
+                 _first_frame(),
+                 *_prompts(),
+                 Node("ksampler", "KSampler", {"seed": 0, "steps": 12, "cfg": 3.5, "sampler_name": "euler",
+                                               "scheduler": "simple", "denoise": 1.0},
+                      {"model": ("shift", 0), "positive": ("positive", 0), "negative": ("negative", 0),
+                       "latent_image": ("latent", 0)}),
+                 Node("decode", "FastLightGenToyDecode", links={"samples": ("ksampler", 0)}),
+                 Node("frames", "SaveImage", {"filename_prefix": "fastlightgen/pruned_frames"},
+                      {"images": ("decode", 0)}),
+             ]),
+    Workflow("fastlightgen_wan22_ti2v_5b_4step",
+             "# FastLightGen: 4-step Wan 2.2 TI2V-5B (not run in tests)\nPut the FastLightGen student of "
+             "Wan 2.2 TI2V-5B in models/fastlightgen, umt5_xxl_fp8_e4m3fn_scaled.safetensors in "
+             "models/text_encoders, wan2.2_vae.safetensors in models/vae and a start image in input/. "
+             "Same graph as the toy one with the stock UMT5, Wan VAE and Wan22ImageToVideoLatent.", [
+                 Node("student", "FastLightGenLoadCheckpoint", {"ckpt_name": "wan2.2_ti2v_5B_fastlightgen.safetensors"}),
+                 Node("clip", "CLIPLoader", {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
+                                             "device": "default"}),
+                 Node("vae", "VAELoader", {"vae_name": "wan2.2_vae.safetensors"}),
+                 Node("image", "LoadImage", {"image": "example.png"}),
+                 Node("positive", "CLIPTextEncode", {"text": "a red fox running through fresh snow, morning light"},
+                      {"clip": ("clip", 0)}),
+                 Node("latent", "Wan22ImageToVideoLatent", {"width": 1280, "height": 704, "length": 121,
+                                                            "batch_size": 1},
+                      {"vae": ("vae", 0), "start_image": ("image", 0)}),
+                 Node("sampler", "FastLightGenSampler", {"seed": 0},
+                      {"model": ("student", 0), "positive": ("positive", 0), "latent_image": ("latent", 0),
+                       "sigmas": ("student", 1)}),
+                 Node("decode", "VAEDecode", links={"samples": ("sampler", 0), "vae": ("vae", 0)}),
+                 Node("video", "CreateVideo", {"fps": 24.0}, {"images": ("decode", 0)}),
+                 Node("save_video", "SaveVideo", {"filename_prefix": "fastlightgen/wan22_4step", "format": "auto",
+                                                  "codec": "auto"}, {"video": ("video", 0)}),
+             ]),
+]
+
+
+def _spec(info: dict, name: str) -> list:
+    inputs = info.get("input", {})
+    return inputs.get("required", {}).get(name) or inputs.get("optional", {}).get(name)
+
+
+def _default(spec: list) -> Any:
+    kind, options = spec[0], (spec[1] if len(spec) > 1 else {}) or {}
+    if "default" in options:
+        return options["default"]
+    if isinstance(kind, list):
+        return kind[0] if kind else ""
+    return (options.get("options") or [""])[0] if kind == "COMBO" else {"INT": 0, "FLOAT": 0.0, "STRING": "",
+                                                                       "BOOLEAN": False}[kind]
+
+
+def _depths(wf: Workflow) -> dict[str, int]:
+    depth: dict[str, int] = {}
+
+    def of(key: str) -> int:
+        if key not in depth:
+            node = next(n for n in wf.nodes if n.key == key)
+            depth[key] = 1 + max((of(src) for src, _ in node.links.values()), default=-1)
+        return depth[key]
+
+    for n in wf.nodes:
+        of(n.key)
+    return depth
+
+
+def to_ui(wf: Workflow, object_info: dict) -> dict:
+    ids = {n.key: i + 2 for i, n in enumerate(wf.nodes)}  # id 1 is the note
+    depth = _depths(wf)
+    column_y: dict[int, float] = {}
+    ui_nodes = [{"id": 1, "type": "MarkdownNote", "pos": [0, -260], "size": [520, 200], "flags": {}, "order": 0,
+                 "mode": 0, "inputs": [], "outputs": [], "properties": {}, "widgets_values": [wf.note],
+                 "title": "About this workflow"}]
+    links: list[list] = []
+    outputs_of: dict[str, list[dict]] = {}
+    for order, n in enumerate(sorted(wf.nodes, key=lambda n: depth[n.key]), start=1):
+        info = object_info.get(n.type)
+        if info is None:
+            raise SystemExit(f"{wf.name}: node type {n.type} is not in /object_info")
+        widgets = widget_names(info)
+        unknown = set(n.widgets) - {name for name, _ in widgets}
+        if unknown:
+            raise SystemExit(f"{wf.name}: {n.type} has no widgets {sorted(unknown)}")
+        values: list[Any] = []
+        for name, control in widgets:
+            values.append(n.widgets.get(name, _default(_spec(info, name))))
+            if control:
+                values.append("fixed")  # reproducible templates: do not re-roll the seed
+        inputs = []
+        for section in ("required", "optional"):
+            for name in (info.get("input_order") or {}).get(section, []):
+                spec = _spec(info, name)
+                is_widget = any(name == w for w, _ in widgets)
+                if is_widget and name not in n.links:
+                    continue
+                entry = {"name": name, "type": spec[0] if isinstance(spec[0], str) else "COMBO", "link": None}
+                if is_widget:
+                    entry["widget"] = {"name": name}
+                if name in n.links:
+                    src, slot = n.links[name]
+                    link_id = len(links) + 1
+                    links.append([link_id, ids[src], slot, ids[n.key], len(inputs), entry["type"]])
+                    entry["link"] = link_id
+                inputs.append(entry)
+        outputs = [{"name": name, "type": kind, "links": [], "slot_index": i}
+                   for i, (kind, name) in enumerate(zip(info["output"], info["output_name"]))]
+        outputs_of[n.key] = outputs
+        height = 60 + 26 * (len(inputs) + len(values)) + (120 if n.type in ("SaveImage", "PreviewAny") else 0)
+        x = depth[n.key] * COLUMN_WIDTH
+        y = column_y.get(depth[n.key], 0.0)
+        column_y[depth[n.key]] = y + height + ROW_GAP
+        node = {"id": ids[n.key], "type": n.type, "pos": [x, y], "size": [COLUMN_WIDTH - 40, height], "flags": {},
+                "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
+                "properties": {"Node name for S&R": n.type}, "widgets_values": values}
+        if n.title:
+            node["title"] = n.title
+        ui_nodes.append(node)
+    by_id = {ids[k]: k for k in ids}
+    for link_id, src, slot, *_ in links:
+        outputs_of[by_id[src]][slot]["links"].append(link_id)
+    return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, "fastlightgen/" + wf.name)), "revision": 0,
+            "last_node_id": len(wf.nodes) + 1, "last_link_id": len(links), "nodes": ui_nodes, "links": links,
+            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [40, 300]}}, "version": 0.4}
+
+
+def thumbnail(workflow: dict, path: Path) -> None:
+    """A diagram of the graph: node boxes at their editor positions, links as lines."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import FancyBboxPatch
+
+    fig = Figure(figsize=(4, 3), dpi=100, facecolor="#202020")
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0, 0, 1, 1), facecolor="#202020")
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    for _, src, _, dst, *_ in workflow["links"]:
+        (x0, y0), (w0, _h0) = nodes[src]["pos"], nodes[src]["size"]
+        (x1, y1) = nodes[dst]["pos"]
+        ax.plot([x0 + w0, x1], [y0 + 20, y1 + 20], color="#8aa", linewidth=0.8)
+    for n in workflow["nodes"]:
+        (x, y), (w, h) = n["pos"], n["size"]
+        ours = n["type"].startswith("FastLightGen")
+        ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=4", linewidth=0.8,
+                                    facecolor="#335" if ours else "#353535", edgecolor="#aaa"))
+        ax.text(x + 8, y + 24, n.get("title") or n["type"].replace("FastLightGen", ""), color="white", fontsize=4.5)
+    xs = [n["pos"][0] for n in nodes.values()] + [n["pos"][0] + n["size"][0] for n in nodes.values()]
+    ys = [n["pos"][1] for n in nodes.values()] + [n["pos"][1] + n["size"][1] for n in nodes.values()]
+    ax.set_xlim(min(xs) - 20, max(xs) + 20)
+    ax.set_ylim(max(ys) + 20, min(ys) - 20)
+    ax.axis("off")
+    fig.savefig(path, format="jpg", facecolor=fig.get_facecolor())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", help="a running ComfyUI; default: start one from .comfyui/")
+    args = parser.parse_args(argv)
+    if args.url:
+        import urllib.request
+
+        with urllib.request.urlopen(args.url.rstrip("/") + "/object_info", timeout=120) as resp:
+            object_info = json.load(resp)
+    else:
+        import comfyui_harness
+
+        with comfyui_harness.start_server() as server:
+            object_info = server.object_info()
+    OUT_DIR.mkdir(exist_ok=True)
+    for wf in WORKFLOWS:
+        ui = to_ui(wf, object_info)
+        (OUT_DIR / f"{wf.name}.json").write_text(json.dumps(ui, indent=1) + "\n")
+        thumbnail(ui, OUT_DIR / f"{wf.name}.jpg")
+        print(f"wrote workflows/{wf.name}.json (+ .jpg), {len(wf.nodes)} nodes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""The shipped workflows and FastLightGen's nodes in a real ComfyUI server (CPU).
+
+The server gets `models/fastlightgen` of the repo plus a tmp folder holding randomly initialised stand-ins
+for the toy teacher / student that are not shipped yet, so these tests run before training has finished
+and use the trained files once they exist. Each workflow is converted from UI format with
+scripts/workflow_to_prompt.py, posted to /prompt and must finish with checked outputs.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import comfyui_harness
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+from workflow_to_prompt import workflow_to_prompt  # noqa: E402
+
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+NOT_RUN = {"fastlightgen_wan22_ti2v_5b_4step": "needs the real Wan 2.2 TI2V-5B, UMT5 and Wan VAE weights"}
+NODE_IDS = {
+    "FastLightGenBlockImportance", "FastLightGenPrunePlan", "FastLightGenApplyPrunePlan",
+    "FastLightGenLoadCheckpoint", "FastLightGenWellGuidedTeacher", "FastLightGenTeacherMixSweep",
+    "FastLightGenVideoGrid", "FastLightGenFewStepSigmas", "FastLightGenSampler", "FastLightGenToyTextEncode",
+    "FastLightGenToyFirstFrameLatent", "FastLightGenToyDatasetLatents", "FastLightGenToyDecode",
+}
+FRAMES, SIZE = 6, 32  # the toy world's videos
+
+
+def _export_stand_ins(folder: Path) -> None:
+    """Random toy teacher (12 blocks) / 8-block student in the shipped names, for files not shipped yet."""
+    from fastlightgen.adapters import adapt
+    from fastlightgen.checkpoint import CheckpointMeta, save_checkpoint
+    from fastlightgen.toy.teacher import TOY_TEACHER, build_toy_teacher
+
+    shipped = REPO / "models" / "fastlightgen"
+    teacher = build_toy_teacher(TOY_TEACHER, seed=0)
+    n = TOY_TEACHER.num_layers
+    if not (shipped / "toy_teacher.safetensors").exists():
+        save_checkpoint(folder / "toy_teacher.safetensors", teacher, CheckpointMeta(n, list(range(n))))
+    if not (shipped / "toy_student.safetensors").exists():
+        kept = [0, 1, 2, 4, 6, 8, 10, 11]
+        save_checkpoint(folder / "toy_student.safetensors", adapt(teacher).pruned_model(kept), CheckpointMeta(n, kept))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if not comfyui_harness.comfyui_available():
+        pytest.skip(comfyui_harness.INSTALL_HINT)
+    models = tmp_path_factory.mktemp("fastlightgen_models")
+    _export_stand_ins(models)
+    config = models / "extra_model_paths.yaml"
+    config.write_text("fastlightgen_tests:\n  base_path: /\n  fastlightgen: |\n"
+                      f"    {REPO / 'models' / 'fastlightgen'}\n    {models}\n")
+    handle = comfyui_harness.start_server(extra_args=["--extra-model-paths-config", str(config)])
+    handle.models_dir = models
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.object_info()
+
+
+def _prompt(name: str, object_info: dict) -> dict:
+    return workflow_to_prompt(json.loads((REPO / "workflows" / f"{name}.json").read_text()), object_info)
+
+
+def _images(server, entry: dict, node_class: str) -> list[np.ndarray]:
+    ids = [k for k, v in entry["prompt"][2].items() if v["class_type"] == node_class]
+    return [np.asarray(Image.open(server.output_path(item))) for k in ids
+            for item in entry["outputs"][k]["images"]]
+
+
+# ---------------------------------------------------------------- schema and templates
+
+
+def test_every_node_in_object_info_with_its_schema(object_info):
+    missing = NODE_IDS - set(object_info)
+    assert not missing, f"not in /object_info: {missing}"
+    for node_id in NODE_IDS:
+        info = object_info[node_id]
+        assert info["category"].startswith("FastLightGen") and info["description"], node_id
+        for section in ("required", "optional"):
+            for name, spec in info["input"].get(section, {}).items():
+                assert (spec[1] if len(spec) > 1 else {}).get("tooltip"), f"{node_id}.{name} has no tooltip"
+    assert object_info["FastLightGenApplyPrunePlan"]["input"]["required"]["prune_plan"][0] == "FASTLIGHTGEN_PRUNE_PLAN"
+    assert object_info["FastLightGenBlockImportance"]["output"] == ["IMAGE", "FASTLIGHTGEN_PRUNE_PLAN", "STRING"]
+    assert object_info["FastLightGenLoadCheckpoint"]["output"] == ["MODEL", "SIGMAS", "STRING"]
+    options = object_info["FastLightGenLoadCheckpoint"]["input"]["required"]["ckpt_name"][1]["options"]
+    assert {"toy_teacher.safetensors", "toy_student.safetensors"} <= set(options)
+
+
+def test_workflows_are_served_as_templates(server):
+    names = server.get("/workflow_templates").get("FastLightGen", [])
+    assert sorted(names) == sorted(p.stem for p in WORKFLOWS) and len(names) >= 5
+    for path in WORKFLOWS:
+        assert server.get(f"/api/workflow_templates/FastLightGen/{path.name}")["nodes"]
+        assert server.get(f"/api/workflow_templates/FastLightGen/{path.stem}.jpg", raw=True)[:2] == b"\xff\xd8"
+
+
+# ---------------------------------------------------------------- shipped workflows
+
+
+def test_wan22_workflow_converts(object_info):
+    prompt = _prompt("fastlightgen_wan22_ti2v_5b_4step", object_info)
+    kinds = {v["class_type"] for v in prompt.values()}
+    assert {"CLIPLoader", "VAELoader", "Wan22ImageToVideoLatent", "FastLightGenSampler", "SaveVideo"} <= kinds
+
+
+@pytest.mark.parametrize("name", [p.stem for p in WORKFLOWS if p.stem not in NOT_RUN])
+def test_shipped_workflow_runs(server, object_info, name):
+    entry = server.run_prompt(_prompt(name, object_info), timeout=300)
+    assert entry["status"]["status_str"] == "success"
+    frames = _images(server, entry, "SaveImage")
+    assert frames, "no images saved"
+    for image in frames:
+        assert np.isfinite(image).all() and image.std() > 0  # something was drawn
+    if name == "fastlightgen_block_importance":
+        (plot,) = frames
+        assert plot.shape[0] > 200 and plot.shape[1] > 400
+        table = next(v for v in entry["outputs"].values() if "text" in v)["text"][0]
+        assert "full model" in table and "dropped:" in table
+    elif name == "fastlightgen_teacher_mix":
+        grids = [f for f in frames if f.shape[:2] == (3 * SIZE * 4, 3 * SIZE * 4)]
+        assert len(grids) == 1 and len(frames) == FRAMES + 1
+    else:
+        assert len(frames) == FRAMES and all(f.shape == (SIZE, SIZE, 3) for f in frames)
+    if name == "fastlightgen_toy_student_4step":
+        import av
+
+        (video,) = [item for k, v in entry["outputs"].items() for item in v.get("images", [])
+                    if item["filename"].endswith(".mp4")]
+        with av.open(str(server.output_path(video))) as container:
+            assert sum(1 for _ in container.decode(video=0)) == FRAMES
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def _student_prompt(object_info: dict) -> dict:
+    return _prompt("fastlightgen_toy_student_4step", object_info)
+
+
+def _execution_error(server, prompt: dict) -> str:
+    with pytest.raises(comfyui_harness.PromptError) as err:
+        server.run_prompt(prompt, timeout=300)
+    return str(err.value)
+
+
+def _validation_error(server, prompt: dict) -> str:
+    """ComfyUI's validation errors for the prompt. Outputs that do not depend on the bad node still run
+    (HTTP 200 with node_errors); with none left, /prompt answers HTTP 400."""
+    try:
+        response = server.post("/prompt", {"prompt": prompt})
+    except urllib.error.HTTPError as err:
+        return json.dumps(json.loads(err.read()))
+    assert response["node_errors"], "the bad input passed validation"
+    server.wait_for_prompt(response["prompt_id"], timeout=300)
+    return json.dumps(response["node_errors"])
+
+
+def _node(prompt: dict, class_type: str) -> dict:
+    return next(v for v in prompt.values() if v["class_type"] == class_type)
+
+
+def test_bad_inputs_fail_clearly_and_the_server_keeps_serving(server, object_info):
+    from safetensors.torch import load_file, save_file
+
+    from fastlightgen.checkpoint import METADATA_KEY, CheckpointMeta
+
+    # a plan for another model: the teacher's Stage I plan applied to the student
+    prompt = _prompt("fastlightgen_pruned_ksampler", object_info)
+    _node(prompt, "FastLightGenApplyPrunePlan")["inputs"]["model"] = ["900", 0]
+    prompt["900"] = {"class_type": "FastLightGenLoadCheckpoint", "inputs": {"ckpt_name": "toy_student.safetensors"}}
+    assert "run Stage I on this model" in _execution_error(server, prompt)
+
+    # checkpoints with a gap in the block numbering, and of another family
+    teacher = comfyui_harness.REPO_DIR / "models" / "fastlightgen" / "toy_teacher.safetensors"
+    source = teacher if teacher.exists() else server.models_dir / "toy_teacher.safetensors"
+    tensors = load_file(str(source))
+    save_file({k: v for k, v in tensors.items() if not k.startswith("blocks.3.")},
+              str(server.models_dir / "bad_gap.safetensors"))
+    meta = CheckpointMeta(12, list(range(12)), family="flux")
+    save_file(tensors, str(server.models_dir / "bad_family.safetensors"), metadata={METADATA_KEY: meta.to_json()})
+    for name, message in (("bad_gap.safetensors", "bad_gap.safetensors"), ("bad_family.safetensors", "unknown model family")):
+        prompt = _student_prompt(object_info)
+        _node(prompt, "FastLightGenLoadCheckpoint")["inputs"]["ckpt_name"] = name
+        assert message in _execution_error(server, prompt)
+
+    # betas and steps out of range: rejected by validation (widget bounds) or by the node
+    prompt = _prompt("fastlightgen_teacher_mix", object_info)
+    _node(prompt, "FastLightGenWellGuidedTeacher")["inputs"]["beta1"] = 99.0
+    assert "bigger than max" in _validation_error(server, prompt)
+    prompt = _prompt("fastlightgen_teacher_mix", object_info)
+    _node(prompt, "FastLightGenTeacherMixSweep")["inputs"]["beta2_values"] = "0, 45"
+    assert "out of range" in _execution_error(server, prompt)
+    prompt = _student_prompt(object_info)
+    sampler = _node(prompt, "FastLightGenSampler")
+    prompt["901"] = {"class_type": "FastLightGenFewStepSigmas",
+                     "inputs": {"denoising_step_list": "1000, 750, 1500", "shift": 5.0}}
+    sampler["inputs"]["sigmas"] = ["901", 0]
+    assert "must hold timesteps in (0, 1000]" in _execution_error(server, prompt)
+    prompt = _prompt("fastlightgen_block_importance", object_info)
+    _node(prompt, "FastLightGenBlockImportance")["inputs"]["num_timesteps"] = 0
+    assert "smaller than min" in _validation_error(server, prompt)
+
+    # an empty latent batch
+    save_file({"latent_tensor": torch.zeros(0, 48, FRAMES, 8, 8), "latent_format_version_0": torch.tensor([])},
+              str(server.input_dir / "empty.latent"))
+    prompt = _student_prompt(object_info)
+    prompt["902"] = {"class_type": "LoadLatent", "inputs": {"latent": "empty.latent"}}
+    _node(prompt, "FastLightGenSampler")["inputs"]["latent_image"] = ["902", 0]
+    assert "LATENT batch is empty" in _execution_error(server, prompt)
+
+    # ... and the next good prompt still runs
+    assert server.is_alive()
+    assert server.run_prompt(_student_prompt(object_info), timeout=300)["status"]["status_str"] == "success"
