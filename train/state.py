@@ -40,13 +40,28 @@ def unflatten_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Ten
 
 
 def save_state(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], info: dict, keep: int = 2) -> Path:
-    run_dir = Path(run_dir)
-    final = run_dir / f"step_{step:07d}"
-    tmp = run_dir / f".tmp_step_{step:07d}_{os.getpid()}"
+    tmp = staging_dir(run_dir, step, f"{os.getpid()}")
+    write_state_files(tmp, step, tensors, info)
+    return commit_state(run_dir, tmp, step, keep)
+
+
+def staging_dir(run_dir: Path, step: int, tag: str) -> Path:
+    """An empty temporary folder for the state of `step`; several writers (ranks) may share it by tag."""
+    tmp = Path(run_dir) / f".tmp_step_{step:07d}_{tag}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS_FILE))
-    (tmp / STATE_FILE).write_text(json.dumps({**info, "step": step}, indent=1))
+    return tmp
+
+
+def write_state_files(folder: Path, step: int, tensors: dict[str, torch.Tensor], info: dict) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(Path(folder) / TENSORS_FILE))
+    (Path(folder) / STATE_FILE).write_text(json.dumps({**info, "step": step}, indent=1))
+
+
+def commit_state(run_dir: Path, tmp: Path, step: int, keep: int = 2) -> Path:
+    """Rename a complete staging folder to `step_NNNNNNN` (atomic) and drop all but the newest `keep`."""
+    run_dir = Path(run_dir)
+    final = run_dir / f"step_{step:07d}"
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(run_dir.glob("step_*"))[:-keep]:

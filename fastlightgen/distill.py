@@ -1,0 +1,194 @@
+"""Loss math of Stages II and III (paper eq. 5-9), written once over the adapter interface.
+
+Stage II (eq. 5-7): the pruned path vP (a random subset of the plan's dropped blocks skipped) learns
+    alpha * ||vP - SG(vU)||^2 + (1 - alpha) * (||vP - target||^2 + ||vU - target||^2).
+Stage III (eq. 8-9): DMD2-style distribution matching. The few-step student's x0 is pushed along
+    (x0_fake - x0_real), the difference of the fake and the well-guided real score's Tweedie x0.
+
+Several predictions of one input can share the blocks before the first block where their skip-sets
+differ (`run_branches`): the unpruned, pruned and fake-score passes of Stage III all start from one
+prefix, and only branches that need gradients record them.
+TI2V: the first latent frame is given (held at sigma 0), so no loss is taken on it (`skip_first_frame`).
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .adapters.base import Conditioning, DiTAdapter
+from .flow import add_noise, pinned_first_frame_sigma, x0_from_velocity
+from .guidance import mix_velocities
+from .lora import LoRALinear, lora_enabled
+
+
+# ---- shared prefix ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Branch:
+    """One prediction from a shared prefix: its skip-set, whether it records gradients, LoRA on or off."""
+
+    skip: frozenset[int]
+    grad: bool = False
+    lora: bool = False
+
+
+def fork_index(adapter: DiTAdapter, skips: Sequence[frozenset[int]]) -> int:
+    """First block index where the skip-sets disagree (the number of blocks the branches can share)."""
+    differ = set().union(*skips) - set.intersection(*(set(s) for s in skips))
+    return min(differ) if differ else adapter.num_blocks
+
+
+def run_branches(adapter: DiTAdapter, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
+                 branches: Sequence[Branch], lora_model: nn.Module | None = None) -> list[torch.Tensor]:
+    """Velocities of every branch; the common prefix runs once, with grad only if some branch needs it.
+
+    A branch without grad reads the prefix under no_grad, so it adds nothing to the autograd graph
+    (Stage II with alpha = 1: only the pruned branch is differentiated). The prefix runs with the LoRA on
+    only if every branch wants it; when branches differ, no LoRA may sit in the prefix (checked).
+    """
+    skips = [adapter.check_skip(b.skip) for b in branches]
+    fork = fork_index(adapter, skips)
+    common = frozenset.intersection(*skips)
+    prefix_lora = all(b.lora for b in branches)
+    if lora_model is not None and not prefix_lora and any(b.lora for b in branches):
+        _check_no_lora(adapter, fork)
+    switch = lora_enabled(lora_model, prefix_lora) if lora_model is not None else nullcontext()
+    with torch.set_grad_enabled(torch.is_grad_enabled() and any(b.grad for b in branches)), switch:
+        state = adapter.run_blocks(adapter.begin(x, sigma, cond), 0, fork, common)
+    outs = []
+    for branch, skip in zip(branches, skips):
+        switch = lora_enabled(lora_model, branch.lora) if lora_model is not None else nullcontext()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and branch.grad), switch:
+            outs.append(adapter.end(adapter.run_blocks(state, fork, adapter.num_blocks, skip)))
+    return outs
+
+
+def _check_no_lora(adapter: DiTAdapter, fork: int) -> None:
+    for i in range(fork):
+        if any(isinstance(m, LoRALinear) for m in adapter.blocks()[i].modules()):
+            raise ValueError(f"block {i} carries a LoRA but lies in the prefix (blocks 0..{fork - 1}) shared by "
+                             "branches with the LoRA on and off; put LoRAs only on blocks from the fork on")
+
+
+# ---- losses ---------------------------------------------------------------------------------------
+
+def mse(a: torch.Tensor, b: torch.Tensor, skip_first_frame: bool) -> torch.Tensor:
+    """Mean squared error in fp32 over (B, C, F, H, W), leaving out the given first frame for TI2V."""
+    if skip_first_frame:
+        a, b = a[:, :, 1:], b[:, :, 1:]
+    return (a.float() - b.float()).pow(2).mean()
+
+
+def sample_skip(dropped: Sequence[int], p: float, generator: torch.Generator) -> frozenset[int]:
+    """Stage II's dynamic pruning: each of the plan's dropped blocks is skipped independently with prob. p.
+
+    p = 1 always trains the fully pruned path; p = 0.5 (the paper) trains the random sub-models between
+    the pruned and the unpruned model, all sharing the unpruned model's weights.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"skip probability must be in [0, 1], got {p}")
+    draws = torch.rand(len(dropped), generator=generator, dtype=torch.float64).tolist()
+    return frozenset(int(b) for b, u in zip(dropped, draws) if u < p)
+
+
+def stage2_loss(adapter: DiTAdapter, x_t: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
+                target: torch.Tensor, skip: frozenset[int], alpha: float,
+                skip_first_frame: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    """Eq. 7 = eq. 6 (distillation, weight alpha) + eq. 5 (flow matching on both paths, weight 1 - alpha)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    needs_unpruned_grad = alpha < 1.0
+    v_pruned, v_unpruned = run_branches(adapter, x_t, sigma, cond,
+                                        [Branch(skip, grad=True), Branch(frozenset(), grad=needs_unpruned_grad)])
+    distill = mse(v_pruned, v_unpruned.detach(), skip_first_frame)
+    loss = alpha * distill
+    parts = {"distill": distill.item()}
+    if needs_unpruned_grad:
+        fm_pruned = mse(v_pruned, target, skip_first_frame)
+        fm_unpruned = mse(v_unpruned, target, skip_first_frame)
+        loss = loss + (1 - alpha) * (fm_pruned + fm_unpruned)
+        parts.update(fm_pruned=fm_pruned.item(), fm_unpruned=fm_unpruned.item())
+    return loss, parts
+
+
+# ---- Stage III ----------------------------------------------------------------------------------
+
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, sigma) -> v
+
+
+def model_sigma(sigma: float | torch.Tensor, x: torch.Tensor, pin_first_frame: bool) -> torch.Tensor:
+    """(B,) sigmas, or (B, F) with frame 0 at 0 for TI2V."""
+    s = torch.as_tensor(sigma, dtype=torch.float32).expand(x.shape[0]).clone()
+    return pinned_first_frame_sigma(s, x.shape[2]) if pin_first_frame else s
+
+
+def pin(x: torch.Tensor, first_frame: torch.Tensor | None) -> torch.Tensor:
+    return x if first_frame is None else torch.cat([first_frame.to(x), x[:, :, 1:]], dim=2)
+
+
+def backward_simulation(student: Velocity, noise: torch.Tensor, sigmas: Sequence[float], stop: int,
+                        generator: torch.Generator, first_frame: torch.Tensor | None) -> torch.Tensor:
+    """The student's input at step `stop` of the few-step list, reached by running steps 0..stop-1
+    as at inference (predict x0, re-noise to the next sigma with fresh noise), without gradients."""
+    pinned = first_frame is not None
+    x = pin(noise, first_frame)
+    with torch.no_grad():
+        for s, s_next in zip(sigmas[:stop], sigmas[1:stop + 1]):
+            sig = model_sigma(s, x, pinned)
+            x0 = pin(x0_from_velocity(x, student(x, sig).float(), sig), first_frame)
+            fresh = torch.randn(x.shape, generator=generator).to(x)
+            x = pin(add_noise(x0, fresh, model_sigma(s_next, x, pinned)), first_frame)
+    return x
+
+
+def student_x0(student: Velocity, x: torch.Tensor, sigma: float, first_frame: torch.Tensor | None) -> torch.Tensor:
+    sig = model_sigma(sigma, x, first_frame is not None)
+    return pin(x0_from_velocity(x, student(x, sig).float(), sig), first_frame)
+
+
+def teacher_scores(adapter: DiTAdapter, lora_model: nn.Module, x_t: torch.Tensor, sigma: torch.Tensor,
+                   cond: Conditioning, null_cond: Conditioning, pruned_skip: frozenset[int], beta1: float,
+                   beta2: float, fake_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v_real, v_fake): eq. 9's well-guided teacher (LoRA off) and the fake score (LoRA on, pruned path).
+
+    vP(c), vU(c) and the fake score share the conditional prefix; vP(null) is one more pruned pass.
+    """
+    v_pruned_c, v_unpruned_c, v_fake = run_branches(
+        adapter, x_t, sigma, cond,
+        [Branch(pruned_skip), Branch(frozenset()), Branch(pruned_skip, grad=fake_grad, lora=True)], lora_model)
+    with torch.no_grad(), lora_enabled(lora_model, False):
+        v_pruned_null = adapter.forward(x_t, sigma, null_cond, skip=pruned_skip)
+    v_real = mix_velocities(v_pruned_c.float(), v_pruned_null.float(), v_unpruned_c.float(), beta1, beta2)
+    return v_real, v_fake.float()
+
+
+def fake_velocity(adapter: DiTAdapter, lora_model: nn.Module, x_t: torch.Tensor, sigma: torch.Tensor,
+                  cond: Conditioning, pruned_skip: frozenset[int]) -> torch.Tensor:
+    (v,) = run_branches(adapter, x_t, sigma, cond, [Branch(pruned_skip, grad=True, lora=True)], lora_model)
+    return v.float()
+
+
+def dmd_generator_loss(x0_gen: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor,
+                       skip_first_frame: bool) -> torch.Tensor:
+    """DMD2: grad = (x0_fake - x0_real) / mean|x0_gen - x0_real| per sample; loss = 0.5 ||x0 - SG(x0 - grad)||^2,
+    whose gradient w.r.t. x0_gen is grad / numel (eq. 8's score difference, normalized)."""
+    if skip_first_frame:
+        x0_gen, x0_real, x0_fake = x0_gen[:, :, 1:], x0_real[:, :, 1:], x0_fake[:, :, 1:]
+    x0_gen, x0_real, x0_fake = x0_gen.float(), x0_real.float(), x0_fake.float()
+    with torch.no_grad():
+        dims = tuple(range(1, x0_gen.ndim))
+        normalizer = (x0_gen - x0_real).abs().mean(dim=dims, keepdim=True).clamp_min(1e-6)
+        grad = (x0_fake - x0_real) / normalizer
+    return 0.5 * (x0_gen - (x0_gen - grad).detach()).pow(2).mean()
+
+
+def noised(x0: torch.Tensor, sigma: float | torch.Tensor, generator: torch.Generator,
+           first_frame: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, per-sample or per-frame sigma, noise) of a clean latent, keeping a TI2V first frame clean."""
+    noise = torch.randn(x0.shape, generator=generator).to(x0)
+    sig = model_sigma(sigma, x0, first_frame is not None)
+    return pin(add_noise(x0, noise, sig), first_frame), sig, noise

@@ -1,0 +1,249 @@
+"""The training entry points on the toy world with a tiny teacher, single process.
+
+Covers: every entry point (--help, a few steps), the stage1 -> stage2 -> stage3 -> export pipeline with
+the export read back by `read_checkpoint`, preprocess skipping bad videos, resume after SIGKILL giving
+bit-identical weights, a planted NaN, too many NaNs, and a foreign checkpoint being refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastlightgen.checkpoint import CheckpointMeta, read_checkpoint, save_checkpoint
+from fastlightgen.plan import PrunePlan
+from fastlightgen.toy.teacher import ToyTeacherShape, build_toy_teacher
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ToyTeacherShape(num_layers=4, num_attention_heads=2, attention_head_dim=16, ffn_dim=64)
+
+
+def make_tiny_teacher(folder: Path) -> tuple[Path, Path]:
+    """A 4-block toy teacher file and an explicit plan dropping blocks 1 and 2."""
+    from fastlightgen.adapters import adapt
+
+    model = build_toy_teacher(TINY, seed=0)
+    teacher = save_checkpoint(folder / "teacher.safetensors", model,
+                              CheckpointMeta(original_num_blocks=4, kept_blocks=[0, 1, 2, 3], head_dim=16))
+    plan_file = folder / "plan.json"
+    PrunePlan.from_blocks(adapt(model).fingerprint(), [1, 2]).save(plan_file)
+    return teacher, plan_file
+
+
+def train_args(teacher: Path, plan: Path, run_dir: Path, **settings) -> list[str]:
+    base = {"model.teacher": teacher, "run.run_dir": run_dir, "stage2.plan": plan, "stage3.plan": plan,
+            "data.batch_size": 2, "stage2.iterations": 3, "stage3.iterations": 2, "stage3.fake_updates": 2,
+            "run.save_every": 2, **settings}
+    return [a for k, v in base.items() for a in ("--set", f"{k}={v}")]
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_teacher(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def one_thread():
+    # Bit-exact comparisons with the subprocesses (OMP_NUM_THREADS=1) need the same reduction order.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("entry", ["preprocess", "stage1", "stage2", "stage3", "export"])
+def test_help(entry, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"train.{entry}").main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--set" in capsys.readouterr().out
+
+
+def test_pipeline_stage1_to_export(tiny, tmp_path):
+    from train import export, preprocess, stage1, stage2, stage3
+
+    teacher, _ = tiny
+    shards = tmp_path / "shards"
+    preprocess.main(["--set", f"preprocess.out={shards}", "--set", "preprocess.toy_samples=6",
+                     "--set", "preprocess.shard_size=4"])
+    # empty plan paths: the stages read run_dir/stage1/plan.json
+    args = train_args(teacher, "", tmp_path / "run", **{"data.source": "shards", "data.shards": shards})
+    stage1.main(args + ["--set", "stage1.samples=2", "--set", "stage1.timesteps=2", "--set", "stage1.keep_ratio=0.5"])
+    stage1_dir = tmp_path / "run" / "stage1"
+    assert {p.name for p in stage1_dir.iterdir()} >= {"plan.json", "scores.csv", "importance.png"}
+    plan = PrunePlan.load(stage1_dir / "plan.json")
+    stage2.main(args)
+    stage3.main(args)
+    for stage in ("stage2", "stage3"):
+        folder = tmp_path / "run" / stage
+        assert {p.name for p in folder.iterdir()} >= {"model.safetensors", "run.json", "metrics.jsonl", "loss.png"}
+    records = [json.loads(x) for x in (tmp_path / "run" / "stage3" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all("gen_loss" in r and "fake_loss" in r for r in records)
+
+    out = tmp_path / "student.safetensors"
+    export.main(args + ["--set", f"export.out={out}", "--set", f"export.diffusers_out={tmp_path / 'diffusers'}"])
+    ckpt = read_checkpoint(out, plan)
+    assert ckpt.meta.kept_blocks == plan.kept and ckpt.config["num_layers"] == 2
+    assert ckpt.meta.recommended.denoising_step_list == [1000, 750, 500, 250]
+    assert ckpt.meta.provenance["iterations"] == 2 and ckpt.meta.provenance["betas"] == [3.5, 0.25]
+    assert "shards" in ckpt.meta.provenance["data"]
+    student = load_file(str(tmp_path / "run" / "stage3" / "model.safetensors"))
+    torch.testing.assert_close(ckpt.state_dict["proj_out.weight"], student["proj_out.weight"].to(torch.bfloat16))
+    assert (tmp_path / "diffusers" / "config.json").is_file()
+
+
+def write_video(path: Path, frames: int, size: int) -> None:
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            img = np.full((size, size, 3), 40 * i % 255, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def test_preprocess_reports_and_skips_bad_videos(tmp_path, capsys):
+    from safetensors.torch import load_file as load
+
+    from train import preprocess
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "good.mp4", 8, 32)
+    write_video(videos / "short.mp4", 3, 32)
+    write_video(videos / "big.mp4", 8, 48)
+    (videos / "broken.mp4").write_bytes(b"not a video at all")
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("".join(json.dumps({"file": f, "caption": f"a red circle {f}"}) + "\n"
+                                for f in ("good.mp4", "short.mp4", "big.mp4", "broken.mp4", "missing.mp4")))
+    out = tmp_path / "shards"
+    preprocess.main(["--set", f"preprocess.videos={videos}", "--set", f"preprocess.captions={captions}",
+                     "--set", f"preprocess.out={out}"])
+    text = capsys.readouterr().out
+    index = json.loads((out / "index.json").read_text())
+    assert index["skipped"] == {"too short": 1, "wrong size": 1, "unreadable": 2}
+    assert "wrote 1 samples" in text and "skipped 4" in text and "skipping broken.mp4: unreadable" in text
+    assert load(str(out / "shard_00000.safetensors"))["latents"].shape == (1, 48, 6, 8, 8)
+
+
+def test_dry_run_prints_memory_per_gpu(capsys):
+    from train import stage3
+
+    for name in ("wan2.1-t2v-1.3b", "wan2.2-ti2v-5b", "hunyuanvideo"):
+        stage3.main(["--config", str(REPO / "configs" / f"{name}.yaml"), "--dry-run"])
+        text = capsys.readouterr().out
+        assert "GiB per GPU" in text and "stage3" in text and "world size 16" in text
+
+
+def test_resume_after_sigkill_gives_identical_weights(tiny, tmp_path, one_thread):
+    from train import stage2
+
+    teacher, plan = tiny
+    settings = {"stage2.iterations": 8, "run.save_every": 2}
+    stage2.main(train_args(teacher, plan, tmp_path / "straight", **settings))
+
+    killed_dir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "train.stage2", *train_args(teacher, plan, killed_dir, **settings)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (killed_dir / "stage2" / "step_0000004").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed_dir / "stage2" / "model.safetensors").exists(), "the run finished before it was killed"
+
+    stage2.main(train_args(teacher, plan, killed_dir, **settings) + ["--resume"])
+    a = load_file(str(tmp_path / "straight" / "stage2" / "model.safetensors"))
+    b = load_file(str(killed_dir / "stage2" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (killed_dir / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def test_stage3_resume_is_exact(tiny, tmp_path):
+    """Two units (generator, fake-score LoRA), TTUR and a seeded LoRA init: 3 iterations straight equal
+    2 iterations + resume, and neither depends on the global RNG state."""
+    from train import stage2, stage3
+
+    teacher, plan = tiny
+    settings = {"stage2.iterations": 1, "stage3.iterations": 3, "run.save_every": 1}
+    stage2.main(train_args(teacher, plan, tmp_path / "a", **settings))
+    init = {"stage3.init": tmp_path / "a" / "stage2" / "model.safetensors"}
+    torch.manual_seed(1)
+    stage3.main(train_args(teacher, plan, tmp_path / "a", **settings))
+    torch.manual_seed(2)
+    stage3.main(train_args(teacher, plan, tmp_path / "b", **{**settings, **init, "stage3.iterations": 2}))
+    stage3.main(train_args(teacher, plan, tmp_path / "b", **settings, **init) + ["--resume"])
+    for name in ("model.safetensors", "step_0000003/tensors.safetensors"):
+        a, b = (load_file(str(tmp_path / r / "stage3" / name)) for r in "ab")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_foreign_checkpoint_is_refused(tiny, tmp_path):
+    from train import stage2
+    from train.loop import CheckpointMismatch
+
+    teacher, plan = tiny
+    stage2.main(train_args(teacher, plan, tmp_path))
+    with pytest.raises(CheckpointMismatch, match=r"stage2\.lr: 1e-05 != 2e-05"):
+        stage2.main(train_args(teacher, plan, tmp_path, **{"stage2.lr": 2e-5}) + ["--resume"])
+    with pytest.raises(CheckpointMismatch, match="--resume"):
+        stage2.main(train_args(teacher, plan, tmp_path))
+
+
+def test_planted_nan_is_skipped_then_too_many_stop(tiny, tmp_path, monkeypatch, capsys):
+    from train import stage2
+    from train.loop import TooManyBadSteps
+    from train.state import latest_state
+
+    teacher, plan = tiny
+    real_source = stage2.batch_source
+    poisoned_calls = {2}
+
+    def poisoned_source(cfg):
+        draw = real_source(cfg)
+        calls = []
+
+        def wrapped(g, size):
+            batch = draw(g, size)
+            calls.append(1)
+            if len(calls) in poisoned_calls or "all" in poisoned_calls:
+                batch.x0[0, 0, 1, 0, 0] = float("nan")
+                batch.desc = "POISONED " + batch.desc
+            return batch
+        return wrapped
+
+    monkeypatch.setattr(stage2, "batch_source", poisoned_source)
+    stage2.main(train_args(teacher, plan, tmp_path, **{"stage2.iterations": 4}))
+    err = capsys.readouterr().err
+    assert "step 1: non-finite model loss (nan) on batch POISONED toy train seed" in err
+    records = [json.loads(x) for x in (tmp_path / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    assert records[1] == {"step": 2, "skipped": 1, "s_per_step": records[1]["s_per_step"]}
+    assert all(torch.isfinite(v).all() for v in load_file(str(tmp_path / "stage2" / "model.safetensors")).values())
+
+    good = latest_state(tmp_path / "stage2")
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    poisoned_calls.add("all")
+    with pytest.raises(TooManyBadSteps, match=f"Last good checkpoint: {good}"):
+        stage2.main(train_args(teacher, plan, tmp_path, **{"stage2.iterations": 20, "run.max_bad_steps": 3})
+                    + ["--resume"])
+    assert latest_state(tmp_path / "stage2") == good
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before

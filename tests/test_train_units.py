@@ -1,0 +1,131 @@
+"""Unit tests of the training math (fastlightgen.distill, fastlightgen.lora) and the config, on tiny models."""
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_wan, wan_inputs
+
+from fastlightgen.adapters import adapt
+from fastlightgen.distill import Branch, backward_simulation, dmd_generator_loss, run_branches, sample_skip, \
+    stage2_loss, student_x0, teacher_scores
+from fastlightgen.guidance import well_guided_velocity
+from fastlightgen.lora import add_lora, lora_enabled, lora_parameters, lora_state_dict
+from fastlightgen.sampling import FewStepSampling, sample_few_step
+from train.config import load_config
+from train.dist import step_generator
+
+
+@pytest.fixture
+def wan():
+    model = tiny_wan("ti2v", layers=6)
+    x, cond = wan_inputs(model)
+    return adapt(model), x, torch.tensor([0.3, 0.7]), cond
+
+
+def test_config_overrides_and_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("stage3:\n  beta1: 2.0\nrun:\n  seed: 3\n")
+    cfg = load_config(str(path), ["stage3.lr=1e-6", "stage1.protected=[0, 1]", "dist.bf16=true"])
+    assert (cfg.stage3.beta1, cfg.stage3.lr, cfg.run.seed, cfg.stage1.protected, cfg.dist.bf16) == \
+        (2.0, 1e-6, 3, [0, 1], True)
+    with pytest.raises(ValueError, match="stage3.betaa"):
+        load_config(None, ["stage3.betaa=1"])
+    with pytest.raises(ValueError, match="must be a int"):
+        load_config(None, ["run.seed=abc"])
+
+
+def test_run_branches_equal_separate_passes_and_only_grad_branches_record(wan):
+    adapter, x, sigma, cond = wan
+    skip = frozenset({2, 4})
+    adapter.block_evaluations = 0
+    v_p, v_u = run_branches(adapter, x, sigma, cond, [Branch(skip, grad=True), Branch(frozenset())])
+    assert adapter.block_evaluations == 2 + 2 + 4  # prefix 0-1, pruned 3,5, unpruned 2-5
+    with torch.no_grad():
+        torch.testing.assert_close(v_p, adapter.forward(x, sigma, cond, skip=skip))
+        torch.testing.assert_close(v_u, adapter.forward(x, sigma, cond))
+    assert v_p.requires_grad and not v_u.requires_grad
+
+
+def test_stage2_loss_alpha_one_distills_pruned_path_only(wan):
+    adapter, x, sigma, cond = wan
+    target = torch.randn_like(x)
+    loss, parts = stage2_loss(adapter, x, sigma, cond, target, frozenset({3}), 1.0, True)
+    loss.backward()
+    grads = {n: p.grad for n, p in adapter.model.named_parameters()}
+    assert set(parts) == {"distill"} and loss.item() > 0
+    assert grads["blocks.3.ffn.net.2.weight"] is None  # skipped in the pruned path, unpruned path has no grad
+    assert grads["blocks.4.ffn.net.2.weight"].abs().sum() > 0
+    adapter.model.zero_grad()
+    loss, parts = stage2_loss(adapter, x, sigma, cond, target, frozenset({3}), 0.5, True)
+    loss.backward()
+    assert set(parts) == {"distill", "fm_pruned", "fm_unpruned"}
+    assert adapter.model.blocks[3].ffn.net[2].weight.grad.abs().sum() > 0
+    expected = 0.5 * parts["distill"] + 0.5 * (parts["fm_pruned"] + parts["fm_unpruned"])
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_sample_skip_is_seeded_and_bernoulli():
+    draws = [sample_skip(range(10), 0.5, step_generator(0, "skip", s, None)) for s in range(400)]
+    assert draws[7] == sample_skip(range(10), 0.5, step_generator(0, "skip", 7, None))
+    assert 0.45 < sum(len(d) for d in draws) / 4000 < 0.55
+    assert sample_skip(range(5), 1.0, step_generator(0, "s", 0, 0)) == frozenset(range(5))
+    assert step_generator(0, "x", 1, 0).initial_seed() != step_generator(0, "x", 1, 1).initial_seed()
+
+
+def test_lora_switch_shares_base_weights(wan):
+    adapter, x, sigma, cond = wan
+    with torch.no_grad():
+        before = adapter.forward(x, sigma, cond)
+    keys = set(adapter.model.state_dict())
+    layers = add_lora(adapter.blocks()[3:], rank=4, alpha=4.0)
+    assert keys <= set(adapter.model.state_dict()) and len(lora_state_dict(adapter.model)) == 2 * len(layers)
+    with torch.no_grad():
+        for p in lora_parameters(adapter.model):
+            p.add_(0.1 * torch.randn_like(p))
+        off = adapter.forward(x, sigma, cond)
+        with lora_enabled(adapter.model):
+            on = adapter.forward(x, sigma, cond)
+    torch.testing.assert_close(off, before)
+    assert (on - off).abs().max() > 1e-4
+
+
+def test_teacher_scores_equal_eq9_and_lora_on_pruned_path(wan):
+    adapter, x, sigma, cond = wan
+    skip = frozenset({2, 3})
+    add_lora([b for i, b in enumerate(adapter.blocks()) if i >= 2], rank=4, alpha=4.0)
+    with torch.no_grad():
+        for p in lora_parameters(adapter.model):
+            p.add_(0.1 * torch.randn_like(p))
+        null = cond.null_like()
+        v_real, v_fake = teacher_scores(adapter, adapter.model, x, sigma, cond, null, skip, 3.5, 0.25)
+        torch.testing.assert_close(v_real, well_guided_velocity(adapter, x, sigma, cond, null, skip, 3.5, 0.25))
+        with lora_enabled(adapter.model):
+            torch.testing.assert_close(v_fake, adapter.forward(x, sigma, cond, skip=skip))
+    with pytest.raises(ValueError, match="carries a LoRA"):
+        teacher_scores(adapter, adapter.model, x, sigma, cond, null, frozenset({4}), 3.5, 0.25)
+
+
+def test_backward_simulation_is_the_few_step_sampler(wan):
+    adapter, x, _, cond = wan
+    sigmas = FewStepSampling().sigmas.tolist()
+    first = x[:, :, :1]
+
+    def student(xx, s):
+        return adapter.forward(xx, s, cond)
+    x_last = backward_simulation(student, x, sigmas, 3, torch.Generator().manual_seed(5), first)
+    with torch.no_grad():
+        ours = student_x0(student, x_last, sigmas[3], first)
+    ref = sample_few_step(adapter, x, cond, generator=torch.Generator().manual_seed(5), first_frame=first)
+    torch.testing.assert_close(ours, ref)
+
+
+def test_dmd_generator_loss_gradient_is_normalized_score_difference():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 3, 4, 2, 2, generator=g).requires_grad_()
+    real, fake = torch.randn(2, 3, 4, 2, 2, generator=g), torch.randn(2, 3, 4, 2, 2, generator=g)
+    dmd_generator_loss(x0, real, fake, skip_first_frame=True).backward()
+    sl = slice(1, None)
+    norm = (x0[:, :, sl] - real[:, :, sl]).abs().mean(dim=(1, 2, 3, 4), keepdim=True).detach()
+    expected = (fake[:, :, sl] - real[:, :, sl]) / norm / x0[:, :, sl].numel()
+    torch.testing.assert_close(x0.grad[:, :, sl], expected)
+    assert x0.grad[:, :, 0].abs().sum() == 0

@@ -1,0 +1,228 @@
+"""Every training setting in one place: dataclass sections, a YAML/JSON file, `--set section.key=value`.
+
+A run is described by one `Config`. Entry points read the sections they use; the shipped files in
+`configs/` fill them for Wan 2.1 T2V 1.3B, Wan 2.2 TI2V 5B, HunyuanVideo and the toy world. Values given
+with `--set` are parsed as YAML scalars/lists (`--set stage3.lr=1e-6`, `--set stage1.protected=[0,1]`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    family: str = "wan"  # wan | hunyuanvideo
+    teacher: str = ""  # safetensors file (FastLightGen / original / diffusers Wan layout) or a diffusers folder
+    arch: dict = field(default_factory=dict)  # diffusers config, used by --dry-run when the teacher is absent
+    ti2v: bool = True  # first latent frame given clean (sigma 0) and carries no loss
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    source: str = "toy"  # toy (generated on the fly) | shards (train.preprocess output)
+    shards: str = ""
+    batch_size: int = 1  # per process
+    caption_dropout: float = 0.1  # keeps the unconditional prediction trained: eq. 9 uses vP(null)
+
+
+@dataclass
+class DistConfig:
+    deepspeed: bool = False  # False: a plain torch loop (one process, no DeepSpeed needed)
+    zero_stage: int = 3
+    offload_optimizer: bool = True  # optimizer states and the AdamW step on the CPU
+    cpu_adam: bool = True  # DeepSpeedCPUAdam (compiled once); False: torch AdamW (zero_force_ds_cpu_optimizer off)
+    bf16: bool = False
+    world_size: int = 1  # GPUs the run is planned for; --dry-run estimates memory for it
+    param_persistence_threshold: int = 100_000  # ZeRO-3 keeps smaller params whole on every rank
+    prefetch_bucket_size: int = 50_000_000  # 0 disables prefetch (skip-sets change the module order)
+    grad_clip: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/toy"  # each stage writes to run_dir/<stage>
+    seed: int = 0
+    save_every: int = 100  # checkpoint every K steps (and at the end)
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    warmup: int = 0  # linear learning-rate warm-up steps
+
+
+@dataclass
+class PreprocessConfig:
+    encoder: str = "toy"  # toy | wan
+    videos: str = ""  # folder of videos (any container PyAV reads)
+    captions: str = ""  # JSONL {"file", "caption"} or CSV file,caption
+    out: str = "data/shards"
+    vae: str = ""  # diffusers AutoencoderKLWan folder (real models)
+    text_encoder: str = ""  # folder with the UMT5 encoder and tokenizer (real models)
+    frames: int = 6
+    height: int = 32
+    width: int = 32
+    shard_size: int = 64
+    toy_samples: int = 256  # toy world: how many training videos to render when `videos` is empty
+
+
+@dataclass
+class Stage1Config:
+    samples: int = 8
+    timesteps: int = 4
+    keep_ratio: float = 0.7
+    protected: list = field(default_factory=list)
+    plan: str = ""  # output path; default run_dir/stage1/plan.json
+
+
+@dataclass
+class Stage2Config:
+    plan: str = ""  # default run_dir/stage1/plan.json
+    lr: float = 1e-5
+    iterations: int = 4000
+    alpha: float = 1.0  # 1: distillation only (paper's best); < 1 adds flow matching on both paths
+    skip_prob: float = 0.5  # each dropped block skipped independently with this probability
+    weight_decay: float = 0.0
+    sigma_shift: float = 1.0  # shift of the logit-normal training sigmas
+
+
+@dataclass
+class Stage3Config:
+    init: str = ""  # Stage II weights; default run_dir/stage2/model.safetensors
+    plan: str = ""  # default run_dir/stage1/plan.json
+    lr: float = 5e-7  # generator
+    fake_lr: float = 5e-7
+    iterations: int = 1000
+    alpha: float = 1.0  # recorded in the export: the Stage II alpha the teacher was trained with
+    beta1: float = 3.5
+    beta2: float = 0.25
+    beta1_below: float = 1.0
+    beta1_above: float = 1.0
+    beta2_jitter: float = 0.1
+    fake_updates: int = 5  # TTUR: fake-score updates per generator update
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    denoising_step_list: list = field(default_factory=lambda: [1000, 750, 500, 250])
+    shift: float = 5.0
+    dmd_sigma_range: list = field(default_factory=lambda: [0.02, 0.98])  # before the shift warp
+
+
+@dataclass
+class ExportConfig:
+    run: str = ""  # a stage run folder; default run_dir/stage3
+    out: str = ""  # default run_dir/student.safetensors
+    diffusers_out: str = ""  # also write a diffusers folder here
+    dtype: str = "bfloat16"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    stage3: Stage3Config = field(default_factory=Stage3Config)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def stage_dir(self, stage: str) -> Path:
+        return Path(self.run.run_dir) / stage
+
+    def identity(self, stage: str, world_size: int) -> dict:
+        """What a checkpoint must agree with to be resumed: not the length of the run, nor logging."""
+        section = {k: v for k, v in asdict(getattr(self, stage)).items() if k != "iterations"}
+        run = {k: v for k, v in asdict(self.run).items() if k in ("seed", "warmup")}
+        return {"stage": stage, "world_size": world_size, "model": asdict(self.model), "data": asdict(self.data),
+                "run": run, stage: section, "bf16": self.dist.bf16, "deepspeed": self.dist.deepspeed}
+
+
+def identity_hash(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def identity_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two identities, e.g. ['stage2.lr: 1e-05 != 2e-05']."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += identity_diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: {va!r} != {vb!r}")
+    return out
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+def _build(cls, values: dict, where: str):
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(where + k for k in unknown)}; "
+                         f"valid in {where.rstrip('.') or 'the top level'}: {', '.join(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = getattr(cls(), name)
+        kwargs[name] = _build(type(default), value, f"{where}{name}.") if dataclasses.is_dataclass(default) \
+            else _coerce(value, default, where + name)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, default: Any, name: str) -> Any:
+    if value is None and isinstance(default, str):  # `--set stage2.plan=` clears a path
+        return ""
+    if isinstance(default, bool) or default is None or isinstance(default, (list, dict)):
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, float) and isinstance(value, (int, str)):
+        try:  # YAML 1.1 reads "1e-6" (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not isinstance(value, type(default)):
+        raise ValueError(f"{name} must be a {type(default).__name__}, got {value!r}")
+    return value
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ValueError(f"--set takes section.key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    data: dict = {}
+    if path:
+        text = Path(path).read_text()
+        data = (json.loads(text) if path.endswith(".json") else yaml.safe_load(text)) or {}
+    for override in overrides:
+        keys, value = parse_override(override)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return _build(Config, data, "")
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", default=None, help="YAML or JSON config (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one setting, e.g. --set stage3.lr=1e-6 (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)

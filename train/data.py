@@ -1,0 +1,115 @@
+"""Training batches as a pure function of (seed, stream, step, rank): the toy world or preprocessed shards.
+
+Shards (written by `train.preprocess`) are safetensors files of `latents` (N, C, F, h, w) and `text`
+(N, L, D) (HunyuanVideo also `text_mask`, `pooled`), listed in `index.json` with each item's source
+file and caption, so a bad batch can be named.
+Caption dropout replaces the conditioning by the null one (zeros, the empty prompt of Wan and the toy
+encoder) so the unconditional prediction that CFG and eq. 9 need keeps being trained.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file
+
+from fastlightgen.adapters import Conditioning
+
+from .config import Config
+
+SHARD_FORMAT = "fastlightgen.shards/1"
+
+
+@dataclass
+class Batch:
+    x0: torch.Tensor  # clean latents (B, C, F, h, w)
+    cond: Conditioning
+    null: Conditioning
+    desc: str  # names the samples, for error reports
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "Batch":
+        def move(c: Conditioning) -> Conditioning:
+            f = lambda t: None if t is None else t.to(device, dtype if t.is_floating_point() else t.dtype)  # noqa: E731
+            return Conditioning(f(c.text), f(c.image), f(c.text_mask), f(c.pooled))
+        return Batch(self.x0.to(device, dtype), move(self.cond), move(self.null), self.desc)
+
+
+BatchFn = Callable[[torch.Generator, int], Batch]  # (generator, batch size) -> batch
+
+
+def _drop_captions(cond: Conditioning, generator: torch.Generator, p: float) -> Conditioning:
+    keep = torch.rand(cond.text.shape[0], generator=generator) >= p
+    null = cond.null_like()
+
+    def choose(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+        return None if a is None else torch.where(keep.view(-1, *[1] * (a.ndim - 1)), a, b)
+    return Conditioning(choose(cond.text, null.text), cond.image, cond.text_mask, choose(cond.pooled, null.pooled))
+
+
+def toy_batch(generator: torch.Generator, size: int) -> Batch:
+    from fastlightgen.toy.teacher import batch_latents, conditioning
+    from fastlightgen.toy.world import make_batch
+
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator).item())
+    batch = make_batch("train", size, seed=seed)
+    cond = conditioning(batch.captions)
+    return Batch(batch_latents(batch), cond, cond.null_like(), f"toy train seed {seed}: {batch.captions}")
+
+
+class ShardSet:
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index_path = self.folder / "index.json"
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{self.folder} holds no index.json; run `python -m train.preprocess` first")
+        self.index = json.loads(index_path.read_text())
+        if self.index.get("format") != SHARD_FORMAT:
+            raise ValueError(f"{index_path}: not a FastLightGen shard index (format {self.index.get('format')!r})")
+        self.items = [(s["file"], i, item) for s in self.index["shards"] for i, item in enumerate(s["items"])]
+        if not self.items:
+            raise ValueError(f"{self.folder}: the shard set is empty")
+
+    @lru_cache(maxsize=2)
+    def shard(self, name: str) -> dict[str, torch.Tensor]:
+        return load_file(str(self.folder / name))
+
+    def batch(self, generator: torch.Generator, size: int) -> Batch:
+        picks = torch.randint(0, len(self.items), (size,), generator=generator).tolist()
+        rows = [self.items[k] for k in picks]
+        first = self.shard(rows[0][0])
+
+        def get(key: str) -> torch.Tensor | None:
+            return torch.stack([self.shard(f)[key][i] for f, i, _ in rows]) if key in first else None
+        floats = lambda t: None if t is None else t.float()  # noqa: E731
+        cond = Conditioning(text=floats(get("text")), text_mask=get("text_mask"), pooled=floats(get("pooled")))
+        desc = ", ".join(f"{f}[{i}] ({item['file']})" for f, i, item in rows)
+        return Batch(get("latents").float(), cond, cond.null_like(), desc)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.index, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def batch_source(cfg: Config) -> BatchFn:
+    if cfg.data.source == "toy":
+        base = toy_batch
+    elif cfg.data.source == "shards":
+        base = ShardSet(cfg.data.shards).batch
+    else:
+        raise ValueError(f"data.source must be 'toy' or 'shards', got {cfg.data.source!r}")
+
+    def draw(generator: torch.Generator, size: int) -> Batch:
+        batch = base(generator, size)
+        batch.cond = _drop_captions(batch.cond, generator, cfg.data.caption_dropout)
+        return batch
+    return draw
+
+
+def data_fingerprint(cfg: Config) -> str:
+    if cfg.data.source == "toy":
+        return f"toy-world train split (seeded per step from run.seed={cfg.run.seed})"
+    return f"shards {cfg.data.shards} sha256:{ShardSet(cfg.data.shards).fingerprint()}"

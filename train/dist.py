@@ -1,0 +1,78 @@
+"""Process group, device and the randomness of a step.
+
+Every random draw of a run is a pure function of (seed, stream, step, rank), so a resumed run repeats
+exactly what an uninterrupted one does. Draws that decide *which modules run* (Stage II's skip-set,
+Stage III's simulated step) must be the same on every rank: ZeRO-3 gathers parameters collectively, and
+ranks running different blocks would wait on each other forever. Those use `shared=True`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+from .config import Config
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    deepspeed: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            tdist.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on some rank (so all ranks take the same branch)."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def mean(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        tdist.all_reduce(t)
+        return t.item() / self.world_size
+
+
+def init_dist(cfg: Config) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if not cfg.dist.deepspeed:
+        if world > 1:
+            raise SystemExit(f"{world} processes were launched but dist.deepspeed is false; "
+                             "set --set dist.deepspeed=true for multi-process runs")
+        return Dist(0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu"), False)
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    # torch.distributed deprecation notices fire on every ZeRO gather; they say nothing about the run.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    name = get_accelerator().device_name()
+    device = torch.device(name, local) if name != "cpu" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return Dist(tdist.get_rank(), tdist.get_world_size(), local, device, True)
+
+
+def step_generator(seed: int, stream: str, step: int, rank: int | None) -> torch.Generator:
+    """A CPU generator for one (seed, stream, step, rank); rank None = the same on every rank."""
+    key = f"{seed}:{stream}:{step}:{'shared' if rank is None else rank}".encode()
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)

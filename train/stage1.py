@@ -1,0 +1,89 @@
+"""`python -m train.stage1`: Stage I, block importance (paper sec. 3.2, eq. 3-4) and the prune plan.
+
+Scores every block by the Tweedie x0 error of the model with that block skipped, over stage1.samples
+batches of the dataset at stage1.timesteps noise levels, and keeps the top stage1.keep_ratio (plus
+stage1.protected). Writes plan.json, scores.csv and importance.png to run_dir/stage1. Inference only:
+it runs in one process (on one GPU for the real models).
+"""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import torch
+
+from fastlightgen.adapters import adapt
+from fastlightgen.importance import ImportanceResult, block_importance, stage1_sigmas
+from fastlightgen.plan import PrunePlan
+
+from .cli import dry_run, parse
+from .data import batch_source
+from .dist import step_generator
+from .models import load_teacher, plan_path
+from .units import compute_dtype
+
+
+def write_csv(path: Path, result: ImportanceResult, plan: PrunePlan) -> None:
+    rank = {b: r + 1 for r, b in enumerate(result.ranking)}
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["block", "score", "rank", "kept"])
+        for i, s in enumerate(result.scores):
+            w.writerow([i, f"{s:.8g}", rank[i], int(i in plan.kept)])
+
+
+def plot_importance(path: Path, result: ImportanceResult, plan: PrunePlan) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, len(result.scores) * 0.25), 3.5))
+    colors = ["tab:blue" if i in plan.kept else "tab:gray" for i in range(len(result.scores))]
+    ax.bar(range(len(result.scores)), result.scores, color=colors)
+    ax.axhline(result.reference_error, color="k", lw=0.8, ls="--", label="full model")
+    ax.set_xlabel("block (gray: dropped)")
+    ax.set_ylabel("x0 error with the block skipped")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, args = parse(__doc__, argv)
+    if args.dry_run:
+        return dry_run(cfg)
+    s1 = cfg.stage1
+
+    # models and data: the teacher and stage1.samples batches drawn like training batches
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit("Stage I is inference: run it as one process (python -m train.stage1)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = compute_dtype(cfg)
+    model = load_teacher(cfg).to(device).eval()
+    adapter = adapt(model.to(dtype) if dtype != torch.float32 else model)
+    draw_batch = batch_source(cfg)
+    batches = [draw_batch(step_generator(cfg.run.seed, "stage1", i, None), cfg.data.batch_size).to(device, dtype)
+               for i in range(s1.samples)]
+
+    # the scores (eq. 4) and the plan
+    from tqdm import tqdm
+    with tqdm(total=s1.samples * s1.timesteps, desc="stage1") as bar:
+        result = block_importance(adapter, [(b.x0, b.cond) for b in batches], stage1_sigmas(s1.timesteps),
+                                  seed=cfg.run.seed, pin_first_frame=cfg.model.ti2v,
+                                  progress=lambda done, total: bar.update(done - bar.n))
+    plan = result.plan(adapter, keep_ratio=s1.keep_ratio, protected=s1.protected)
+
+    out = plan_path(cfg, s1.plan)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plan.save(out)
+    write_csv(out.parent / "scores.csv", result, plan)
+    plot_importance(out.parent / "importance.png", result, plan)
+    print(result.table())
+    print(f"kept {plan.kept}, dropped {plan.dropped}; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""A trainable unit: a model wrapped for ZeRO-3 plus its optimizer, as a plain torch loop or a DeepSpeed engine.
+
+Stage II has one unit (the dynamically pruned model); Stage III has two (the generator and the fake
+score's LoRA), each with its own optimizer so the fake score can take several steps per generator step.
+The loop only sees `forward`, `update`, `skip`, checkpoint save/load and the consolidated weights.
+
+ZeRO-3 gathers a partitioned parameter when the module that owns it runs its forward. The adapters call
+submodules (blocks, embedders, heads) directly and read a few parameters directly (Wan's top-level
+`scale_shift_table` in `end`), so every call goes through `AdapterModule.forward` and the root model's
+own parameters are registered as external parameters of that wrapper: they are gathered for the whole
+call. Blocks and embedders are called as modules and gather themselves.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from fastlightgen.adapters import DiTAdapter, adapt
+
+from .config import Config
+from .dist import Dist
+from .state import flatten_optimizer, split_prefix, unflatten_optimizer, with_prefix
+
+
+class NonFiniteLoss(RuntimeError):
+    """Raised on every rank when some rank's loss is non-finite; `local` says whether it was this rank's."""
+
+    def __init__(self, unit: str, value: float, batch: str, local: bool):
+        what = f"non-finite {unit} loss ({value}) on batch {batch}" if local else \
+            f"non-finite {unit} loss on another rank"
+        super().__init__(what)
+        self.local = local
+
+
+class AdapterModule(nn.Module):
+    """nn.Module whose forward runs `fn(adapter)`: the one entry through which ZeRO-3 sees every call."""
+
+    def __init__(self, model: nn.Module, gradient_checkpointing: bool = False):
+        super().__init__()
+        self.model = model
+        self.adapter: DiTAdapter = adapt(model)
+        self.adapter.gradient_checkpointing = gradient_checkpointing
+
+    def forward(self, fn: Callable[[DiTAdapter], Any]) -> Any:
+        return fn(self.adapter)
+
+
+class Unit(ABC):
+    """One model and its optimizer. Subclasses: PlainUnit (torch), DeepSpeedUnit (ZeRO)."""
+
+    def __init__(self, name: str, module: AdapterModule, dist: Dist, grad_clip: float):
+        self.name, self.module, self.dist, self.grad_clip = name, module, dist, grad_clip
+
+    def __call__(self, fn: Callable[[DiTAdapter], Any]) -> Any:
+        return self.module(fn)
+
+    def update(self, loss: torch.Tensor, batch: str, lr: float) -> None:
+        """Backward and optimizer step, or NonFiniteLoss (on every rank) with nothing changed."""
+        local = not torch.isfinite(loss.detach()).item()
+        if self.dist.any(local):  # every rank must skip the same step: ZeRO's collectives run in lockstep
+            self.skip()
+            raise NonFiniteLoss(self.name, loss.item(), batch, local)
+        self._backward_step(loss, lr)
+
+    def trainable_named(self) -> dict[str, nn.Parameter]:
+        return {k: p for k, p in self.module.model.named_parameters() if p.requires_grad}
+
+    @abstractmethod
+    def _backward_step(self, loss: torch.Tensor, lr: float) -> None: ...
+
+    @abstractmethod
+    def skip(self) -> None:
+        """Drop any gradient of a step that will not be taken."""
+
+    @abstractmethod
+    def save(self, folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+        """Write or return this unit's resumable state: (tensors for state.py, JSON-able info)."""
+
+    @abstractmethod
+    def load(self, folder: Path, tensors: dict[str, torch.Tensor], info: dict) -> None: ...
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on the main rank."""
+
+
+class PlainUnit(Unit):
+    def __init__(self, name, module, dist, grad_clip, lr: float, weight_decay: float):
+        super().__init__(name, module.to(dist.device), dist, grad_clip)
+        self.optimizer = torch.optim.AdamW(list(self.trainable_named().values()), lr=lr, weight_decay=weight_decay)
+
+    def _backward_step(self, loss, lr):
+        loss.backward()
+        params = list(self.trainable_named().values())
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def skip(self):
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, folder):
+        """Trainable weights and optimizer state as tensors (the frozen rest is rebuilt from the config)."""
+        opt_tensors, opt_rest = flatten_optimizer(self.optimizer)
+        weights = {k: p.detach() for k, p in self.trainable_named().items()}
+        tensors = {**with_prefix(weights, f"{self.name}.model."), **with_prefix(opt_tensors, f"{self.name}.opt.")}
+        return tensors, {"optimizer": opt_rest}
+
+    def load(self, folder, tensors, info):
+        weights = split_prefix(tensors, f"{self.name}.model.")
+        params = self.trainable_named()
+        if set(weights) != set(params):
+            raise ValueError(f"checkpoint {folder} holds other trainable tensors for {self.name} than this model")
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(weights[k])
+        unflatten_optimizer(self.optimizer, split_prefix(tensors, f"{self.name}.opt."), info["optimizer"])
+
+    def full_state_dict(self):
+        return {k: v.detach().cpu() for k, v in self.module.model.state_dict().items()}
+
+
+class DeepSpeedUnit(Unit):
+    def __init__(self, name, module, dist, grad_clip, lr: float, weight_decay: float, cfg: Config):
+        import deepspeed
+
+        super().__init__(name, module, dist, grad_clip)
+        params = list(self.trainable_named().values())
+        ds_config = deepspeed_config(cfg, lr, weight_decay)
+        optimizer = None if cfg.dist.cpu_adam else torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        self.engine, *_ = deepspeed.initialize(model=module, model_parameters=params, optimizer=optimizer,
+                                               config=ds_config)
+        if cfg.dist.zero_stage == 3:
+            for p in module.model.parameters(recurse=False):
+                deepspeed.zero.register_external_parameter(module, p)
+
+    def __call__(self, fn):
+        return self.engine(fn)
+
+    def _backward_step(self, loss, lr):
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def skip(self):
+        self.engine.zero_grad()
+
+    def save(self, folder):
+        # DeepSpeed's own per-rank files (ZeRO partitions of weights and optimizer states); frozen
+        # weights are not written: they are rebuilt from the config on resume.
+        self.engine.save_checkpoint(str(folder), tag=self.name, save_latest=False, exclude_frozen_parameters=True)
+        return {}, {}
+
+    def load(self, folder, tensors, info):
+        path, _ = self.engine.load_checkpoint(str(folder), tag=self.name, load_module_strict=False,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise ValueError(f"DeepSpeed found no {self.name} checkpoint in {folder}")
+
+    def full_state_dict(self):
+        """Whole-model weights on rank 0 ({} elsewhere), gathered one parameter at a time."""
+        import deepspeed
+
+        out = {}
+        model = self.module.model
+        for key, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if self.dist.is_main:
+                    out[key] = p.detach().cpu().clone()
+        if self.dist.is_main:
+            persistent = set(model.state_dict())
+            out.update({k: b.detach().cpu() for k, b in model.named_buffers() if k in persistent})
+        return out
+
+
+def compute_dtype(cfg: Config) -> torch.dtype:
+    """The dtype of model inputs: DeepSpeed's bf16 mode casts the weights, not the inputs."""
+    return torch.bfloat16 if cfg.dist.bf16 else torch.float32
+
+
+def deepspeed_config(cfg: Config, lr: float, weight_decay: float) -> dict:
+    d = cfg.dist
+    on_cpu = not torch.cuda.is_available()
+    zero: dict[str, Any] = {"stage": d.zero_stage, "stage3_param_persistence_threshold": d.param_persistence_threshold,
+                            "stage3_prefetch_bucket_size": d.prefetch_bucket_size}
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": not on_cpu}
+    out: dict[str, Any] = {"train_micro_batch_size_per_gpu": cfg.data.batch_size, "gradient_accumulation_steps": 1,
+                           "gradient_clipping": d.grad_clip, "bf16": {"enabled": d.bf16}, "zero_optimization": zero,
+                           "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+    if d.cpu_adam:
+        out["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay}}
+    else:
+        out["zero_force_ds_cpu_optimizer"] = False
+    return out
+
+
+def make_unit(name: str, module: AdapterModule, cfg: Config, dist: Dist, lr: float,
+              weight_decay: float = 0.0) -> Unit:
+    if dist.deepspeed:
+        return DeepSpeedUnit(name, module, dist, cfg.dist.grad_clip, lr, weight_decay, cfg)
+    return PlainUnit(name, module, dist, cfg.dist.grad_clip, lr, weight_decay)
