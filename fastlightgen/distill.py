@@ -155,20 +155,21 @@ def teacher_scores(adapter: DiTAdapter, lora_model: nn.Module, x_t: torch.Tensor
                    beta2: float, fake_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(v_real, v_fake): eq. 9's well-guided teacher (LoRA off) and the fake score (LoRA on, pruned path).
 
-    vP(c), vU(c) and the fake score share the conditional prefix; vP(null) is one more pruned pass.
+    vP(c) and vU(c) share their prefix; vP(null) and the fake score are one pruned pass each. The fake
+    score's LoRA sits on every kept block: with it only past the first dropped block (where it could share
+    the prefix too) the fake score could not follow the student, and DMD then pushed a fixed direction.
     """
-    v_pruned_c, v_unpruned_c, v_fake = run_branches(
-        adapter, x_t, sigma, cond,
-        [Branch(pruned_skip), Branch(frozenset()), Branch(pruned_skip, grad=fake_grad, lora=True)], lora_model)
+    v_pruned_c, v_unpruned_c = run_branches(adapter, x_t, sigma, cond,
+                                            [Branch(pruned_skip), Branch(frozenset())], lora_model)
     with torch.no_grad(), lora_enabled(lora_model, False):
         v_pruned_null = adapter.forward(x_t, sigma, null_cond, skip=pruned_skip)
     v_real = mix_velocities(v_pruned_c.float(), v_pruned_null.float(), v_unpruned_c.float(), beta1, beta2)
-    return v_real, v_fake.float()
+    return v_real, fake_velocity(adapter, lora_model, x_t, sigma, cond, pruned_skip, grad=fake_grad)
 
 
 def fake_velocity(adapter: DiTAdapter, lora_model: nn.Module, x_t: torch.Tensor, sigma: torch.Tensor,
-                  cond: Conditioning, pruned_skip: frozenset[int]) -> torch.Tensor:
-    (v,) = run_branches(adapter, x_t, sigma, cond, [Branch(pruned_skip, grad=True, lora=True)], lora_model)
+                  cond: Conditioning, pruned_skip: frozenset[int], grad: bool = True) -> torch.Tensor:
+    (v,) = run_branches(adapter, x_t, sigma, cond, [Branch(pruned_skip, grad=grad, lora=True)], lora_model)
     return v.float()
 
 

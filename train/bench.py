@@ -4,8 +4,8 @@ On a randomly initialised toy-teacher-shaped Wan (12 blocks x 256, 48 latent cha
 with a plan dropping the four middle blocks (Stage I's U-shape: the first dropped block is block 4):
 1. Stage II step (forward, backward, AdamW) with the shared prefix vs two separate passes, over the
    same Bernoulli(0.5) skip-sets;
-2. Stage III teacher side of a generator update: eq. 9's three predictions and the fake score sharing the
-   conditional prefix vs the naive three separate teacher passes plus a separate fake-score pass
+2. Stage III teacher side of a generator update: eq. 9's three predictions (vP(c) and vU(c) sharing their
+   prefix) and the fake score vs the naive three separate teacher passes plus a separate fake-score pass
    (target <= 0.85x); and the whole generator update (backward simulation, student, teacher, backward);
 3. Stage II step time with 2 processes vs 1 (DeepSpeed ZeRO-3 on gloo, the same per-process batch), from
    the runs' metrics logs (`--skip-multiprocess` leaves it out).

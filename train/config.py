@@ -100,7 +100,6 @@ class Stage3Config:
     lr: float = 5e-7  # generator
     fake_lr: float = 5e-7
     iterations: int = 1000
-    alpha: float = 1.0  # recorded in the export: the Stage II alpha the teacher was trained with
     beta1: float = 3.5
     beta2: float = 0.25
     beta1_below: float = 1.0

@@ -46,10 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"the plan {plan_path(cfg, s3.plan)} drops no block: there is no pruned path to distill")
     student = adapt(teacher).pruned_model(plan.kept).train()
     teacher.requires_grad_(False)
-    lora_blocks = [b for i, b in enumerate(adapt(teacher).blocks()) if i in plan.kept and i > min(plan.dropped)]
-    if not lora_blocks:
-        raise SystemExit(f"the plan keeps no block after its first dropped block {min(plan.dropped)}: the fake "
-                         "score's LoRA lives there (so it can share the teacher's prefix); keep a later block")
+    lora_blocks = [b for i, b in enumerate(adapt(teacher).blocks()) if i in plan.kept]
     # seeded: a resumed or multi-rank run must start every rank from the same LoRA
     add_lora(lora_blocks, s3.lora_rank, s3.lora_alpha, step_generator(cfg.run.seed, "lora-init", 0, None))
     for p in lora_parameters(teacher):
@@ -119,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     if dist.is_main:
         out = save_stage_output(run.dir, weights, {
             "stage": "stage3", "plan": plan.to_dict(), "plan_path": str(plan_path(cfg, s3.plan)), "steps": steps,
-            "alpha": s3.alpha, "beta1": s3.beta1, "beta2": s3.beta2, "denoising_step_list": s3.denoising_step_list,
+            "alpha": cfg.stage2.alpha, "beta1": s3.beta1, "beta2": s3.beta2, "denoising_step_list": s3.denoising_step_list,
             "shift": s3.shift, "student_config": dict(student.config), "data": data_fingerprint(cfg),
             "config": cfg.to_dict()})
         run.say(f"wrote {out}")
