@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from .adapters.base import Conditioning, DiTAdapter
-from .flow import add_noise, pinned_first_frame_sigma, x0_from_velocity
+from .flow import add_noise, x0_from_velocity
 from .guidance import mix_velocities
 from .lora import LoRALinear, lora_enabled
+from .sampling import frame_sigma, pin, renoise
 
 
 # ---- shared prefix ------------------------------------------------------------------------------
@@ -120,33 +121,19 @@ def stage2_loss(adapter: DiTAdapter, x_t: torch.Tensor, sigma: torch.Tensor, con
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, sigma) -> v
 
 
-def model_sigma(sigma: float | torch.Tensor, x: torch.Tensor, pin_first_frame: bool) -> torch.Tensor:
-    """(B,) sigmas, or (B, F) with frame 0 at 0 for TI2V."""
-    s = torch.as_tensor(sigma, dtype=torch.float32).expand(x.shape[0]).clone()
-    return pinned_first_frame_sigma(s, x.shape[2]) if pin_first_frame else s
-
-
-def pin(x: torch.Tensor, first_frame: torch.Tensor | None) -> torch.Tensor:
-    return x if first_frame is None else torch.cat([first_frame.to(x), x[:, :, 1:]], dim=2)
-
-
 def backward_simulation(student: Velocity, noise: torch.Tensor, sigmas: Sequence[float], stop: int,
                         generator: torch.Generator, first_frame: torch.Tensor | None) -> torch.Tensor:
     """The student's input at step `stop` of the few-step list, reached by running steps 0..stop-1
     as at inference (predict x0, re-noise to the next sigma with fresh noise), without gradients."""
-    pinned = first_frame is not None
     x = pin(noise, first_frame)
     with torch.no_grad():
         for s, s_next in zip(sigmas[:stop], sigmas[1:stop + 1]):
-            sig = model_sigma(s, x, pinned)
-            x0 = pin(x0_from_velocity(x, student(x, sig).float(), sig), first_frame)
-            fresh = torch.randn(x.shape, generator=generator).to(x)
-            x = pin(add_noise(x0, fresh, model_sigma(s_next, x, pinned)), first_frame)
+            x = renoise(student_x0(student, x, s, first_frame), s_next, generator, first_frame)
     return x
 
 
 def student_x0(student: Velocity, x: torch.Tensor, sigma: float, first_frame: torch.Tensor | None) -> torch.Tensor:
-    sig = model_sigma(sigma, x, first_frame is not None)
+    sig = frame_sigma(sigma, x, first_frame)
     return pin(x0_from_velocity(x, student(x, sig).float(), sig), first_frame)
 
 
@@ -191,5 +178,5 @@ def noised(x0: torch.Tensor, sigma: float | torch.Tensor, generator: torch.Gener
            first_frame: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_t, per-sample or per-frame sigma, noise) of a clean latent, keeping a TI2V first frame clean."""
     noise = torch.randn(x0.shape, generator=generator).to(x0)
-    sig = model_sigma(sigma, x0, first_frame is not None)
+    sig = frame_sigma(sigma, x0, first_frame)
     return pin(add_noise(x0, noise, sig), first_frame), sig, noise

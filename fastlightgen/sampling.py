@@ -37,31 +37,40 @@ class FewStepSampling:
         return denoising_list_sigmas(self.denoising_step_list, self.shift)
 
 
-def _pin(x: torch.Tensor, first_frame: torch.Tensor | None) -> torch.Tensor:
+def pin(x: torch.Tensor, first_frame: torch.Tensor | None) -> torch.Tensor:
+    """Puts the given TI2V first latent frame back in place (no-op without one)."""
     if first_frame is None:
         return x
     return torch.cat([first_frame.to(x), x[:, :, 1:]], dim=2)
 
 
-def _model_sigma(sigma: float, x: torch.Tensor, first_frame: torch.Tensor | None) -> torch.Tensor:
-    s = torch.full((x.shape[0],), float(sigma))
+def frame_sigma(sigma, x: torch.Tensor, first_frame: torch.Tensor | None) -> torch.Tensor:
+    """(B,) sigmas, or (B, F) with frame 0 at 0 when a first frame is given."""
+    s = torch.as_tensor(sigma, dtype=torch.float32).expand(x.shape[0]).clone()
     return s if first_frame is None else pinned_first_frame_sigma(s, x.shape[2])
+
+
+def renoise(x0: torch.Tensor, sigma_next, generator: torch.Generator | None,
+            first_frame: torch.Tensor | None) -> torch.Tensor:
+    """The few-step transition: an x0 prediction noised to the next sigma with fresh noise."""
+    fresh = torch.randn(x0.shape, generator=generator).to(x0)
+    return pin(add_noise(x0, fresh, frame_sigma(sigma_next, x0, first_frame)), first_frame)
 
 
 def sample_euler_cfg(adapter: DiTAdapter, noise: torch.Tensor, cond: Conditioning, null_cond: Conditioning,
                      config: TeacherSampling = TeacherSampling(), skip: Iterable[int] = (),
                      first_frame: torch.Tensor | None = None, progress: Progress | None = None) -> torch.Tensor:
     sigmas = euler_sigmas(config.steps, config.shift).tolist()
-    x = _pin(noise, first_frame)
+    x = pin(noise, first_frame)
     with torch.no_grad():
         for i, (s, s_next) in enumerate(zip(sigmas, sigmas[1:])):
-            sig = _model_sigma(s, x, first_frame)
+            sig = frame_sigma(s, x, first_frame)
             v_c = adapter.forward(x, sig, cond, skip=skip)
             v = v_c
             if config.cfg_scale != 1.0:
                 v_null = adapter.forward(x, sig, null_cond, skip=skip)
                 v = v_null + config.cfg_scale * (v_c - v_null)
-            x = _pin(euler_step(x, v, sig, _model_sigma(s_next, x, first_frame)), first_frame)
+            x = pin(euler_step(x, v, sig, frame_sigma(s_next, x, first_frame)), first_frame)
             if progress:
                 progress(i + 1, len(sigmas) - 1)
     return x
@@ -75,16 +84,12 @@ def sample_few_step(adapter: DiTAdapter, noise: torch.Tensor, cond: Conditioning
     sigmas = list(config.sigmas.tolist() if sigmas is None else sigmas)
     if sigmas[-1] != 0:
         raise ValueError(f"few-step sigmas must end at 0, got {sigmas}")
-    x = _pin(noise, first_frame)
+    x = pin(noise, first_frame)
     with torch.no_grad():
         for i, (s, s_next) in enumerate(zip(sigmas, sigmas[1:])):
-            sig = _model_sigma(s, x, first_frame)
-            x0 = _pin(x0_from_velocity(x, adapter.forward(x, sig, cond, skip=skip), sig), first_frame)
-            if s_next > 0:
-                fresh = torch.randn(x.shape, generator=generator).to(x)
-                x = _pin(add_noise(x0, fresh, _model_sigma(s_next, x, first_frame)), first_frame)
-            else:
-                x = x0
+            sig = frame_sigma(s, x, first_frame)
+            x0 = pin(x0_from_velocity(x, adapter.forward(x, sig, cond, skip=skip), sig), first_frame)
+            x = renoise(x0, s_next, generator, first_frame) if s_next > 0 else x0
             if progress:
                 progress(i + 1, len(sigmas) - 1)
     return x
