@@ -1,6 +1,7 @@
 """Samplers, deterministic given their noise and generator, usable with any adapter and skip-set.
 
-- `sample_euler_cfg`: the teacher baseline, N-step Euler on the shifted schedule with CFG.
+- `sample_euler_cfg`: the teacher baseline, N-step Euler on the shifted schedule with CFG
+  (`sample_euler` takes any guided velocity, e.g. eq. 9's well-guided teacher).
 - `sample_few_step`: the LightX2V contract for distilled students: a denoising_step_list of timesteps
   (default [1000, 750, 500, 250]) warped by shift 5, CFG off; at each step predict x0, then re-noise it
   to the next sigma with fresh noise (the last step returns x0).
@@ -57,23 +58,34 @@ def renoise(x0: torch.Tensor, sigma_next, generator: torch.Generator | None,
     return pin(add_noise(x0, fresh, frame_sigma(sigma_next, x0, first_frame)), first_frame)
 
 
-def sample_euler_cfg(adapter: DiTAdapter, noise: torch.Tensor, cond: Conditioning, null_cond: Conditioning,
-                     config: TeacherSampling = TeacherSampling(), skip: Iterable[int] = (),
-                     first_frame: torch.Tensor | None = None, progress: Progress | None = None) -> torch.Tensor:
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, per-frame sigma) -> v
+
+
+def sample_euler(velocity: Velocity, noise: torch.Tensor, config: TeacherSampling = TeacherSampling(),
+                 first_frame: torch.Tensor | None = None, progress: Progress | None = None) -> torch.Tensor:
+    """N-step Euler on the shifted schedule with any guided velocity (config.cfg_scale is the caller's)."""
     sigmas = euler_sigmas(config.steps, config.shift).tolist()
     x = pin(noise, first_frame)
     with torch.no_grad():
         for i, (s, s_next) in enumerate(zip(sigmas, sigmas[1:])):
             sig = frame_sigma(s, x, first_frame)
-            v_c = adapter.forward(x, sig, cond, skip=skip)
-            v = v_c
-            if config.cfg_scale != 1.0:
-                v_null = adapter.forward(x, sig, null_cond, skip=skip)
-                v = v_null + config.cfg_scale * (v_c - v_null)
-            x = pin(euler_step(x, v, sig, frame_sigma(s_next, x, first_frame)), first_frame)
+            x = pin(euler_step(x, velocity(x, sig), sig, frame_sigma(s_next, x, first_frame)), first_frame)
             if progress:
                 progress(i + 1, len(sigmas) - 1)
     return x
+
+
+def sample_euler_cfg(adapter: DiTAdapter, noise: torch.Tensor, cond: Conditioning, null_cond: Conditioning,
+                     config: TeacherSampling = TeacherSampling(), skip: Iterable[int] = (),
+                     first_frame: torch.Tensor | None = None, progress: Progress | None = None) -> torch.Tensor:
+    def velocity(x: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
+        v_c = adapter.forward(x, sig, cond, skip=skip)
+        if config.cfg_scale == 1.0:
+            return v_c
+        v_null = adapter.forward(x, sig, null_cond, skip=skip)
+        return v_null + config.cfg_scale * (v_c - v_null)
+
+    return sample_euler(velocity, noise, config, first_frame, progress)
 
 
 def sample_few_step(adapter: DiTAdapter, noise: torch.Tensor, cond: Conditioning,

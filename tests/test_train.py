@@ -247,3 +247,28 @@ def test_planted_nan_is_skipped_then_too_many_stop(tiny, tmp_path, monkeypatch, 
                     + ["--resume"])
     assert latest_state(tmp_path / "stage2") == good
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+
+
+def test_stage3_ablations_step_only_and_unpruned_teacher(tiny, tmp_path):
+    """The paper's Table 2 and 9 variants: step-only DMD from the teacher (a plan keeping every block, no
+    Stage II) gives a whole-model student; the unpruned teacher trains a different student than eq. 9."""
+    from fastlightgen.adapters import adapt
+    from train import stage2, stage3
+
+    teacher, plan = tiny
+    keep_all = tmp_path / "keep_all.json"
+    PrunePlan.from_blocks(adapt(build_toy_teacher(TINY)).fingerprint(), []).save(keep_all)
+    stage3.main(train_args(teacher, keep_all, tmp_path / "dmd", **{"stage3.init": "teacher"}))
+    info = json.loads((tmp_path / "dmd" / "stage3" / "run.json").read_text())
+    assert info["student_config"]["num_layers"] == 4 and info["alpha"] is None
+
+    stage2.main(train_args(teacher, plan, tmp_path / "s2"))
+    init = {"stage3.init": tmp_path / "s2" / "stage2" / "model.safetensors", "stage3.iterations": 1}
+    students = {}
+    for path in ("pruned", "unpruned"):
+        stage3.main(train_args(teacher, plan, tmp_path / path, **init, **{"stage3.plan_teacher": path}))
+        students[path] = load_file(str(tmp_path / path / "stage3" / "model.safetensors"))
+    assert students["pruned"].keys() == students["unpruned"].keys()
+    assert any(not torch.equal(students["pruned"][k], students["unpruned"][k]) for k in students["pruned"])
+    with pytest.raises(SystemExit, match="plan_teacher must be 'pruned' or 'unpruned'"):
+        stage3.main(train_args(teacher, plan, tmp_path / "bad", **init, **{"stage3.plan_teacher": "strong"}))

@@ -95,7 +95,8 @@ class Stage2Config:
 
 @dataclass
 class Stage3Config:
-    init: str = ""  # Stage II weights; default run_dir/stage2/model.safetensors
+    init: str = ""  # Stage II weights; default run_dir/stage2/model.safetensors; "teacher": no Stage II
+    plan_teacher: str = "pruned"  # real and fake score on the plan's pruned path (eq. 9) | "unpruned" (Table 9)
     plan: str = ""  # default run_dir/stage1/plan.json
     lr: float = 5e-7  # generator
     fake_lr: float = 5e-7
@@ -203,6 +204,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw)
 
 
+def config_from_dict(data: dict) -> Config:
+    return _build(Config, data, "")
+
+
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     data: dict = {}
     if path:
@@ -214,7 +219,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         for k in keys[:-1]:
             node = node.setdefault(k, {})
         node[keys[-1]] = value
-    return _build(Config, data, "")
+    return config_from_dict(data)
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:

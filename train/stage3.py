@@ -5,8 +5,11 @@ Models, all from the Stage II weights:
   few-step list stage3.denoising_step_list with stage3.shift;
 - real score: the frozen Stage II model as the well-guided teacher of eq. 9 (pruned and unpruned paths,
   beta1/beta2 jittered per step);
-- fake score: the same frozen weights with a trainable LoRA (on the kept blocks after the first dropped
-  one, so it shares the teacher's conditional prefix), pruned path.
+- fake score: the same frozen weights with a trainable LoRA on the kept blocks, pruned path.
+Ablations (the paper's Tables 2 and 9): `stage3.init=teacher` starts from the teacher instead of Stage II,
+and a plan that drops no block makes the student the whole model (step-only DMD, eq. 9 = CFG with beta1);
+`stage3.plan_teacher=unpruned` takes both scores on the unpruned path (the "strong teacher": CFG beta1 on
+all blocks, LoRA on all blocks), while the student stays pruned.
 One iteration = stage3.fake_updates fake-score updates (flow matching on detached generator samples,
 TTUR) + one generator update (DMD2 loss). The generator's sample at a random step of the list is reached
 by backward simulation: the earlier steps run without gradients, as at inference.
@@ -40,13 +43,16 @@ def main(argv: list[str] | None = None) -> None:
     dist = init_dist(cfg)
 
     # models: generator = pruned copy; teacher = frozen Stage II weights + fake-score LoRA
-    teacher = load_weights(load_teacher(cfg), s3.init or cfg.stage_dir("stage2") / MODEL_FILE)
+    teacher = load_teacher(cfg)
+    if s3.init != "teacher":
+        teacher = load_weights(teacher, s3.init or cfg.stage_dir("stage2") / MODEL_FILE)
     plan = load_plan(cfg, s3.plan, teacher)
-    if not plan.dropped:
-        raise SystemExit(f"the plan {plan_path(cfg, s3.plan)} drops no block: there is no pruned path to distill")
     student = adapt(teacher).pruned_model(plan.kept).train()
     teacher.requires_grad_(False)
-    lora_blocks = [b for i, b in enumerate(adapt(teacher).blocks()) if i in plan.kept]
+    if s3.plan_teacher not in ("pruned", "unpruned"):
+        raise SystemExit(f"stage3.plan_teacher must be 'pruned' or 'unpruned', got {s3.plan_teacher!r}")
+    skip = plan.skip if s3.plan_teacher == "pruned" else frozenset()
+    lora_blocks = [b for i, b in enumerate(adapt(teacher).blocks()) if i not in skip]
     # seeded: a resumed or multi-rank run must start every rank from the same LoRA
     add_lora(lora_blocks, s3.lora_rank, s3.lora_alpha, step_generator(cfg.run.seed, "lora-init", 0, None))
     for p in lora_parameters(teacher):
@@ -60,7 +66,6 @@ def main(argv: list[str] | None = None) -> None:
     dtype = compute_dtype(cfg)
     mix = TeacherMix(s3.beta1, s3.beta2, s3.beta1_below, s3.beta1_above, s3.beta2_jitter)
     sigmas = FewStepSampling(tuple(s3.denoising_step_list), s3.shift).sigmas.tolist()
-    skip = plan.skip
     draw_batch = batch_source(cfg)
     run = Run(cfg, "stage3", dist)
 
@@ -116,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     if dist.is_main:
         out = save_stage_output(run.dir, weights, {
             "stage": "stage3", "plan": plan.to_dict(), "plan_path": str(plan_path(cfg, s3.plan)), "steps": steps,
-            "alpha": cfg.stage2.alpha, "beta1": s3.beta1, "beta2": s3.beta2, "denoising_step_list": s3.denoising_step_list,
+            "alpha": None if s3.init == "teacher" else cfg.stage2.alpha, "beta1": s3.beta1, "beta2": s3.beta2,
+            "plan_teacher": s3.plan_teacher, "denoising_step_list": s3.denoising_step_list,
             "shift": s3.shift, "student_config": dict(student.config), "data": data_fingerprint(cfg),
             "config": cfg.to_dict()})
         run.say(f"wrote {out}")

@@ -1,4 +1,5 @@
-"""Generating toy-world videos with any adapter: the teacher's 50-step CFG sampler or the few-step one.
+"""Generating toy-world videos with any adapter: the teacher's 50-step CFG sampler, eq. 9's teacher mix, or
+the few-step sampler.
 
 The given first frame (TI2V) is the clean render of the factors' first frame, encoded by the codec.
 Noise comes from one generator per call, so a (seed, prompts) pair always yields the same videos.
@@ -11,7 +12,8 @@ from typing import Iterable, Sequence
 import torch
 
 from ..adapters import DiTAdapter
-from ..sampling import FewStepSampling, TeacherSampling, sample_euler_cfg, sample_few_step
+from ..guidance import well_guided_velocity
+from ..sampling import FewStepSampling, TeacherSampling, sample_euler, sample_euler_cfg, sample_few_step
 from .codec import decode_video, encode_video
 from .teacher import conditioning
 from .world import Factors, caption, render
@@ -46,6 +48,17 @@ def generate_teacher(adapter: DiTAdapter, prompts: Prompts, seed: int,
     cond = conditioning(prompts.captions)
     latents = sample_euler_cfg(adapter, noise, cond, cond.null_like(), config, skip=skip,
                                first_frame=prompts.first_frames())
+    return decode_video(latents)
+
+
+def generate_well_guided(adapter: DiTAdapter, prompts: Prompts, seed: int, config: TeacherSampling,
+                         pruned_skip: Iterable[int], beta1: float, beta2: float) -> torch.Tensor:
+    """Videos from multi-step Euler on eq. 9's teacher mix (a preview of what Stage III's real score wants)."""
+    noise, _ = _noise(prompts, seed)
+    cond = conditioning(prompts.captions)
+    null = cond.null_like()
+    latents = sample_euler(lambda x, sig: well_guided_velocity(adapter, x, sig, cond, null, pruned_skip, beta1, beta2),
+                           noise, config, first_frame=prompts.first_frames())
     return decode_video(latents)
 
 

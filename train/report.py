@@ -1,0 +1,128 @@
+"""What `train.reproduce` measures about one model, and how a table of such measurements is written.
+
+A `Measured` is one model sampled on the report's prompts: the evaluator's table over its videos, the
+wall-clock seconds per video (all models of a report are timed in the same process), its parameters as
+a fraction of the teacher's, and its steps and network evaluations per video.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from fastlightgen.adapters import DiTAdapter, adapt
+from fastlightgen.toy.evaluate import EvalTable, evaluate_batch
+from fastlightgen.toy.generate import Prompts
+
+SHOWN = ("color", "shape", "direction", "i2v_subject", "subject_consistency", "motion_smoothness",
+         "dynamic_degree", "imaging_quality", "temporal_flicker")
+SHORT = {"i2v_subject": "i2v subj", "subject_consistency": "subj cons", "motion_smoothness": "smooth",
+         "dynamic_degree": "dynamic", "imaging_quality": "imaging", "temporal_flicker": "flicker"}
+
+
+@dataclass
+class Measured:
+    label: str
+    table: EvalTable
+    seconds: float  # per video
+    params: float  # fraction of the teacher's parameters
+    steps: int
+    nfe: int  # network evaluations per video (CFG doubles them)
+    videos: torch.Tensor | None = None
+    settings: tuple[str, ...] = ()  # the ablated values this row was trained with, in the table's extra columns
+
+    @property
+    def overall(self) -> float:
+        return self.table.mean()["overall"]
+
+    @property
+    def spread(self) -> float:
+        return self.table.std()["overall"]
+
+    def numbers(self) -> dict[str, float]:
+        return {**self.table.mean(), "overall_std": self.spread, "seconds_per_video": self.seconds,
+                "params": self.params, "steps": self.steps, "nfe": self.nfe}
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+Generate = Callable[[DiTAdapter, Prompts], torch.Tensor]  # videos (B, 3, F, H, W) of the prompts
+
+
+def measure(label: str, model: nn.Module, generate: Generate, prompts: Prompts, teacher_params: int, steps: int,
+            nfe: int, keep_videos: bool = False) -> Measured:
+    adapter = adapt(model.float().eval())
+    generate(adapter, Prompts(prompts.factors[:1]))  # warm-up: the first call pays one-off allocation costs
+    start = time.perf_counter()
+    videos = generate(adapter, prompts)
+    seconds = (time.perf_counter() - start) / len(prompts.factors)
+    table = evaluate_batch(videos, list(prompts.factors))
+    return Measured(label, table, seconds, parameter_count(model) / teacher_params, steps, nfe,
+                    videos if keep_videos else None)
+
+
+def markdown_table(rows: Sequence[Measured], reference: Measured | None, extra: Sequence[str] = ()) -> str:
+    """One row per model: its settings under the `extra` headers, the evaluator's dimensions, overall
+    +- std over the videos, time per video and speed-up over `reference` (same run)."""
+    head = ["method", *extra, "params", "steps (NFE)", *(SHORT.get(c, c) for c in SHOWN), "overall ± std",
+            "s / video", "speed-up"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for row in rows:
+        mean = row.table.mean()
+        speed = f"{reference.seconds / row.seconds:.1f}x" if reference else "–"
+        settings = row.settings or ("–",) * len(extra)
+        cells = [row.label, *settings, f"{row.params:.0%}", f"{row.steps} ({row.nfe})",
+                 *(f"{mean[c]:.3f}" for c in SHOWN), f"**{row.overall:.3f}** ± {row.spread:.3f}",
+                 f"{row.seconds:.3f}", speed]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def with_settings(row: Measured, *values: object) -> Measured:
+    return replace(row, settings=tuple(str(v) for v in values))
+
+
+def all_finite(values: dict) -> bool:
+    return all(math.isfinite(v) for v in _flatten(values))
+
+
+def _flatten(values) -> list[float]:
+    if isinstance(values, dict):
+        return [x for v in values.values() for x in _flatten(v)]
+    if isinstance(values, (list, tuple)):
+        return [x for v in values for x in _flatten(v)]
+    return [float(values)] if isinstance(values, (int, float)) and not isinstance(values, bool) else []
+
+
+def contour_plot(path: Path, steps: Sequence[int], kept: Sequence[float], scores: list[list[float]],
+                 title: str) -> None:
+    """Fig. 1: average score over (sampling steps, kept parameters); scores[i][j] is kept[i] at steps[j]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    xs = torch.tensor([math.log2(s) for s in steps])
+    ys = torch.tensor([100 * k for k in kept])
+    z = torch.tensor(scores)
+    filled = ax.contourf(xs.numpy(), ys.numpy(), z.numpy(), levels=12, cmap="viridis")
+    ax.contour(xs.numpy(), ys.numpy(), z.numpy(), levels=12, colors="k", linewidths=0.4)
+    for i, k in enumerate(ys.tolist()):
+        for j, s in enumerate(xs.tolist()):
+            ax.annotate(f"{scores[i][j]:.2f}", (s, k), ha="center", va="center", fontsize=7, color="w")
+    ax.set_xticks(xs.numpy(), [str(s) for s in steps])
+    ax.set_xlabel("sampling steps (log scale; the last column is Euler with CFG)")
+    ax.set_ylabel("kept parameters (%)")
+    ax.set_title(title)
+    fig.colorbar(filled, label="evaluator overall")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
