@@ -68,16 +68,24 @@ class ImportanceProbe(comfy.samplers.Sampler):
     def _recording(self, outputs: dict[int, dict]) -> dict[Slot, BlockPatch]:
         def record(i: int) -> BlockPatch:
             def patch(args: dict, extra: dict) -> dict:
-                outputs[i] = extra["original_block"](args)
-                return outputs[i]
+                out = extra["original_block"](args)
+                outputs[i] = _copy_streams(out)
+                return out
             return patch
         return {slot: record(i) for i, slot in enumerate(self.slots)}
 
     def _skipping(self, index: int, outputs: dict[int, dict]) -> dict[Slot, BlockPatch]:
         patches: dict[Slot, BlockPatch] = {self.slots[index]: skip_block}
         if self.prefix_reuse:  # blocks before `index` see the same input as in the full pass: replay them
-            patches.update({self.slots[j]: (lambda args, extra, j=j: outputs[j]) for j in range(index)})
+            patches.update({self.slots[j]: (lambda args, extra, j=j: _copy_streams(outputs[j]))
+                            for j in range(index)})
         return patches
+
+
+def _copy_streams(streams: dict) -> dict:
+    """HunyuanVideo's blocks (and ControlNet/VACE residuals) add into their input streams in place, so a
+    recorded output must not alias the tensors the forward goes on to modify, nor may a replayed one."""
+    return {k: v.clone() for k, v in streams.items()}
 
 
 def run_stage1(model: ModelPatcher, latent: dict, positive, num_timesteps: int, num_samples: int, seed: int,
