@@ -87,3 +87,20 @@ def comfy_in_process():
         pytest.skip(comfyui_harness.INSTALL_HINT)
     comfyui_harness.import_comfy_in_process()
     return comfyui_harness.comfyui_dir()
+
+
+@pytest.fixture(scope="session")
+def pack_package(comfy_in_process):
+    """The pack imported as ComfyUI imports a custom node: a package from the repo's __init__.py (our
+    `nodes` must not be importable as the top-level `nodes`, which is ComfyUI's)."""
+    import importlib.util
+
+    name = "FastLightGen"
+    if name not in sys.modules:
+        repo = Path(__file__).resolve().parent.parent
+        spec = importlib.util.spec_from_file_location(name, repo / "__init__.py",
+                                                      submodule_search_locations=[str(repo)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -6,29 +6,17 @@ needs the trained toy models.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
 BLOCKS = 4
 SEED = 7
 
 
 @pytest.fixture(scope="module")
-def pack(comfy_in_process):
-    """The pack loaded as ComfyUI loads a custom node (a package from the repo's __init__.py)."""
-    name = "FastLightGen"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    extension = asyncio.run(sys.modules[name].comfy_entrypoint())
+def pack(pack_package):
+    extension = asyncio.run(pack_package.comfy_entrypoint())
     node_list = asyncio.run(extension.get_node_list())
     from FastLightGen.nodes import guidance, importance, loader, plan, preview, sampling, toy
 

@@ -10,16 +10,12 @@ gates make the block return its input streams bit for bit (zero shift and scale 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
 WIDTH = 64
 SEED = 3
 DOUBLE, SINGLE = 1, 2  # the blocks skipped below: double block 1 and single block 0
@@ -31,15 +27,7 @@ CONFIG = dict(image_model="hunyuan_video", in_channels=16, out_channels=16, vec_
 
 
 @pytest.fixture(scope="module")
-def pack(comfy_in_process):
-    """The pack's node modules, imported as ComfyUI imports a custom node (a package from __init__.py)."""
-    name = "FastLightGen"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+def pack(pack_package):
     from FastLightGen.nodes import dit, importance, plan, sampling
 
     return SimpleNamespace(dit=dit, importance=importance, plan=plan, sampling=sampling)
