@@ -59,6 +59,9 @@ BETA1S = (1.5, 2.5, 3.5, 4.5)  # at the config's beta2 (the paper's Table 5 valu
 BETA2S = (0.0, 0.25, 0.5, 1.0)  # at the config's beta1
 KEEPS = (0.7, 0.5, 0.3)  # pruning 30 / 50 / 70 %
 FEW_STEP_LISTS = {1: (1000,), 2: (1000, 500), 4: (1000, 750, 500, 250)}
+# report sections in run order (cheap, paper-central ones first) and the Reproduction method of each
+SECTIONS = {"Table 2": "table2", "Fig. 4": "fig4", "Table 6": "table6", "Fig. 1": "fig1", "Table 4": "table4",
+            "Table 9": "table9", "Table 5": "table5", "Automatic beta selection": "auto_beta"}
 
 
 @dataclass
@@ -69,8 +72,6 @@ class Report:
     header: str
     sections: dict[str, str] = field(default_factory=dict)
     numbers: dict[str, dict] = field(default_factory=dict)
-    order: tuple[str, ...] = ("Table 2", "Fig. 4", "Table 6", "Fig. 1", "Table 4", "Table 9", "Table 5",
-                              "Automatic beta selection")
 
     def add(self, name: str, text: str, numbers: dict) -> None:
         self.sections[name] = text
@@ -79,7 +80,7 @@ class Report:
 
     def write(self) -> None:
         body = [self.header]
-        for name in self.order:
+        for name in SECTIONS:
             body.append(self.sections.get(name, f"## {name}\n\n(pending: not run yet)\n"))
         atomic_write_text(self.out / "REPORT.md", "\n".join(body))
         atomic_write_text(self.out / "results.json", json.dumps(self.numbers, indent=1))
@@ -357,11 +358,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{' with ' + ', '.join(mode.overrides) if mode.overrides else ''}. {torch.get_num_threads()} CPU "
               f"threads. Quality: the toy evaluator (fastlightgen/toy/evaluate.py) on held-out prompts.\n")
     report = Report(out, header)
-    sections = {"Table 2": repro.table2, "Fig. 4": repro.fig4, "Table 6": repro.table6, "Fig. 1": repro.fig1,
-                "Table 4": repro.table4, "Table 9": repro.table9, "Table 5": repro.table5,
-                "Automatic beta selection": repro.auto_beta}
-    for name in report.order:
-        text, numbers = sections[name]()
+    for name, method in SECTIONS.items():
+        text, numbers = getattr(repro, method)()
         report.add(name, text, numbers)
         print(f"[reproduce] {name} done ({time.perf_counter() - started:.0f} s)", flush=True)
     report.header += (f"\nThis run took {time.perf_counter() - started:.0f} s and trained {len(cache.trained)} stage "
