@@ -34,6 +34,14 @@ class Dist:
         if self.world_size > 1:
             tdist.barrier()
 
+    def close(self) -> None:
+        """Leaves the process group together. A rank that exits with its group still open tears gloo's
+        threads down at interpreter exit and can abort ('terminate called without an active exception')
+        while another rank is still writing the run's output."""
+        self.barrier()
+        if self.deepspeed and tdist.is_initialized():
+            tdist.destroy_process_group()
+
     def any(self, flag: bool) -> bool:
         """True on every rank if `flag` is true on some rank (so all ranks take the same branch)."""
         if self.world_size == 1:

@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
             "stage": "stage2", "plan": plan.to_dict(), "plan_path": str(plan_path(cfg, s2.plan)), "steps": steps,
             "alpha": s2.alpha, "skip_prob": s2.skip_prob, "data": data_fingerprint(cfg), "config": cfg.to_dict()})
         run.say(f"wrote {out}")
+    dist.close()
 
 
 if __name__ == "__main__":

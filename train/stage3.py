@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
             "shift": s3.shift, "student_config": dict(student.config), "data": data_fingerprint(cfg),
             "config": cfg.to_dict()})
         run.say(f"wrote {out}")
+    dist.close()
 
 
 if __name__ == "__main__":
