@@ -142,14 +142,13 @@ def teacher_scores(adapter: DiTAdapter, lora_model: nn.Module, x_t: torch.Tensor
                    beta2: float, fake_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(v_real, v_fake): eq. 9's well-guided teacher (LoRA off) and the fake score (LoRA on, pruned path).
 
-    vP(c) and vU(c) share their prefix; vP(null) and the fake score are one pruned pass each. The fake
-    score's LoRA sits on every kept block: with it only past the first dropped block (where it could share
-    the prefix too) the fake score could not follow the student, and DMD then pushed a fixed direction.
+    The teacher's three predictions come from one batched `forward_guided` call; the fake score is one
+    more pruned pass. Its LoRA sits on every kept block: with it only past the first dropped block (where
+    it could share the prefix too) the fake score could not follow the student, and DMD then pushed a fixed
+    direction.
     """
-    v_pruned_c, v_unpruned_c = run_branches(adapter, x_t, sigma, cond,
-                                            [Branch(pruned_skip), Branch(frozenset())], lora_model)
     with torch.no_grad(), lora_enabled(lora_model, False):
-        v_pruned_null = adapter.forward(x_t, sigma, null_cond, skip=pruned_skip)
+        v_pruned_c, v_pruned_null, v_unpruned_c = adapter.forward_guided(x_t, sigma, cond, null_cond, pruned_skip)
     v_real = mix_velocities(v_pruned_c.float(), v_pruned_null.float(), v_unpruned_c.float(), beta1, beta2)
     return v_real, fake_velocity(adapter, lora_model, x_t, sigma, cond, pruned_skip, grad=fake_grad)
 

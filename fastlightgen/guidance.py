@@ -5,8 +5,9 @@
 vP is the pruned path (the plan's blocks skipped), vU the unpruned path. The first term is ordinary
 classifier-free guidance on the pruned path in the "v_null + s * (v_c - v_null)" form with scale
 beta1 (inter CFG); the second pulls toward the unpruned model with scale beta2 (intra CFG). So beta2 = 0
-is plain CFG on the pruned path, and beta1 = beta2 = 1 gives vU(c). vP(c) and vU(c) share their prefix
-(blocks before the first pruned block) through `DiTAdapter.forward_pair`.
+is plain CFG on the pruned path, and beta1 = beta2 = 1 gives vU(c). The three predictions come from one
+`DiTAdapter.forward_guided` call: [c; null] as one batch through the prefix (blocks before the first
+pruned block) and the pruned path, vU(c) continuing from the c rows.
 """
 from __future__ import annotations
 
@@ -43,9 +44,7 @@ class TeacherMix:
 def well_guided_velocity(adapter: DiTAdapter, x: torch.Tensor, sigma, cond: Conditioning,
                          null_cond: Conditioning, pruned_skip: Iterable[int], beta1: float,
                          beta2: float) -> torch.Tensor:
-    skip = frozenset(pruned_skip)
-    v_pruned_c, v_unpruned_c = adapter.forward_pair(x, sigma, cond, skip, ())
-    v_pruned_null = adapter.forward(x, sigma, null_cond, skip=skip)
+    v_pruned_c, v_pruned_null, v_unpruned_c = adapter.forward_guided(x, sigma, cond, null_cond, pruned_skip)
     return mix_velocities(v_pruned_c, v_pruned_null, v_unpruned_c, beta1, beta2)
 
 

@@ -77,6 +77,32 @@ def test_pair_equals_two_calls_and_shares_prefix():
     assert adapter.block_evaluations == 7
 
 
+def _guided_cases():
+    for variant in ("t2v", "i2v", "ti2v"):
+        model = tiny_wan(variant, layers=6)
+        x, cond = wan_inputs(model)
+        sigma = torch.tensor([[0.0, 0.4, 0.4], [0.0, 0.9, 0.9]])[:, :x.shape[2]] if variant == "ti2v" else SIGMA
+        yield variant, model, x, sigma, cond, cond.null_like()
+    model = tiny_hunyuan(double=3, single=3)
+    x, cond = hunyuan_inputs()
+    yield "hunyuan", model, x, SIGMA, cond, hunyuan_inputs(seed=2)[1]  # another text mask: mask rows are sliced
+
+
+@pytest.mark.parametrize("case", list(_guided_cases()), ids=lambda c: c[0])
+def test_guided_triple_equals_three_calls_and_batches_the_prefix(case):
+    _, model, x, sigma, cond, null = case
+    adapter, skip = adapt(model), {2, 4}
+    with torch.no_grad():
+        separate = (adapter(x, sigma, cond, skip=skip), adapter(x, sigma, null, skip=skip), adapter(x, sigma, cond))
+        adapter.block_evaluations = 0
+        guided = adapter.forward_guided(x, sigma, cond, null, skip)
+    for got, want in zip(guided, separate):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(guided[0], guided[1], atol=1e-4)  # the null rows are not the cond rows
+    # prefix 0-1 once for both rows, pruned path 3, 5, full path 2-5 on the cond rows: 2 + 2 + 4
+    assert adapter.block_evaluations == 8
+
+
 def test_out_of_range_skip_is_refused():
     adapter = adapt(tiny_wan("t2v", layers=3))
     x, cond = wan_inputs(adapter.model)

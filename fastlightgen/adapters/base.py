@@ -52,6 +52,12 @@ class Conditioning:
         rep = lambda t: None if t is None else t.repeat(n, *([1] * (t.ndim - 1)))  # noqa: E731
         return Conditioning(rep(self.text), rep(self.image), rep(self.text_mask), rep(self.pooled))
 
+    def cat(self, other: "Conditioning") -> "Conditioning":
+        """Both batches in one, self's rows first (eq. 9 runs [c; null] as one batch)."""
+        join = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
+        return Conditioning(join(self.text, other.text), join(self.image, other.image),
+                            join(self.text_mask, other.text_mask), join(self.pooled, other.pooled))
+
 
 @dataclass
 class BlockState:
@@ -69,6 +75,7 @@ class DiTAdapter(ABC):
     """A DiT with an ordered block list. Subclasses implement begin/run_block/end and the naming."""
 
     family: str
+    batched_ctx: tuple[str, ...]  # BlockState.ctx entries with a batch dimension (the rest are shared)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -154,6 +161,28 @@ class DiTAdapter(ABC):
         if not differ:
             return out_a, out_a
         return out_a, self.end(self.run_blocks(state, fork, self.num_blocks, b))
+
+    def take_rows(self, state: BlockState, rows: slice) -> BlockState:
+        """The state of a sub-batch, to continue only some rows of a batched pass."""
+        ctx = {k: v[rows] if k in self.batched_ctx and v is not None else v for k, v in state.ctx.items()}
+        return BlockState(tuple(s[rows] for s in state.streams), ctx)
+
+    def forward_guided(self, x: torch.Tensor, sigma, cond: Conditioning, null_cond: Conditioning,
+                       skip: Iterable[int] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(skipped model on cond, skipped model on null_cond, full model on cond) in one call.
+
+        cond and null_cond run as one batch of 2B through the blocks before the first skipped one and on
+        along the skipped path; the full model continues from the cond rows at that fork. Batching pays
+        wherever one sample leaves the device idle (a GPU at batch 1), and the fork shares the prefix.
+        """
+        skip = self.check_skip(skip)
+        n, sigma = x.shape[0], self._sigma(sigma, x)
+        fork = min(skip, default=self.num_blocks)
+        state = self.begin(torch.cat([x, x]), torch.cat([sigma, sigma]), cond.cat(null_cond))
+        state = self.run_blocks(state, 0, fork, frozenset())
+        skipped = self.end(self.run_blocks(state, fork, self.num_blocks, skip))
+        full = self.end(self.run_blocks(self.take_rows(state, slice(0, n)), fork, self.num_blocks, frozenset()))
+        return skipped[:n], skipped[n:], full
 
     def block_inputs(self, x: torch.Tensor, sigma, cond: Conditioning) -> tuple[list[BlockState], torch.Tensor]:
         """Full pass keeping the input state of every block; returns (states, full-model velocity)."""

@@ -16,6 +16,7 @@ from .base import BlockState, Conditioning, DiTAdapter
 
 class HunyuanVideoAdapter(DiTAdapter):
     family = "hunyuanvideo"
+    batched_ctx = ("temb", "mask", "token_replace")
 
     def __init__(self, model, embedded_guidance: float = 6.0):
         super().__init__(model)
@@ -66,9 +67,9 @@ class HunyuanVideoAdapter(DiTAdapter):
     def end(self, state: BlockState) -> torch.Tensor:
         m, c = self.model, state.ctx
         hidden = m.proj_out(m.norm_out(state.streams[0], c["temb"]))
-        b, _, f, h, w = c["shape"]
+        _, _, f, h, w = c["shape"]
         p, p_t = m.config.patch_size, m.config.patch_size_t
-        hidden = hidden.reshape(b, f // p_t, h // p, w // p, -1, p_t, p, p)
+        hidden = hidden.reshape(hidden.shape[0], f // p_t, h // p, w // p, -1, p_t, p, p)
         return hidden.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
     def block_key_prefix(self, index: int) -> str:

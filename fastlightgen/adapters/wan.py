@@ -17,6 +17,7 @@ from .base import BlockState, Conditioning, DiTAdapter
 
 class WanAdapter(DiTAdapter):
     family = "wan"
+    batched_ctx = ("context", "proj", "temb")  # the rotary table is per position, not per sample
 
     def blocks(self):
         return list(self.model.blocks)
@@ -67,9 +68,9 @@ class WanAdapter(DiTAdapter):
             shift, scale = (table + temb.unsqueeze(1)).chunk(2, dim=1)
         hidden = (m.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
         hidden = m.proj_out(hidden)
-        b, _, f, h, w = c["shape"]
+        _, _, f, h, w = c["shape"]
         p_t, p_h, p_w = m.config.patch_size
-        hidden = hidden.reshape(b, f // p_t, h // p_h, w // p_w, p_t, p_h, p_w, -1)
+        hidden = hidden.reshape(hidden.shape[0], f // p_t, h // p_h, w // p_w, p_t, p_h, p_w, -1)
         return hidden.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
     def block_key_prefix(self, index: int) -> str:
