@@ -28,9 +28,11 @@ TEACHER = MODELS_DIR / "toy_teacher.safetensors"
 STUDENT = MODELS_DIR / "toy_student.safetensors"
 
 
-def split_prompts(split: str, per_combination: int = 1, seed: int = 0, limit: int | None = None) -> Prompts:
-    """Every combination of a split, `per_combination` times, with seeded positions and backgrounds."""
-    combos = split_combinations(split)[:limit]
+def split_prompts(split: str, per_combination: int = 1, seed: int = 0, limit: int | None = None,
+                  stride: int = 1) -> Prompts:
+    """Every `stride`-th combination of a split (up to `limit`), `per_combination` times, with seeded
+    positions and backgrounds."""
+    combos = split_combinations(split)[::stride][:limit]
     return Prompts(tuple(sample_factors(seed * 10_007 + i * len(combos) + j, [c])
                          for i in range(per_combination) for j, c in enumerate(combos)))
 

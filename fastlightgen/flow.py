@@ -90,11 +90,23 @@ def denoising_list_sigmas(denoising_step_list, shift: float) -> torch.Tensor:
     return torch.cat([sig, sig.new_zeros(1)]).float()
 
 
+SIGMA_LAWS = ("logit_normal", "uniform")
+
+
 def sample_training_sigma(batch: int, generator: torch.Generator | None = None, shift: float = 1.0,
-                          mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
-    """Logit-normal sigma (SD3-style) then the shift warp, for flow-matching training."""
-    u = torch.randn(batch, generator=generator) * std + mean
-    return shift_sigma(torch.sigmoid(u), shift)
+                          law: str = "logit_normal", mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """Training sigmas for flow matching: logit-normal (SD3) or uniform, then the shift warp.
+
+    Uniform then shift k is the density of the sigmas that k-shifted Euler sampling visits, so a model
+    trained that way is trained where its sampler evaluates it; logit-normal favours the middle.
+    """
+    if law == "uniform":
+        u = torch.rand(batch, generator=generator)
+    elif law == "logit_normal":
+        u = torch.sigmoid(torch.randn(batch, generator=generator) * std + mean)
+    else:
+        raise ValueError(f"unknown sigma law {law!r}; use one of {', '.join(SIGMA_LAWS)}")
+    return shift_sigma(u, shift)
 
 
 def pinned_first_frame_sigma(sigma: torch.Tensor, frames: int) -> torch.Tensor:

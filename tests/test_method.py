@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from fastlightgen.adapters import ModelFingerprint, adapt
-from fastlightgen.flow import add_noise, denoising_list_sigmas, euler_sigmas, shift_sigma, velocity_target, \
-    x0_from_velocity
+from fastlightgen.flow import add_noise, denoising_list_sigmas, euler_sigmas, sample_training_sigma, shift_sigma, \
+    velocity_target, x0_from_velocity
 from fastlightgen.guidance import TeacherMix, well_guided_velocity
 from fastlightgen.importance import block_importance, stage1_sigmas
 from fastlightgen.plan import PlanMismatchError, PrunePlan
@@ -26,6 +26,19 @@ def test_shift_warp():
     assert shift_sigma(torch.tensor(0.3), 1.0).item() == pytest.approx(0.3)
     sig = euler_sigmas(50, 5.0)
     assert sig[0] == 1 and sig[-1] == 0 and len(sig) == 51 and bool((sig[1:] < sig[:-1]).all())
+
+
+def test_uniform_training_sigmas_follow_the_shifted_sampler():
+    """Uniform-then-shift training puts as many draws in a sigma band as the sampler has steps there."""
+    steps = euler_sigmas(50, 5.0)[:-1]
+    draws = sample_training_sigma(200_000, torch.Generator().manual_seed(0), 5.0, "uniform")
+    for low, high in ((0.0, 0.25), (0.25, 0.9), (0.9, 1.001)):
+        sampler = ((steps >= low) & (steps < high)).float().mean().item()
+        assert ((draws >= low) & (draws < high)).float().mean().item() == pytest.approx(sampler, abs=0.02)
+    logit_normal = sample_training_sigma(200_000, torch.Generator().manual_seed(0), 5.0)
+    assert (logit_normal < 0.25).float().mean().item() < 0.01  # what the first shift-5 teacher lacked
+    with pytest.raises(ValueError, match="unknown sigma law 'normal'; use one of logit_normal, uniform"):
+        sample_training_sigma(4, law="normal")
 
 
 def test_few_step_sigmas_match_lightx2v_and_comfyui():

@@ -15,18 +15,22 @@ def test_teacher_file_and_metadata():
     assert ckpt.meta.original_num_blocks == TOY_TEACHER.num_layers == ckpt.config["num_layers"]
     assert ckpt.config["in_channels"] == ckpt.config["out_channels"] == 48 and ckpt.config["text_dim"] == 4096
     assert ckpt.meta.provenance["trainer"] == "train.toy_teacher"
+    # the recommended CFG is the best of the candidates scored on training prompts at export
+    scores = ckpt.meta.provenance["cfg_selection"]
+    assert ckpt.meta.recommended.cfg_scale == float(max(scores, key=scores.get)) > 1.0
 
 
 def test_teacher_quality_floor_on_heldout_prompts():
-    """Generous floor on four held-out prompts, fixed seed (the full table is in README.md; an untrained
-    model of the same shape scores color 0.00 and overall 0.15 there, the shipped teacher 0.99 and 0.44)."""
+    """Generous floor on four held-out prompts, fixed seed (the full table is in README.md: an untrained
+    model of the same shape scores overall 0.15 there, the previous teacher 0.44, the shipped one 0.84;
+    on these four it scores color 0.95, direction 1.00, overall 0.84)."""
     adapter, meta = load_fp32(TEACHER)
     prompts = Prompts(heldout_prompts().factors[::3])
     config = TeacherSampling(steps=meta.recommended.steps, shift=meta.recommended.shift,
                              cfg_scale=meta.recommended.cfg_scale)
     table = evaluate_batch(generate_teacher(adapter, prompts, seed=0, config=config), list(prompts.factors))
     mean = table.mean()
-    assert mean["color"] >= 0.8 and mean["overall"] >= 0.3, table.to_markdown()
+    assert mean["color"] >= 0.8 and mean["direction"] >= 0.9 and mean["overall"] >= 0.7, table.to_markdown()
 
 
 def test_teacher_loads_and_samples_in_comfyui(comfy_in_process):
@@ -55,4 +59,4 @@ def test_student_is_a_pruned_four_step_model_that_keeps_the_colors():
     videos = generate_few_step(adapter, prompts, seed=0,
                                config=FewStepSampling(tuple(meta.recommended.denoising_step_list), meta.recommended.shift))
     mean = evaluate_batch(videos, list(prompts.factors)).mean()
-    assert mean["color"] >= 0.5 and mean["overall"] >= 0.25, mean
+    assert mean["color"] >= 0.8 and mean["direction"] >= 0.9 and mean["overall"] >= 0.65, mean  # 0.93, 1.00, 0.75

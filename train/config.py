@@ -90,7 +90,8 @@ class Stage2Config:
     alpha: float = 1.0  # 1: distillation only (paper's best); < 1 adds flow matching on both paths
     skip_prob: float = 0.5  # each dropped block skipped independently with this probability
     weight_decay: float = 0.0
-    sigma_shift: float = 1.0  # shift of the logit-normal training sigmas
+    sigma_law: str = "logit_normal"  # training sigmas: logit_normal | uniform (fastlightgen.flow), then
+    sigma_shift: float = 1.0  # the shift warp
 
 
 @dataclass

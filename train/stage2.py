@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         g = run.generator(i, "batch")
         batch = draw_batch(g, cfg.data.batch_size)
         x0 = batch.x0
-        sigma = sample_training_sigma(x0.shape[0], g, s2.sigma_shift)
+        sigma = sample_training_sigma(x0.shape[0], g, s2.sigma_shift, s2.sigma_law)
         if cfg.model.ti2v:
             sigma = pinned_first_frame_sigma(sigma, x0.shape[2])
         noise = torch.randn(x0.shape, generator=g)
