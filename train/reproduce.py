@@ -262,9 +262,13 @@ class Reproduction:
                 f"{': agrees.' if pruned_wins else ': disagrees with the paper.'}\n")
         return text, {f"{r.settings[0]} teacher": r.numbers() for r in rows}
 
+    def beta1_values(self) -> list[float]:
+        """The paper's beta1 sweep plus the recipe's own value, so the recipe's student is a row of it."""
+        return sorted(set(BETA1S) | {self.base.stage3.beta1})
+
     def beta_grid(self) -> list[tuple[float, float]]:
         s3 = self.base.stage3
-        return [(b1, s3.beta2) for b1 in BETA1S] + [(s3.beta1, b2) for b2 in BETA2S if b2 != s3.beta2]
+        return [(b1, s3.beta2) for b1 in self.beta1_values()] + [(s3.beta1, b2) for b2 in BETA2S if b2 != s3.beta2]
 
     def beta_student(self, beta1: float, beta2: float, label: str = "FastLightGen") -> Measured:
         return with_settings(self.student(label, self.cache.stage3(self.config(stage3__beta1=beta1,
@@ -272,7 +276,7 @@ class Reproduction:
 
     def table5(self) -> tuple[str, dict]:
         s3 = self.base.stage3
-        by_beta1 = [self.beta_student(b1, s3.beta2) for b1 in BETA1S]
+        by_beta1 = [self.beta_student(b1, s3.beta2) for b1 in self.beta1_values()]
         by_beta2 = [self.beta_student(s3.beta1, b2) for b2 in BETA2S]
         best1 = max(by_beta1, key=lambda r: r.overall)
         best2 = max(by_beta2, key=lambda r: r.overall)
