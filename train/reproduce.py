@@ -141,8 +141,7 @@ class Reproduction:
     def prompts_line(self) -> str:
         combos = len({f.combination for f in self.prompts.factors})
         return (f"n = {len(self.prompts.factors)} videos ({combos} held-out combinations x {self.mode.renders} "
-                f"renders), "
-                f"noise seed {self.seed}; ± is the std over the videos.")
+                f"renders), noise seed {self.seed}; ± is the std over the videos.")
 
     # ---- the tables ------------------------------------------------------------------------------
 

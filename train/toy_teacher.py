@@ -43,8 +43,8 @@ class ToyTeacherRun:
     lr: float = 3e-4
     warmup: int = 100
     caption_dropout: float = 0.1
-    sigma_law: str = "uniform"  # with sigma_shift: where the teacher's sampler (shift 5) evaluates it
-    sigma_shift: float = 5.0
+    sigma_law: str = "uniform"  # with sigma_shift: where the teacher's sampler evaluates it
+    sigma_shift: float = TeacherSampling.shift
     ema_decay: float = 0.999
     threads: int = 0  # 0: torch's default; 1 keeps a run steady on a machine shared with other work
     seed: int = 0
@@ -82,7 +82,7 @@ def select_cfg(cfg: ToyTeacherRun, ema: torch.nn.Module) -> tuple[float, dict[fl
     adapter = adapt(ema)
     scores = {}
     for scale in (float(x) for x in cfg.cfg_candidates.split(",")):
-        videos = generate_teacher(adapter, prompts, cfg.seed, TeacherSampling(50, 5.0, scale))
+        videos = generate_teacher(adapter, prompts, cfg.seed, TeacherSampling(cfg_scale=scale))
         scores[scale] = evaluate_batch(videos, list(prompts.factors)).mean()["overall"]
         print(f"CFG {scale:g}: overall {scores[scale]:.3f} on {len(prompts.factors)} training prompts", flush=True)
     return max(scores, key=scores.get), scores
@@ -90,8 +90,10 @@ def select_cfg(cfg: ToyTeacherRun, ema: torch.nn.Module) -> tuple[float, dict[fl
 
 def export(cfg: ToyTeacherRun, ema: torch.nn.Module, step: int, loss: float) -> Path:
     scale, scores = select_cfg(cfg, ema)
+    sampler = TeacherSampling(cfg_scale=scale)
     meta = CheckpointMeta(original_num_blocks=TOY_TEACHER.num_layers, kept_blocks=list(range(TOY_TEACHER.num_layers)),
-                          recommended=Recommended(steps=50, denoising_step_list=[], shift=5.0, cfg_scale=scale),
+                          recommended=Recommended(steps=sampler.steps, denoising_step_list=[], shift=sampler.shift,
+                                                  cfg_scale=scale),
                           provenance={"trainer": "train.toy_teacher", "config": asdict(cfg), "step": step,
                                       "final_loss": loss, "weights": "EMA",
                                       "cfg_selection": {f"{k:g}": round(v, 4) for k, v in scores.items()}})
