@@ -3,6 +3,7 @@ tables, finite numbers, and each distinct stage run trained once however many ta
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -21,6 +22,17 @@ def test_variants_share_upstream_runs():
     assert stage_key(base, "stage1") == stage_key(beta, "stage1") == stage_key(alpha, "stage1")
     assert stage_key(base, "stage2") == stage_key(beta, "stage2") != stage_key(alpha, "stage2")
     assert stage_key(base, "stage3") != stage_key(beta, "stage3")
+
+
+def test_retrained_teacher_at_the_same_path_gets_new_runs(tmp_path):
+    teacher = tmp_path / "teacher.safetensors"
+    teacher.write_bytes(b"old weights")
+    cfg = load_config(TOY, [f"model.teacher={teacher}"])
+    before = stage_key(cfg, "stage1")
+    assert stage_key(cfg, "stage1") == before
+    teacher.write_bytes(b"new weights")
+    os.utime(teacher, ns=(0, 12345))  # a distinct mtime even on a coarse clock
+    assert stage_key(cfg, "stage1") != before
 
 
 def markdown_tables(text: str) -> list[list[str]]:

@@ -1,13 +1,15 @@
 """Stage runs cached by the hash of the settings they depend on, so a report re-trains only what changed.
 
-A stage's key hashes the model, data and seed, its own config section and the paths of its inputs, which
-name the upstream runs by their keys: two variants that differ only in stage3.beta2 share their Stage I
+A stage's key hashes the model (its config and the teacher's content: a teacher retrained in place must not
+reuse runs of the old one), data and seed, its own config section and the paths of its inputs, which name
+the upstream runs by their keys: two variants that differ only in stage3.beta2 share their Stage I
 and Stage II runs. Each run lives in `<root>/<stage>-<key>/` and is done when its final output exists
 (plan.json for Stage I, run.json for Stages II and III); an interrupted run resumes from its newest
 checkpoint. The runs are the ordinary entry points (`train.stage1|2|3`) called with a written config.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -21,9 +23,32 @@ from .config import Config, config_from_dict, load_config
 from .models import MODEL_FILE, RUN_FILE, load_teacher
 
 
+def teacher_digest(path: str) -> str:
+    """A file by its content; a folder (diffusers, many GB) by its files' names, sizes and modification times."""
+    p = Path(path)
+    if p.is_file():
+        st = p.stat()
+        return _file_digest(str(p.resolve()), st.st_size, st.st_mtime_ns)
+    h = hashlib.sha256()
+    for f in sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else ():
+        st = f.stat()
+        h.update(f"{f.relative_to(p)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """Cached per (size, mtime) so a multi-GB teacher is read once per process, and a rewrite is noticed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def stage_key(cfg: Config, stage: str) -> str:
-    what = {"model": asdict(cfg.model), "data": asdict(cfg.data), "seed": cfg.run.seed, "warmup": cfg.run.warmup,
-            stage: asdict(getattr(cfg, stage))}
+    what = {"model": asdict(cfg.model), "teacher": teacher_digest(cfg.model.teacher), "data": asdict(cfg.data),
+            "seed": cfg.run.seed, "warmup": cfg.run.warmup, stage: asdict(getattr(cfg, stage))}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
 
