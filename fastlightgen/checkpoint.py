@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from .io_utils import atomic_path
 from .plan import PrunePlan
 from .wan_config import DEFAULT_HEAD_DIM, build_wan_from_state_dict, infer_wan_config
-from .wan_keys import detect_layout, diffusers_to_original, to_diffusers_layout
+from .wan_keys import diffusers_to_original, to_diffusers_layout
 
 FORMAT_VERSION = 1
 METADATA_KEY = "fastlightgen"

@@ -32,6 +32,10 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(None, ["stage3.betaa=1"])
     with pytest.raises(ValueError, match="must be a int"):
         load_config(None, ["run.seed=abc"])
+    with pytest.raises(ValueError, match="stage2.sigma_law must be one of logit_normal, uniform, got 'normal'"):
+        load_config(None, ["stage2.sigma_law=normal"])
+    with pytest.raises(ValueError, match="stage3.plan_teacher must be one of pruned, unpruned"):
+        load_config(None, ["stage3.plan_teacher=strong"])
 
 
 def test_run_branches_equal_separate_passes_and_only_grad_branches_record(wan):

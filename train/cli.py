@@ -17,7 +17,10 @@ def parse(doc: str, argv: list[str] | None, training: bool = True) -> tuple[Conf
     # The deepspeed launcher appends --local_rank; the rank is read from the environment instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    cfg = config_from_args(args)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:  # a bad setting: its message names it and the valid values, no traceback
+        parser.error(str(e))
     if cfg.dist.bf16 and not cfg.dist.deepspeed:
         parser.error("dist.bf16 needs dist.deepspeed (the plain loop trains in fp32)")
     return cfg, args

@@ -16,10 +16,17 @@ from typing import Any
 
 import yaml
 
+from fastlightgen.flow import SIGMA_LAWS
+
+
+def one_of(*options: str) -> Any:
+    """A string setting limited to `options` (the first is the default), checked when the config is read."""
+    return field(default=options[0], metadata={"choices": options})
+
 
 @dataclass
 class ModelConfig:
-    family: str = "wan"  # wan | hunyuanvideo
+    family: str = one_of("wan", "hunyuanvideo")
     teacher: str = ""  # safetensors file (FastLightGen / original / diffusers Wan layout) or a diffusers folder
     arch: dict = field(default_factory=dict)  # diffusers config, used by --dry-run when the teacher is absent
     ti2v: bool = True  # first latent frame given clean (sigma 0) and carries no loss
@@ -28,7 +35,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "toy"  # toy (generated on the fly) | shards (train.preprocess output)
+    source: str = one_of("toy", "shards")  # generated on the fly | train.preprocess output
     shards: str = ""
     batch_size: int = 1  # per process
     caption_dropout: float = 0.1  # keeps the unconditional prediction trained: eq. 9 uses vP(null)
@@ -60,7 +67,7 @@ class RunConfig:
 
 @dataclass
 class PreprocessConfig:
-    encoder: str = "toy"  # toy | wan
+    encoder: str = one_of("toy", "wan")
     videos: str = ""  # folder of videos (any container PyAV reads)
     captions: str = ""  # JSONL {"file", "caption"} or CSV file,caption
     out: str = "data/shards"
@@ -90,14 +97,14 @@ class Stage2Config:
     alpha: float = 1.0  # 1: distillation only (paper's best); < 1 adds flow matching on both paths
     skip_prob: float = 0.5  # each dropped block skipped independently with this probability
     weight_decay: float = 0.0
-    sigma_law: str = "logit_normal"  # training sigmas: logit_normal | uniform (fastlightgen.flow), then
+    sigma_law: str = one_of(*SIGMA_LAWS)  # training sigmas (fastlightgen.flow), then
     sigma_shift: float = 1.0  # the shift warp
 
 
 @dataclass
 class Stage3Config:
     init: str = ""  # Stage II weights; default run_dir/stage2/model.safetensors; "teacher": no Stage II
-    plan_teacher: str = "pruned"  # real and fake score on the plan's pruned path (eq. 9) | "unpruned" (Table 9)
+    plan_teacher: str = one_of("pruned", "unpruned")  # real and fake score on the pruned path (eq. 9) or all blocks
     plan: str = ""  # default run_dir/stage1/plan.json
     lr: float = 5e-7  # generator
     fake_lr: float = 5e-7
@@ -120,7 +127,7 @@ class ExportConfig:
     run: str = ""  # a stage run folder; default run_dir/stage3
     out: str = ""  # default run_dir/student.safetensors
     diffusers_out: str = ""  # also write a diffusers folder here
-    dtype: str = "bfloat16"
+    dtype: str = one_of("bfloat16", "float16", "float32")
 
 
 @dataclass
@@ -178,6 +185,9 @@ def _build(cls, values: dict, where: str):
         default = getattr(cls(), name)
         kwargs[name] = _build(type(default), value, f"{where}{name}.") if dataclasses.is_dataclass(default) \
             else _coerce(value, default, where + name)
+        choices = known[name].metadata.get("choices")
+        if choices and kwargs[name] not in choices:
+            raise ValueError(f"{where}{name} must be one of {', '.join(choices)}, got {kwargs[name]!r}")
     return cls(**kwargs)
 
 

@@ -95,12 +95,7 @@ class ShardSet:
 
 
 def batch_source(cfg: Config) -> BatchFn:
-    if cfg.data.source == "toy":
-        base = toy_batch
-    elif cfg.data.source == "shards":
-        base = ShardSet(cfg.data.shards).batch
-    else:
-        raise ValueError(f"data.source must be 'toy' or 'shards', got {cfg.data.source!r}")
+    base = toy_batch if cfg.data.source == "toy" else ShardSet(cfg.data.shards).batch
 
     def draw(generator: torch.Generator, size: int) -> Batch:
         batch = base(generator, size)

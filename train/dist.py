@@ -60,7 +60,7 @@ class Dist:
 
 def init_dist(cfg: Config) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     if not cfg.dist.deepspeed:
         if world > 1:
             raise SystemExit(f"{world} processes were launched but dist.deepspeed is false; "

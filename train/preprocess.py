@@ -123,12 +123,8 @@ class WanEncoders:
 
 
 def encoders(cfg: Config):
-    if cfg.preprocess.encoder == "toy":
-        return ToyEncoders()
-    if cfg.preprocess.encoder == "wan":
-        return WanEncoders(cfg.preprocess)
-    raise ValueError(f"preprocess.encoder must be 'toy' or 'wan', got {cfg.preprocess.encoder!r} "
-                     "(HunyuanVideo shards need its own text encoders: write `text`, `text_mask`, `pooled`)")
+    # HunyuanVideo shards need its own text encoders (`text`, `text_mask`, `pooled`): not provided here
+    return ToyEncoders() if cfg.preprocess.encoder == "toy" else WanEncoders(cfg.preprocess)
 
 
 # ---- output -------------------------------------------------------------------------------------

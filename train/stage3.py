@@ -49,8 +49,6 @@ def main(argv: list[str] | None = None) -> None:
     plan = load_plan(cfg, s3.plan, teacher)
     student = adapt(teacher).pruned_model(plan.kept).train()
     teacher.requires_grad_(False)
-    if s3.plan_teacher not in ("pruned", "unpruned"):
-        raise SystemExit(f"stage3.plan_teacher must be 'pruned' or 'unpruned', got {s3.plan_teacher!r}")
     skip = plan.skip if s3.plan_teacher == "pruned" else frozenset()
     lora_blocks = [b for i, b in enumerate(adapt(teacher).blocks()) if i not in skip]
     # seeded: a resumed or multi-rank run must start every rank from the same LoRA

@@ -52,7 +52,7 @@ class HunyuanVideoAdapter(DiTAdapter):
         n_latent, n_text = hidden.shape[1], context.shape[1]
         valid = n_latent + cond.text_mask.sum(dim=1, dtype=torch.int)
         mask = torch.arange(n_latent + n_text, device=x.device).unsqueeze(0) < valid.unsqueeze(1)
-        p, p_t = m.config.patch_size, m.config.patch_size_t
+        p = m.config.patch_size
         ctx = {"temb": temb, "mask": mask[:, None, None, :], "rotary": rotary, "token_replace": token_replace,
                "first_frame_tokens": (x.shape[3] // p) * (x.shape[4] // p), "shape": x.shape}
         return BlockState((hidden, context), ctx)
