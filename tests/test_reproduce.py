@@ -70,5 +70,5 @@ def test_quick_report(tmp_path):
     assert len(list((out / "samples").glob("*.mp4"))) == 4
     # 3 Stage I (keep 0.7 / 0.5 / 0.3; keeping every block needs no scoring), 5 Stage II (3 keep ratios,
     # 2 more alphas), 14 Stage III: each trained once although Tables 2, 4, 5, 6, 9 and Fig. 1 share them
-    assert "trained 22 stage runs" in text
+    assert "trained 22 stage runs" in text and "its 19 Stage II and III runs took" in text
     assert sum(1 for d in (cache / "quick").iterdir() if d.name.startswith("stage3-")) == 14

@@ -243,9 +243,9 @@ class Reproduction:
                 f"{markdown_table([self.teacher_row] + rows, self.teacher_row, ('alpha', '1 - alpha'))}\n\n"
                 f"The paper's best is alpha = 1 (distillation only). Toy: best alpha = {best.settings[0]}"
                 f"{': agrees.' if float(best.settings[0]) == 1.0 else ': disagrees with the paper.'} Alpha = 1 "
-                f"scores {rows[-1].overall:.3f} here (the teacher {self.teacher_row.overall:.3f}); the comment on "
-                f"stage2.alpha in configs/toy.yaml records the same collapse at a larger learning rate, which is "
-                f"why the toy recipe, fixed before this table existed, uses 0.5.\n")
+                f"scores {rows[-1].overall:.3f} here (the teacher {self.teacher_row.overall:.3f}). The recipe's "
+                f"alpha = {self.base.stage2.alpha} was fixed before this table existed, after alpha = 1 collapsed an "
+                f"earlier toy model at a larger learning rate (the comment on stage2.alpha in the config).\n")
         return text, {f"alpha {r.settings[0]}": r.numbers() for r in rows}
 
     def table9(self) -> tuple[str, dict]:
@@ -365,8 +365,10 @@ def main(argv: list[str] | None = None) -> None:
         text, numbers = getattr(repro, method)()
         report.add(name, text, numbers)
         print(f"[reproduce] {name} done ({time.perf_counter() - started:.0f} s)", flush=True)
+    training = sum(stage_seconds(folder) for folder in cache.used)
     report.header += (f"\nThis run took {time.perf_counter() - started:.0f} s and trained {len(cache.trained)} stage "
-                      f"runs (the rest came from the cache).\n")
+                      f"runs (the rest came from the cache); its {len(cache.used)} Stage II and III runs took "
+                      f"{training:.0f} s of training in all (their logged step times).\n")
     report.write()
     if not all_finite(report.numbers):
         raise SystemExit(f"non-finite numbers in {out / 'results.json'}")

@@ -58,6 +58,7 @@ class StageCache:
     config_file: str
     overrides: Sequence[str] = ()
     trained: list[str] = field(default_factory=list)  # runs this process trained (the rest were cached)
+    used: set[Path] = field(default_factory=set)  # the Stage II and III run folders asked for, trained or cached
 
     def config(self, overrides: Sequence[str] = ()) -> Config:
         return load_config(self.config_file, [*self.overrides, *overrides])
@@ -83,6 +84,7 @@ class StageCache:
         if not (folder / "stage2" / RUN_FILE).is_file():
             from . import stage2
             self._run(stage2, cfg, folder, {})
+        self.used.add(folder / "stage2")
         return folder / "stage2"
 
     def stage3(self, cfg: Config) -> Path:
@@ -95,6 +97,7 @@ class StageCache:
         if not (folder / "stage3" / RUN_FILE).is_file():
             from . import stage3
             self._run(stage3, cfg, folder, {})
+        self.used.add(folder / "stage3")
         return folder / "stage3"
 
     @staticmethod
