@@ -67,7 +67,7 @@ class RunConfig:
 
 @dataclass
 class PreprocessConfig:
-    encoder: str = one_of("toy", "wan")
+    encoder: str = one_of("toy", "wan")  # HunyuanVideo: no encoder here; write shards with text, text_mask, pooled
     videos: str = ""  # folder of videos (any container PyAV reads)
     captions: str = ""  # JSONL {"file", "caption"} or CSV file,caption
     out: str = "data/shards"

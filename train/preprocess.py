@@ -123,7 +123,6 @@ class WanEncoders:
 
 
 def encoders(cfg: Config):
-    # HunyuanVideo shards need its own text encoders (`text`, `text_mask`, `pooled`): not provided here
     return ToyEncoders() if cfg.preprocess.encoder == "toy" else WanEncoders(cfg.preprocess)
 
 
