@@ -88,3 +88,23 @@ def test_stage3_zero3_two_processes_matches_single(tiny, tmp_path):
     assert zero3[0]["fake_loss"] == pytest.approx(single[0]["fake_loss"], rel=1e-5)
     student = load_file(str(tmp_path / "zero3" / "stage3" / "model.safetensors"))
     assert sum(k.startswith("blocks.") and k.endswith("ffn.net.2.weight") for k in student) == 2
+
+
+def test_gpu_bench_runs_the_real_stages_on_the_cpu(tmp_path):
+    """`train.bench_gpu` measures a real-sized Wan on GPUs; with DS_ACCELERATOR=cpu and a tiny arch it runs the
+    same path here, so the GPU bench cannot silently rot between the sessions that have a GPU."""
+    tiny_arch = {"model.arch.num_layers": 6, "model.arch.num_attention_heads": 2, "model.arch.attention_head_dim": 8,
+                 "model.arch.ffn_dim": 32, "model.arch.text_dim": 32, "preprocess.frames": 5,
+                 "preprocess.height": 16, "preprocess.width": 16, "dist.cpu_adam": False, "dist.bf16": False}
+    sets = [a for k, v in tiny_arch.items() for a in ("--set", f"{k}={v}")]
+    proc = subprocess.run([sys.executable, "-m", "train.bench_gpu", "--gpus", "1", "--steps", "2", "--work",
+                           str(tmp_path), "--json", str(tmp_path / "bench.json"), *sets], cwd=REPO,
+                          env={**subprocess_env(), "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["dropped_blocks"] == [2, 3]  # the middle third of 6 blocks at keep ratio 0.7
+    for stage in ("stage2", "stage3"):
+        row = result["stages"][stage]
+        assert row["steps"] == 2 and row["s_per_step"] > 0 and row["gpu_peak_gib"] is None
+        assert row["estimated_resident_gib"] > 0
+    assert [line.split()[0] for line in proc.stdout.splitlines() if "|" in line][-2:] == ["stage2", "stage3"]

@@ -13,6 +13,7 @@ from fastlightgen.lora import add_lora, lora_enabled, lora_parameters, lora_stat
 from fastlightgen.sampling import FewStepSampling, sample_few_step
 from train.config import load_config
 from train.dist import step_generator
+from train.models import load_teacher
 
 
 @pytest.fixture
@@ -136,3 +137,12 @@ def test_dmd_generator_loss_gradient_is_normalized_score_difference():
     expected = (fake[:, :, sl] - real[:, :, sl]) / norm / x0[:, :, sl].numel()
     torch.testing.assert_close(x0.grad[:, :, sl], expected)
     assert x0.grad[:, :, 0].abs().sum() == 0
+
+
+def test_teacher_loads_from_a_diffusers_folder(tmp_path):
+    """The shipped Wan configs name a diffusers folder; its fp32-kept modules need accelerate to load."""
+    model = tiny_wan("t2v", layers=2)
+    model.save_pretrained(str(tmp_path / "transformer"))
+    loaded = load_teacher(load_config(None, ["model.family=wan", f"model.teacher={tmp_path / 'transformer'}"]))
+    assert loaded.training and all(p.dtype == torch.float32 for p in loaded.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))

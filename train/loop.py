@@ -190,6 +190,8 @@ def train(run: Run, units: list[Unit], step_fn: StepFn, iterations: int, resume:
                     f"{run.stage}: {bad_in_row} consecutive non-finite losses (last at step {step}: {err}); "
                     f"stopping. Last good checkpoint: {last_good or 'none yet'} (untouched)") from None
         metrics["s_per_step"] = time.perf_counter() - tic
+        if run.dist.device.type == "cuda":  # the run's high-water mark so far, per process
+            metrics["gpu_peak_gib"] = torch.cuda.max_memory_allocated(run.dist.device) / 2 ** 30
         if run.dist.is_main and (step + 1) % run.cfg.run.log_every == 0:
             with log.open("a") as f:
                 f.write(json.dumps({"step": step + 1, **metrics}) + "\n")
