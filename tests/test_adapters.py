@@ -63,6 +63,15 @@ def test_skipping_equals_physically_pruned_model(case):
     assert adapter.num_blocks == len(keep) + len(skip)  # the wrapped model is untouched
 
 
+@pytest.mark.parametrize("case", range(2), ids=["wan", "hunyuan"])
+def test_pruned_model_lives_where_its_teacher_does(case):
+    """Every tensor of the pruned copy, buffers outside the state dict too (Wan's rotary tables), on the
+    teacher's device: a GPU teacher's student must not keep its rope on the CPU. 'meta' stands in for CUDA."""
+    model = _cases()[case][0].to("meta")
+    pruned = adapt(model).pruned_model([0, 1])
+    assert {t.device.type for t in [*pruned.parameters(), *pruned.buffers()]} == {"meta"}
+
+
 def test_pair_equals_two_calls_and_shares_prefix():
     model = tiny_wan("ti2v", layers=6)
     x, cond = wan_inputs(model)

@@ -92,7 +92,7 @@ def test_stage3_zero3_two_processes_matches_single(tiny, tmp_path):
 
 def test_gpu_bench_runs_the_real_stages_on_the_cpu(tmp_path):
     """`train.bench_gpu` measures a real-sized Wan on GPUs; with DS_ACCELERATOR=cpu and a tiny arch it runs the
-    same path here, so the GPU bench cannot silently rot between the sessions that have a GPU."""
+    same path here (sampling too), so the GPU bench cannot silently rot between the sessions that have a GPU."""
     tiny_arch = {"model.arch.num_layers": 6, "model.arch.num_attention_heads": 2, "model.arch.attention_head_dim": 8,
                  "model.arch.ffn_dim": 32, "model.arch.text_dim": 32, "preprocess.frames": 5,
                  "preprocess.height": 16, "preprocess.width": 16, "dist.cpu_adam": False, "dist.bf16": False}
@@ -103,6 +103,9 @@ def test_gpu_bench_runs_the_real_stages_on_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["dropped_blocks"] == [2, 3]  # the middle third of 6 blocks at keep ratio 0.7
+    sampling = result["sampling"]
+    assert sampling["teacher_s_per_video"] > 0 and sampling["student_s_per_video"] > 0
+    assert sampling["block_evaluation_ratio"] == 50 * 2 * 6 / (4 * 4)
     for stage in ("stage2", "stage3"):
         row = result["stages"][stage]
         assert row["steps"] == 2 and row["s_per_step"] > 0 and row["gpu_peak_gib"] is None

@@ -1,4 +1,4 @@
-"""`python -m train.bench_gpu`: Stage II and III steps of a real-sized Wan on this machine's GPUs.
+"""`python -m train.bench_gpu`: Stage II and III steps, and the speed-up at sampling, of a real-sized Wan on GPUs.
 
 Runs the real entry points (`torchrun -m train.stage2|stage3`) under the config's DeepSpeed settings
 (the shipped Wan 2.1 1.3B config: ZeRO-3, bf16, CPU-offloaded DeepSpeedCPUAdam, gradient checkpointing)
@@ -9,7 +9,10 @@ kernel selection) and peak GPU memory per process, next to `--dry-run`'s estimat
 
 The plan drops the middle blocks (Stage I's U-shape at the config's keep ratio); Stage III starts from
 the teacher (`stage3.init=teacher`, the same models and cost as from Stage II), so the two stages are
-measured independently. Needs CUDA GPUs, DeepSpeed and diffusers.
+measured independently. The `sampling` stage times one video of the teacher (50-step Euler with CFG:
+100 evaluations of every block) against the student (the pruned model, 4 steps) in one process, the
+transformer alone (text encoding and VAE decoding are the same for both and not counted).
+Needs CUDA GPUs, DeepSpeed, diffusers and accelerate.
 """
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -42,12 +47,16 @@ def random_teacher(cfg: Config, folder: Path) -> None:
     WanTransformer3DModel.from_config(cfg.model.arch).save_pretrained(str(folder))
 
 
-def random_shards(cfg: Config, folder: Path, samples: int) -> None:
+def latent_shape(cfg: Config, samples: int) -> tuple[int, ...]:
     arch, p = cfg.model.arch, cfg.preprocess
     temporal, spatial = WAN_VAE_STRIDE[arch["in_channels"]]
-    shape = (samples, arch["in_channels"], (p.frames - 1) // temporal + 1, p.height // spatial, p.width // spatial)
+    return samples, arch["in_channels"], (p.frames - 1) // temporal + 1, p.height // spatial, p.width // spatial
+
+
+def random_shards(cfg: Config, folder: Path, samples: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    name = write_shard(folder, 0, torch.randn(shape), torch.randn(samples, TEXT_TOKENS, arch["text_dim"]))
+    text = torch.randn(samples, TEXT_TOKENS, cfg.model.arch["text_dim"])
+    name = write_shard(folder, 0, torch.randn(latent_shape(cfg, samples)), text)
     items = [{"file": f"random_{i}", "caption": ""} for i in range(samples)]
     (folder / "index.json").write_text(json.dumps({"format": SHARD_FORMAT, "encoder": "random",
                                                    "shards": [{"file": name, "items": items}]}))
@@ -69,8 +78,49 @@ def middle_plan(cfg: Config, teacher: Path, out: Path) -> list[int]:
     return plan.dropped
 
 
+def seconds(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def sampling_speedup(cfg: Config, teacher_dir: Path, plan_path: Path, repeats: int) -> dict:
+    """Seconds per video: the teacher's 50-step Euler with CFG vs the student's 4 steps on the pruned model."""
+    from diffusers import WanTransformer3DModel
+
+    from fastlightgen.adapters import Conditioning, adapt
+    from fastlightgen.plan import PrunePlan
+    from fastlightgen.sampling import FewStepSampling, TeacherSampling, sample_euler_cfg, sample_few_step
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    teacher = adapt(WanTransformer3DModel.from_pretrained(str(teacher_dir), torch_dtype=dtype).to(device).eval())
+    kept = PrunePlan.load(plan_path).kept
+    student = adapt(teacher.pruned_model(kept))
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(latent_shape(cfg, 1), generator=g).to(device, dtype)
+    cond = Conditioning(text=torch.randn(1, TEXT_TOKENS, cfg.model.arch["text_dim"], generator=g).to(device, dtype))
+    first = noise[:, :, :1] if cfg.model.ti2v else None
+    teacher_cfg, few = TeacherSampling(), FewStepSampling()
+
+    def student_video():
+        sample_few_step(student, noise, cond, few, generator=torch.Generator().manual_seed(1), first_frame=first)
+    student_video()  # warm-up: kernel selection and the allocator's first growth
+    student_s = statistics.median(seconds(student_video, device) for _ in range(repeats))
+    teacher_s = seconds(lambda: sample_euler_cfg(teacher, noise, cond, cond.null_like(), teacher_cfg,
+                                                 first_frame=first), device)
+    block_evals = (teacher_cfg.steps * 2 * teacher.num_blocks, len(few.denoising_step_list) * len(kept))
+    return {"teacher_s_per_video": teacher_s, "student_s_per_video": student_s, "speedup": teacher_s / student_s,
+            "block_evaluation_ratio": block_evals[0] / block_evals[1]}
+
+
 def run_stage(stage: str, args: argparse.Namespace, overrides: list[str], gpus: int) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m", f"train.{stage}", "-c", args.config]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+               "-m", f"train.{stage}", "-c", args.config]
     for o in overrides:
         command += ["--set", o]
     print("$", " ".join(command), flush=True)
@@ -89,13 +139,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", "-c", default="configs/wan2.1-t2v-1.3b.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="passed to both stages, e.g. --set dist.cpu_adam=false")
-    parser.add_argument("--stages", default="stage2,stage3")
+    parser.add_argument("--stages", default="stage2,stage3,sampling")
     parser.add_argument("--steps", type=int, default=4, help="steps per stage (the first is not timed)")
     parser.add_argument("--gpus", type=int, default=torch.cuda.device_count(),
                         help="processes, one per GPU (with DS_ACCELERATOR=cpu: CPU processes, a smoke test)")
     parser.add_argument("--work", default="", help="folder for the random teacher, data and runs (default: a temp)")
     parser.add_argument("--json", default="", help="also write the results here")
     args = parser.parse_args(argv)
+    unknown = set(args.stages.split(",")) - {"stage2", "stage3", "sampling"}
+    if unknown:
+        parser.error(f"--stages takes stage2, stage3 and sampling, comma-separated; got {', '.join(sorted(unknown))}")
     cfg = load_config(args.config, args.overrides)
     if cfg.model.family != "wan" or not cfg.model.arch:
         raise SystemExit(f"{args.config}: the GPU bench builds a Wan from model.arch; give a Wan config with arch")
@@ -113,24 +166,44 @@ def main(argv: list[str] | None = None) -> None:
             f"stage2.plan={plan}", f"stage3.plan={plan}", "stage3.init=teacher", "run.keep_checkpoints=1",
             f"stage2.iterations={args.steps}", f"stage3.iterations={args.steps}", *args.overrides]
     resident = estimate(load_config(args.config, base))
-    results = {"config": args.config, "gpus": args.gpus, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
-               "dropped_blocks": dropped, "stages": {}}
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    results = {"config": args.config, "gpus": args.gpus, "device": device, "dropped_blocks": dropped,
+               "sampling": None, "stages": {}}
+
+    def record(key: str, value: dict) -> None:
+        if key == "sampling":
+            results["sampling"] = value
+        else:
+            results["stages"][key] = value
+        print(json.dumps({key: value}), flush=True)
+        if args.json:  # after each part: one that fails or runs out of time keeps the earlier results
+            Path(args.json).write_text(json.dumps(results, indent=1))
+
     for stage in args.stages.split(","):
+        if stage == "sampling":  # in this process: its models hold GPU memory until the end, so it comes last
+            record(stage, sampling_speedup(cfg, teacher, plan, repeats=3))
+            continue
         run_dir = Path(tempfile.mkdtemp(dir=work, prefix=f"runs-{stage}-"))  # fresh: a bench never resumes
         done = run_stage(stage, args, base + [f"run.run_dir={run_dir}"], args.gpus)
         if done.returncode != 0:
             raise SystemExit(f"{stage} failed (exit {done.returncode}); its output is above")
-        results["stages"][stage] = {**summarise(run_dir / stage / "metrics.jsonl"),
-                                    "estimated_resident_gib": resident[stage]["gpu_total"]}
-        print(json.dumps(results["stages"][stage]), flush=True)
-        if args.json:  # after each stage: a later stage that fails or runs out of time keeps the earlier results
-            Path(args.json).write_text(json.dumps(results, indent=1))
-    print(f"\n{results['device']} x{args.gpus}, {args.config}; dropped blocks {dropped}")
-    print(f"{'stage':<7} | {'s/step':>7} | {'peak GiB/GPU':>12} | {'dry-run resident GiB':>20}")
-    for stage, r in results["stages"].items():
-        peak = "-" if r["gpu_peak_gib"] is None else f"{r['gpu_peak_gib']:.2f}"
-        print(f"{stage:<7} | {r['s_per_step']:>7.2f} | {peak:>12} | {r['estimated_resident_gib']:>20.2f}")
+        record(stage, {**summarise(run_dir / stage / "metrics.jsonl"),
+                       "estimated_resident_gib": resident[stage]["gpu_total"]})
+    print_summary(results)
 
+
+def print_summary(results: dict) -> None:
+    print(f"\n{results['device']} x{results['gpus']}, {results['config']}; dropped blocks {results['dropped_blocks']}")
+    r = results["sampling"]
+    if r:
+        print(f"one video: teacher 50-step CFG {r['teacher_s_per_video']:.2f} s, student 4 steps "
+              f"{r['student_s_per_video']:.3f} s: {r['speedup']:.1f}x "
+              f"(block evaluations {r['block_evaluation_ratio']:.1f}x)")
+    if results["stages"]:
+        print(f"{'stage':<7} | {'s/step':>7} | {'peak GiB/GPU':>12} | {'dry-run resident GiB':>20}")
+    for stage, row in results["stages"].items():
+        peak = "-" if row["gpu_peak_gib"] is None else f"{row['gpu_peak_gib']:.2f}"
+        print(f"{stage:<7} | {row['s_per_step']:>7.2f} | {peak:>12} | {row['estimated_resident_gib']:>20.2f}")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -222,4 +222,6 @@ class DiTAdapter(ABC):
         model = type(self.model).from_config(self.pruned_config(keep))
         weights = {k: v.detach().clone() for k, v in self.pruned_state_dict(keep).items()}
         model.load_state_dict(weights, strict=True, assign=True)
-        return model.train(self.model.training)
+        # buffers outside the state dict (Wan's rotary tables) are built on the CPU: follow the weights
+        device = next(self.model.parameters()).device
+        return model.to(device).train(self.model.training)
