@@ -30,9 +30,8 @@ from typing import Callable
 import torch
 
 from .config import Config, load_config
-from .data import SHARD_FORMAT
-from .memory import estimate
-from .preprocess import write_shard
+from .memory import estimate, meta_model
+from .preprocess import write_index, write_shard
 
 # Wan VAEs by latent channels: (temporal, spatial) compression. 2.1: 16 channels at 4x8x8; 2.2 TI2V: 48 at 4x16x16.
 WAN_VAE_STRIDE = {16: (4, 8), 48: (4, 16)}
@@ -57,20 +56,15 @@ def random_shards(cfg: Config, folder: Path, samples: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     text = torch.randn(samples, TEXT_TOKENS, cfg.model.arch["text_dim"])
     name = write_shard(folder, 0, torch.randn(latent_shape(cfg, samples)), text)
-    items = [{"file": f"random_{i}", "caption": ""} for i in range(samples)]
-    (folder / "index.json").write_text(json.dumps({"format": SHARD_FORMAT, "encoder": "random",
-                                                   "shards": [{"file": name, "items": items}]}))
+    write_index(folder, [{"file": name, "items": [{"file": f"random_{i}", "caption": ""} for i in range(samples)]}],
+                encoder="random")
 
 
-def middle_plan(cfg: Config, teacher: Path, out: Path) -> list[int]:
-    from diffusers import WanTransformer3DModel
-
+def middle_plan(cfg: Config, out: Path) -> list[int]:
     from fastlightgen.adapters import adapt
     from fastlightgen.plan import PrunePlan
 
-    with torch.device("meta"):
-        model = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(str(teacher)))
-    fingerprint = adapt(model).fingerprint()
+    fingerprint = adapt(meta_model(cfg)).fingerprint()
     n = fingerprint.num_blocks
     # importance = distance from the middle block: the plan keeps both ends, as Stage I does on real Wan
     plan = PrunePlan.from_scores(fingerprint, [abs(i - (n - 1) / 2) for i in range(n)], cfg.stage1.keep_ratio)
@@ -118,9 +112,9 @@ def sampling_speedup(cfg: Config, teacher_dir: Path, plan_path: Path, repeats: i
             "block_evaluation_ratio": block_evals[0] / block_evals[1]}
 
 
-def run_stage(stage: str, args: argparse.Namespace, overrides: list[str], gpus: int) -> subprocess.CompletedProcess:
+def run_stage(stage: str, config: str, overrides: list[str], gpus: int) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-               "-m", f"train.{stage}", "-c", args.config]
+               "-m", f"train.{stage}", "-c", config]
     for o in overrides:
         command += ["--set", o]
     print("$", " ".join(command), flush=True)
@@ -161,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (teacher / "config.json").is_file():
         random_teacher(cfg, teacher)
     random_shards(cfg, shards, samples=2)
-    dropped = middle_plan(cfg, teacher, plan)
+    dropped = middle_plan(cfg, plan)
     base = [f"model.teacher={teacher}", f"data.shards={shards}", f"dist.world_size={args.gpus}",
             f"stage2.plan={plan}", f"stage3.plan={plan}", "stage3.init=teacher", "run.keep_checkpoints=1",
             f"stage2.iterations={args.steps}", f"stage3.iterations={args.steps}", *args.overrides]
@@ -184,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
             record(stage, sampling_speedup(cfg, teacher, plan, repeats=3))
             continue
         run_dir = Path(tempfile.mkdtemp(dir=work, prefix=f"runs-{stage}-"))  # fresh: a bench never resumes
-        done = run_stage(stage, args, base + [f"run.run_dir={run_dir}"], args.gpus)
+        done = run_stage(stage, args.config, base + [f"run.run_dir={run_dir}"], args.gpus)
         if done.returncode != 0:
             raise SystemExit(f"{stage} failed (exit {done.returncode}); its output is above")
         record(stage, {**summarise(run_dir / stage / "metrics.jsonl"),

@@ -34,13 +34,14 @@ class ParamCounts:
 def count_params(cfg: Config) -> ParamCounts:
     from fastlightgen.adapters import adapt
 
-    model = _meta_model(cfg)
+    model = meta_model(cfg)
     blocks = adapt(model).blocks()
     return ParamCounts(sum(p.numel() for p in model.parameters()),
                        [sum(p.numel() for p in b.parameters()) for b in blocks])
 
 
-def _meta_model(cfg: Config) -> nn.Module:
+def meta_model(cfg: Config) -> nn.Module:
+    """The config's model without weights (from model.arch; the teacher itself when no arch is given)."""
     if not cfg.model.arch:
         from .models import load_teacher
         return load_teacher(cfg)
@@ -57,7 +58,7 @@ def _lora_params(cfg: Config, kept: int) -> int:
     from fastlightgen.adapters import adapt
     from fastlightgen.lora import add_lora
 
-    blocks = adapt(_meta_model(cfg)).blocks()[-kept:]
+    blocks = adapt(meta_model(cfg)).blocks()[-kept:]
     return sum(p.numel() for layer in add_lora(blocks, cfg.stage3.lora_rank, cfg.stage3.lora_alpha)
                for p in (layer.lora_down.weight, layer.lora_up.weight))
 

@@ -135,6 +135,11 @@ def write_shard(out: Path, index: int, latents: torch.Tensor, text: torch.Tensor
     return name
 
 
+def write_index(out: Path, shards: list[dict], **details) -> None:
+    """index.json: the shard list (each shard's file and items) and what made it (`details`)."""
+    atomic_write_text(out / "index.json", json.dumps({"format": SHARD_FORMAT, **details, "shards": shards}, indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse(__doc__, argv, training=False)
     p = cfg.preprocess
@@ -158,9 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     if pending:
         flush()
     total = sum(len(s["items"]) for s in shards)
-    atomic_write_text(out / "index.json", json.dumps({"format": SHARD_FORMAT, "encoder": p.encoder,
-                                                       "frames": p.frames, "height": p.height, "width": p.width,
-                                                       "shards": shards, "skipped": skipped}, indent=1))
+    write_index(out, shards, encoder=p.encoder, frames=p.frames, height=p.height, width=p.width, skipped=skipped)
     print(f"wrote {total} samples in {len(shards)} shards to {out}; skipped {sum(skipped.values())} "
           f"({', '.join(f'{k}: {v}' for k, v in skipped.items()) or 'none'})")
     if total == 0:
