@@ -13,6 +13,7 @@ from fastlightgen.lora import add_lora, lora_enabled, lora_parameters, lora_stat
 from fastlightgen.sampling import FewStepSampling, sample_few_step
 from train.config import load_config
 from train.dist import step_generator
+from train.loop import learning_rate
 from train.models import load_teacher
 
 
@@ -37,6 +38,14 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(None, ["stage2.sigma_law=normal"])
     with pytest.raises(ValueError, match="stage3.plan_teacher must be one of pruned, unpruned"):
         load_config(None, ["stage3.plan_teacher=strong"])
+
+
+def test_learning_rate_warms_up_then_holds_or_falls_to_zero_by_cosine():
+    assert [learning_rate(1.0, i, 4) for i in (0, 3, 9)] == [0.25, 1.0, 1.0]
+    cosine = [learning_rate(1.0, i, 4, "cosine", 14) for i in (0, 4, 9, 13)]
+    assert cosine[:2] == [0.25, 1.0]
+    assert cosine[2] == pytest.approx(0.5)
+    assert 0 < cosine[3] < 0.03
 
 
 def test_run_branches_equal_separate_passes_and_only_grad_branches_record(wan):

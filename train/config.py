@@ -96,6 +96,7 @@ class Stage2Config:
     iterations: int = 4000
     alpha: float = 1.0  # 1: distillation only (paper's best); < 1 adds flow matching on both paths
     skip_prob: float = 0.5  # each dropped block skipped independently with this probability
+    lr_decay: str = one_of("constant", "cosine")  # cosine: the learning rate falls to zero at `iterations`
     weight_decay: float = 0.0
     sigma_law: str = one_of(*SIGMA_LAWS)  # training sigmas (fastlightgen.flow), then
     sigma_shift: float = 1.0  # the shift warp

@@ -13,6 +13,7 @@ A stage supplies its units and a `step(step) -> metrics` function; `train` does 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -153,8 +154,12 @@ def plot_metrics(path: Path, out: Path) -> None:
 
 # ---- the loop -----------------------------------------------------------------------------------
 
-def learning_rate(base: float, step: int, warmup: int) -> float:
-    return base * min(1.0, (step + 1) / warmup) if warmup > 0 else base
+def learning_rate(base: float, step: int, warmup: int, decay: str = "constant", total: int = 0) -> float:
+    """Linear warm-up over `warmup` steps, then constant or (decay="cosine") a cosine fall to zero at `total`."""
+    rate = base * min(1.0, (step + 1) / warmup) if warmup > 0 else base
+    if decay == "cosine" and step >= warmup:
+        rate *= 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return rate
 
 
 def train(run: Run, units: list[Unit], step_fn: StepFn, iterations: int, resume: bool) -> int:

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         target = velocity_target(x0, noise).to(dist.device)
         loss, parts = unit(lambda a: stage2_loss(a, x_t, sigma.to(dist.device), batch.cond, target, skip, s2.alpha,
                                                  cfg.model.ti2v))
-        unit.update(loss, batch.desc, learning_rate(s2.lr, i, cfg.run.warmup))
+        unit.update(loss, batch.desc, learning_rate(s2.lr, i, cfg.run.warmup, s2.lr_decay, s2.iterations))
         return {"loss": loss.item(), **parts, "skipped_blocks": len(skip)}
 
     steps = train(run, [unit], step, s2.iterations, args.resume)
