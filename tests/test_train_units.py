@@ -11,7 +11,7 @@ from fastlightgen.distill import Branch, backward_simulation, dmd_generator_loss
 from fastlightgen.guidance import mix_velocities
 from fastlightgen.lora import add_lora, lora_enabled, lora_parameters, lora_state_dict
 from fastlightgen.sampling import FewStepSampling, sample_few_step
-from train.config import load_config
+from train.config import identity_diff, load_config
 from train.dist import step_generator
 from train.loop import learning_rate
 from train.models import load_teacher
@@ -46,6 +46,15 @@ def test_learning_rate_warms_up_then_holds_or_falls_to_zero_by_cosine():
     assert cosine[:2] == [0.25, 1.0]
     assert cosine[2] == pytest.approx(0.5)
     assert 0 < cosine[3] < 0.03
+
+
+def test_a_cosine_run_cannot_be_resumed_at_another_length(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("stage2: {iterations: 100}\n")
+    short, longer = load_config(str(path), []), load_config(str(path), ["stage2.iterations=200"])
+    assert short.identity("stage2", 1) == longer.identity("stage2", 1)
+    short.stage2.lr_decay = longer.stage2.lr_decay = "cosine"
+    assert identity_diff(short.identity("stage2", 1), longer.identity("stage2", 1)) == ["stage2.iterations: 100 != 200"]
 
 
 def test_run_branches_equal_separate_passes_and_only_grad_branches_record(wan):

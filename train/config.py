@@ -150,8 +150,11 @@ class Config:
         return Path(self.run.run_dir) / stage
 
     def identity(self, stage: str, world_size: int) -> dict:
-        """What a checkpoint must agree with to be resumed: not the length of the run, nor logging."""
-        section = {k: v for k, v in asdict(getattr(self, stage)).items() if k != "iterations"}
+        """What a checkpoint must agree with to be resumed: not logging, nor the length of the run unless
+        its learning-rate schedule depends on it (a cosine decay extended mid-run would jump back up)."""
+        section = asdict(getattr(self, stage))
+        if section.get("lr_decay", "constant") == "constant":
+            section.pop("iterations", None)
         run = {k: v for k, v in asdict(self.run).items() if k in ("seed", "warmup")}
         return {"stage": stage, "world_size": world_size, "model": asdict(self.model), "data": asdict(self.data),
                 "run": run, stage: section, "bf16": self.dist.bf16, "deepspeed": self.dist.deepspeed}
