@@ -3,14 +3,14 @@
 Generates the held-out prompts of the toy world (combinations of color, shape and direction never seen in
 training; the first frame is given, TI2V) with the toy teacher (50-step Euler with CFG) and, when it has
 been trained, the 4-step pruned student; writes each video as mp4 and the evaluator's table per model,
-with the wall-clock time of each.
+with the wall-clock time per video of each (one video per call, the best of a few rounds).
 """
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -18,6 +18,7 @@ from .adapters import adapt
 from .checkpoint import load_wan
 from .io_utils import atomic_write_text
 from .sampling import FewStepSampling, TeacherSampling
+from .timing import seconds_per_call
 from .toy.evaluate import evaluate_batch
 from .toy.generate import Prompts, generate_few_step, generate_teacher
 from .toy.world import sample_factors, split_combinations
@@ -46,14 +47,14 @@ def load_fp32(path: Path):
     return adapt(model.float()), meta
 
 
-def run_model(name: str, generate, prompts: Prompts, out_dir: Path) -> tuple[str, float]:
-    start = time.perf_counter()
-    videos = generate()
-    seconds = time.perf_counter() - start
+def run_model(name: str, generate: Callable[[Prompts], torch.Tensor], prompts: Prompts,
+              out_dir: Path) -> tuple[str, float]:
+    """Scores `generate` on every prompt; times it one video per call (as a user makes them)."""
+    videos = generate(prompts)
     table = evaluate_batch(videos, list(prompts.factors))
     for i, (video, label) in enumerate(zip(videos, prompts.captions)):
         write_mp4(out_dir / name / f"{i:02d}_{label.replace(' ', '_')}.mp4", video, upscale=8)
-    per_video = seconds / len(prompts.factors)
+    per_video = seconds_per_call(lambda: generate(Prompts(prompts.factors[:1])))
     return f"### {name}: {per_video:.2f} s per video\n\n{table.to_markdown(per_video=True)}\n", per_video
 
 
@@ -80,14 +81,14 @@ def main(argv: list[str] | None = None) -> None:
     teacher_cfg = replace(teacher_cfg, **{k: v for k, v in (("steps", args.steps), ("cfg_scale", args.cfg)) if v})
     text, times["teacher"] = run_model(
         f"teacher ({teacher_cfg.steps}-step Euler, CFG {teacher_cfg.cfg_scale})",
-        lambda: generate_teacher(teacher, prompts, args.seed, teacher_cfg), prompts, args.out)
+        lambda batch: generate_teacher(teacher, batch, args.seed, teacher_cfg), prompts, args.out)
     sections.append(text)
     if args.student.is_file():
         student, smeta = load_fp32(args.student)
         few = FewStepSampling(tuple(smeta.recommended.denoising_step_list), smeta.recommended.shift)
         text, times["student"] = run_model(f"student ({len(few.denoising_step_list)}-step, "
                                            f"{len(smeta.kept_blocks)}/{smeta.original_num_blocks} blocks)",
-                                           lambda: generate_few_step(student, prompts, args.seed, few),
+                                           lambda batch: generate_few_step(student, batch, args.seed, few),
                                            prompts, args.out)
         sections.append(text + f"\nspeed-up over the teacher: {times['teacher'] / times['student']:.1f}x\n")
     else:

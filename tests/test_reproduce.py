@@ -9,7 +9,7 @@ from pathlib import Path
 
 from train.config import load_config
 from train.report import all_finite
-from train.reproduce import SECTIONS
+from train.reproduce import BETA1S, BETA2S, SECTIONS
 from train.run_cache import stage_key
 
 TOY = str(Path(__file__).resolve().parents[1] / "configs" / "toy.yaml")
@@ -63,13 +63,20 @@ def test_quick_report(tmp_path):
         assert len({line.count("|") for line in table}) == 1, table[0]
     numbers = json.loads((out / "results.json").read_text())
     assert set(numbers) == set(SECTIONS) and all_finite(numbers)
-    assert len(numbers["Table 2"]) == 5 and len(numbers["Table 6"]) == 6 and len(numbers["Table 5"]) == 7
+    # Table 5: the beta1 sweep (the paper's values plus the recipe's) at the recipe's beta2, and the beta2
+    # sweep at the recipe's beta1; the recipe's own student is one row of both
+    recipe = load_config(TOY).stage3
+    beta_grid = {(b1, recipe.beta2) for b1 in (*BETA1S, recipe.beta1)} | {(recipe.beta1, b2) for b2 in BETA2S}
+    assert len(numbers["Table 2"]) == 5 and len(numbers["Table 6"]) == 6
+    assert len(numbers["Table 5"]) == len(beta_grid)
     assert all(0 <= row["overall"] <= 1 and row["seconds_per_video"] > 0 for row in numbers["Table 2"].values())
     for name in ("fig1_steps_params.png", "fig4_importance.png"):
         assert (out / name).stat().st_size > 1000
     assert len(list((out / "samples").glob("*.mp4"))) == 4
     # 3 Stage I (keep 0.7 / 0.5 / 0.3; keeping every block needs no scoring), 5 Stage II (3 keep ratios,
-    # 2 more alphas), 13 Stage III: each trained once although Tables 2, 4, 5, 6, 9 and Fig. 1 share them
-    # (the recipe's beta1 is one of the paper's Table 5 values, so Table 5 has 4 + 3 rows)
-    assert "trained 21 stage runs" in text and "its 18 Stage II and III runs took" in text
-    assert sum(1 for d in (cache / "quick").iterdir() if d.name.startswith("stage3-")) == 13
+    # 2 more alphas), Stage III: the beta grid plus 6 (2 keep ratios, 2 alphas, the unpruned teacher, DMD on
+    # all blocks); each trained once although Tables 2, 4, 5, 6, 9 and Fig. 1 share them
+    stage3_runs = len(beta_grid) + 6
+    assert f"trained {3 + 5 + stage3_runs} stage runs" in text
+    assert f"its {5 + stage3_runs} Stage II and III runs took" in text
+    assert sum(1 for d in (cache / "quick").iterdir() if d.name.startswith("stage3-")) == stage3_runs

@@ -1,13 +1,12 @@
 """What `train.reproduce` measures about one model, and how a table of such measurements is written.
 
 A `Measured` is one model sampled on the report's prompts: the evaluator's table over its videos, the
-wall-clock seconds per video (all models of a report are timed in the same process, best of a few runs),
-its parameters as a fraction of the teacher's, and its steps and network evaluations per video.
+wall-clock seconds per video (all models of a report are timed in the same process, one video per call, best of
+a few rounds), its parameters as a fraction of the teacher's, and its steps and network evaluations per video.
 """
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from fastlightgen.adapters import DiTAdapter, adapt
+from fastlightgen.timing import seconds_per_call
 from fastlightgen.toy.evaluate import EvalTable, evaluate_batch
 from fastlightgen.toy.generate import Prompts
 
@@ -56,21 +56,21 @@ def parameter_count(model: nn.Module) -> int:
 Generate = Callable[[DiTAdapter, Prompts], torch.Tensor]  # videos (B, 3, F, H, W) of the prompts
 
 
+# Videos per generate call when timing: one, as a user makes them (the paper's time per video), and the same
+# for every model so that batching favours none (a 4-step model timed on 24 videos at once looked 43x faster
+# than the teacher timed on 4, against about 37x at equal batch).
+TIMING_BATCH = 1
+
+
 def measure(label: str, model: nn.Module, generate: Generate, prompts: Prompts, teacher_params: int, steps: int,
-            nfe: int, keep_videos: bool = False, timing_prompts: int = 4, timing_repeats: int = 3) -> Measured:
-    """Quality over all `prompts`; time per video as the best of `timing_repeats` runs on the first
-    `timing_prompts` of them (after a warm-up), so a burst of load from another process does not decide it."""
+            nfe: int, keep_videos: bool = False, round_seconds: float = 2.0) -> Measured:
+    """Quality over all `prompts`; time per video on the first TIMING_BATCH of them (`seconds_per_call`)."""
     adapter = adapt(model.float().eval())
     videos = generate(adapter, prompts)
     table = evaluate_batch(videos, list(prompts.factors))
-    timed = Prompts(prompts.factors[:timing_prompts])
-    generate(adapter, Prompts(timed.factors[:1]))  # warm-up: the first call pays one-off allocation costs
-    best = float("inf")
-    for _ in range(timing_repeats):
-        start = time.perf_counter()
-        generate(adapter, timed)
-        best = min(best, time.perf_counter() - start)
-    return Measured(label, table, best / len(timed.factors), parameter_count(model) / teacher_params, steps, nfe,
+    batch = Prompts(prompts.factors[:TIMING_BATCH])
+    seconds = seconds_per_call(lambda: generate(adapter, batch), round_seconds=round_seconds)
+    return Measured(label, table, seconds / len(batch.factors), parameter_count(model) / teacher_params, steps, nfe,
                     videos if keep_videos else None)
 
 
