@@ -3,7 +3,8 @@
 Generates the held-out prompts of the toy world (combinations of color, shape and direction never seen in
 training; the first frame is given, TI2V) with the toy teacher (50-step Euler with CFG) and, when it has
 been trained, the 4-step pruned student; writes each video as mp4 and the evaluator's table per model,
-with the wall-clock time per video of each (one video per call, the best of a few rounds).
+with the wall-clock time per video of each (one video per call, the two models timed in alternating
+rounds, the best of 5).
 """
 from __future__ import annotations
 
@@ -42,20 +43,26 @@ def heldout_prompts(per_combination: int = 1, seed: int = 0) -> Prompts:
     return split_prompts("heldout", per_combination, seed)
 
 
+Generate = Callable[[Prompts], torch.Tensor]  # videos (B, 3, F, H, W) of the prompts
+
+
 def load_fp32(path: Path):
     model, meta = load_wan(path)
     return adapt(model.float()), meta
 
 
-def run_model(name: str, generate: Callable[[Prompts], torch.Tensor], prompts: Prompts,
-              out_dir: Path) -> tuple[str, float]:
-    """Scores `generate` on every prompt; times it one video per call (as a user makes them)."""
+def score_model(name: str, generate: Generate, prompts: Prompts, out_dir: Path) -> str:
+    """Generates every prompt, writes the videos and returns the evaluator's table."""
     videos = generate(prompts)
-    table = evaluate_batch(videos, list(prompts.factors))
     for i, (video, label) in enumerate(zip(videos, prompts.captions)):
         write_mp4(out_dir / name / f"{i:02d}_{label.replace(' ', '_')}.mp4", video, upscale=8)
-    per_video = seconds_per_call(lambda: generate(Prompts(prompts.factors[:1])))
-    return f"### {name}: {per_video:.2f} s per video\n\n{table.to_markdown(per_video=True)}\n", per_video
+    return evaluate_batch(videos, list(prompts.factors)).to_markdown(per_video=True)
+
+
+def seconds_per_video(generators: list[Generate], prompts: Prompts) -> list[float]:
+    """One video per call (as a user makes them), the models timed in alternating rounds."""
+    one = Prompts(prompts.factors[:1])
+    return seconds_per_call(*(lambda g=g: g(one) for g in generators))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,23 +81,22 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(args.seed)
     prompts = split_prompts(args.split, args.per_combination, args.seed, args.limit)
-    sections, times = [], {}
     teacher, meta = load_fp32(args.teacher)
     rec = meta.recommended if meta else None
     teacher_cfg = TeacherSampling(steps=rec.steps, shift=rec.shift, cfg_scale=rec.cfg_scale) if rec else TeacherSampling()
     teacher_cfg = replace(teacher_cfg, **{k: v for k, v in (("steps", args.steps), ("cfg_scale", args.cfg)) if v})
-    text, times["teacher"] = run_model(
-        f"teacher ({teacher_cfg.steps}-step Euler, CFG {teacher_cfg.cfg_scale})",
-        lambda batch: generate_teacher(teacher, batch, args.seed, teacher_cfg), prompts, args.out)
-    sections.append(text)
+    models = {f"teacher ({teacher_cfg.steps}-step Euler, CFG {teacher_cfg.cfg_scale})":
+              lambda batch: generate_teacher(teacher, batch, args.seed, teacher_cfg)}
     if args.student.is_file():
         student, smeta = load_fp32(args.student)
         few = FewStepSampling(tuple(smeta.recommended.denoising_step_list), smeta.recommended.shift)
-        text, times["student"] = run_model(f"student ({len(few.denoising_step_list)}-step, "
-                                           f"{len(smeta.kept_blocks)}/{smeta.original_num_blocks} blocks)",
-                                           lambda batch: generate_few_step(student, batch, args.seed, few),
-                                           prompts, args.out)
-        sections.append(text + f"\nspeed-up over the teacher: {times['teacher'] / times['student']:.1f}x\n")
+        models[f"student ({len(few.denoising_step_list)}-step, {len(smeta.kept_blocks)}/"
+               f"{smeta.original_num_blocks} blocks)"] = lambda batch: generate_few_step(student, batch, args.seed, few)
+    tables = [score_model(name, generate, prompts, args.out) for name, generate in models.items()]
+    times = seconds_per_video(list(models.values()), prompts)
+    sections = [f"### {name}: {t:.2f} s per video\n\n{table}\n" for name, table, t in zip(models, tables, times)]
+    if len(times) == 2:
+        sections.append(f"speed-up of the student over the teacher: {times[0] / times[1]:.1f}x\n")
     else:
         sections.append(f"(no student at {args.student}: train one with the pipeline in train/README.md)\n")
     report = (f"# FastLightGen toy-world demo\n\n{len(prompts.factors)} {args.split} prompts, seed {args.seed}, "

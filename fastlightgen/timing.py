@@ -1,9 +1,9 @@
-"""Wall-clock seconds of a call on a machine whose speed drifts (a shared host: the same call has measured a
+"""Wall-clock seconds of calls on a machine whose speed drifts (a shared host: the same call has measured a
 quarter slower from one second to the next here).
 
-The fastest of a few rounds, each repeating the call for about `round_seconds` after one warm-up call: load
-from elsewhere only ever adds time, so the minimum is the estimate of the call's own cost, and repeating a
-short call within a round keeps a 0.1-s call from being decided by the timer's jitter.
+Calls compared with each other are timed in interleaved rounds, so a slow spell hits each of them alike;
+each round repeats a call for about `round_seconds` (a 0.1-s call is not decided by the timer's jitter).
+A call's time is its fastest round: load from elsewhere only ever adds time.
 """
 from __future__ import annotations
 
@@ -12,14 +12,17 @@ import time
 from typing import Callable
 
 
-def seconds_per_call(call: Callable[[], object], rounds: int = 5, round_seconds: float = 2.0) -> float:
-    start = time.perf_counter()
-    call()  # warm-up: pays one-off allocation costs, and sizes the rounds
-    calls = max(1, math.ceil(round_seconds / (time.perf_counter() - start)))
-    best = float("inf")
-    for _ in range(rounds):
+def seconds_per_call(*calls: Callable[[], object], rounds: int = 5, round_seconds: float = 2.0) -> list[float]:
+    repeats = []
+    for call in calls:
         start = time.perf_counter()
-        for _ in range(calls):
-            call()
-        best = min(best, (time.perf_counter() - start) / calls)
+        call()  # warm-up: pays one-off allocation costs, and sizes the call's rounds
+        repeats.append(max(1, math.ceil(round_seconds / (time.perf_counter() - start))))
+    best = [float("inf")] * len(calls)
+    for _ in range(rounds):
+        for i, (call, n) in enumerate(zip(calls, repeats)):
+            start = time.perf_counter()
+            for _ in range(n):
+                call()
+            best[i] = min(best[i], (time.perf_counter() - start) / n)
     return best

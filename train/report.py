@@ -35,6 +35,7 @@ class Measured:
     nfe: int  # network evaluations per video (CFG doubles them)
     videos: torch.Tensor | None = None
     settings: tuple[str, ...] = ()  # the ablated values this row was trained with, in the table's extra columns
+    timer: Callable[[], object] | None = None  # generates the timed batch again, to re-time it beside other rows
 
     @property
     def overall(self) -> float:
@@ -69,9 +70,19 @@ def measure(label: str, model: nn.Module, generate: Generate, prompts: Prompts, 
     videos = generate(adapter, prompts)
     table = evaluate_batch(videos, list(prompts.factors))
     batch = Prompts(prompts.factors[:TIMING_BATCH])
-    seconds = seconds_per_call(lambda: generate(adapter, batch), round_seconds=round_seconds)
+
+    def timer() -> torch.Tensor:
+        return generate(adapter, batch)
+    [seconds] = seconds_per_call(timer, round_seconds=round_seconds)
     return Measured(label, table, seconds / len(batch.factors), parameter_count(model) / teacher_params, steps, nfe,
-                    videos if keep_videos else None)
+                    videos if keep_videos else None, timer=timer)
+
+
+def timed_together(rows: Sequence[Measured], round_seconds: float = 2.0) -> list[Measured]:
+    """`rows` re-timed in interleaved rounds (`seconds_per_call`), so that their ratios are not decided by
+    when each happened to be measured."""
+    seconds = seconds_per_call(*(r.timer for r in rows), round_seconds=round_seconds)
+    return [replace(r, seconds=s / TIMING_BATCH) for r, s in zip(rows, seconds)]
 
 
 def markdown_table(rows: Sequence[Measured], reference: Measured | None, extra: Sequence[str] = ()) -> str:
