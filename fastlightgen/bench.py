@@ -8,7 +8,6 @@ Prints, on a randomly initialised Wan 2.2 TI2V-shaped model (48 latent channels,
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Callable
 
 import torch
@@ -17,14 +16,13 @@ from diffusers import WanTransformer3DModel
 from .adapters import Conditioning, adapt
 from .importance import block_importance, stage1_sigmas
 from .plan import PrunePlan
+from .timing import seconds_per_call
 
 
-def _timed(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: first calls pay allocator and kernel-selection costs
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
+def _block_evaluations(adapter, fn: Callable[[], object]) -> int:
+    adapter.block_evaluations = 0
+    fn()
+    return adapter.block_evaluations
 
 
 def bench_model(blocks: int, width: int) -> WanTransformer3DModel:
@@ -49,20 +47,20 @@ def main(argv: list[str] | None = None) -> None:
     samples, sigmas = [(x0, cond)], stage1_sigmas(2)
     rows = []
 
-    evals = {}
-    times = {}
-    for reuse in (True, False):
-        adapter.block_evaluations = 0
-        times[reuse] = _timed(lambda: block_importance(adapter, samples, sigmas, prefix_reuse=reuse), args.repeats)
-        evals[reuse] = adapter.block_evaluations // (args.repeats + 1)
-    rows.append(("Stage I: prefix reuse / naive N+1 passes (time)", times[True] / times[False], 0.55))
-    rows.append(("Stage I: prefix reuse / naive (block evaluations)", evals[True] / evals[False], 0.55))
+    def stage1(reuse: bool) -> Callable[[], object]:
+        return lambda: block_importance(adapter, samples, sigmas, prefix_reuse=reuse)
+    reuse, naive = seconds_per_call(stage1(True), stage1(False), rounds=args.repeats, round_seconds=0.0)
+    evals = _block_evaluations(adapter, stage1(True)), _block_evaluations(adapter, stage1(False))
+    rows.append(("Stage I: prefix reuse / naive N+1 passes (time)", reuse / naive, 0.55))
+    rows.append((f"Stage I: prefix reuse / naive (block evaluations {evals[0]} vs {evals[1]})", evals[0] / evals[1],
+                 0.55))
 
     plan = PrunePlan.from_scores(adapter.fingerprint(), [abs(i - n / 2) for i in range(n)], keep_ratio=0.7)
     sigma = torch.tensor([0.5])
     with torch.no_grad():
-        pair = _timed(lambda: adapter.forward_pair(x0, sigma, cond, plan.skip, ()), args.repeats)
-        two = _timed(lambda: (adapter(x0, sigma, cond, skip=plan.skip), adapter(x0, sigma, cond)), args.repeats)
+        pair, two = seconds_per_call(lambda: adapter.forward_pair(x0, sigma, cond, plan.skip, ()),
+                                     lambda: (adapter(x0, sigma, cond, skip=plan.skip), adapter(x0, sigma, cond)),
+                                     rounds=args.repeats, round_seconds=0.0)
     rows.append((f"pair call / two calls (drop {plan.dropped})", pair / two, None))
 
     full = sum(p.numel() for p in adapter.model.parameters())
@@ -70,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     rows.append((f"parameters: {len(plan.kept)}/{n} blocks kept / full ({pruned:,} / {full:,})", pruned / full, 0.72))
 
     print(f"FastLightGen library benchmark: random Wan 2.2-shaped DiT, {n} blocks x width {args.width}, "
-          f"latent 48x{args.frames}x16x16, {torch.get_num_threads()} threads, {args.repeats} repeats")
+          f"latent 48x{args.frames}x16x16, {torch.get_num_threads()} threads, best of {args.repeats} alternating rounds")
     print(f"{'measure':<70} {'ratio':>7}  target")
     for name, ratio, target in rows:
         verdict = "" if target is None else (f"<= {target}  {'OK' if ratio <= target else 'MISSED'}")

@@ -1,10 +1,10 @@
-"""`python -m fastlightgen.demo`: the main job on the embedded default (the toy world, CPU, ~1 minute).
+"""`python -m fastlightgen.demo`: the main job on the embedded default (the toy world, CPU, ~2 minutes).
 
 Generates the held-out prompts of the toy world (combinations of color, shape and direction never seen in
 training; the first frame is given, TI2V) with the toy teacher (50-step Euler with CFG) and, when it has
 been trained, the 4-step pruned student; writes each video as mp4 and the evaluator's table per model,
-with the wall-clock time per video of each (one video per call, the two models timed in alternating
-rounds, the best of 5).
+with the cost per video of each: wall clock (one video per call, the two models timed in alternating rounds,
+the best of 5) and FLOPs (the same on every machine).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from .adapters import adapt
 from .checkpoint import load_wan
 from .io_utils import atomic_write_text
 from .sampling import FewStepSampling, TeacherSampling
-from .timing import seconds_per_call
+from .timing import flops_per_call, seconds_per_call
 from .toy.evaluate import evaluate_batch
 from .toy.generate import Prompts, generate_few_step, generate_teacher
 from .toy.world import sample_factors, split_combinations
@@ -59,10 +59,10 @@ def score_model(name: str, generate: Generate, prompts: Prompts, out_dir: Path) 
     return evaluate_batch(videos, list(prompts.factors)).to_markdown(per_video=True)
 
 
-def seconds_per_video(generators: list[Generate], prompts: Prompts) -> list[float]:
-    """One video per call (as a user makes them), the models timed in alternating rounds."""
+def one_video(generate: Generate, prompts: Prompts) -> Callable[[], torch.Tensor]:
+    """A call that makes the first prompt's video: a model's cost is measured per video, as a user makes them."""
     one = Prompts(prompts.factors[:1])
-    return seconds_per_call(*(lambda g=g: g(one) for g in generators))
+    return lambda: generate(one)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,10 +93,14 @@ def main(argv: list[str] | None = None) -> None:
         models[f"student ({len(few.denoising_step_list)}-step, {len(smeta.kept_blocks)}/"
                f"{smeta.original_num_blocks} blocks)"] = lambda batch: generate_few_step(student, batch, args.seed, few)
     tables = [score_model(name, generate, prompts, args.out) for name, generate in models.items()]
-    times = seconds_per_video(list(models.values()), prompts)
-    sections = [f"### {name}: {t:.2f} s per video\n\n{table}\n" for name, table, t in zip(models, tables, times)]
+    calls = [one_video(generate, prompts) for generate in models.values()]
+    times = seconds_per_call(*calls)  # the models in alternating rounds
+    flops = [flops_per_call(call) for call in calls]
+    sections = [f"### {name}: {t:.2f} s per video ({f / 1e9:.2f} GFLOP)\n\n{table}\n"
+                for name, table, t, f in zip(models, tables, times, flops)]
     if len(times) == 2:
-        sections.append(f"speed-up of the student over the teacher: {times[0] / times[1]:.1f}x\n")
+        sections.append(f"speed-up of the student over the teacher: {times[0] / times[1]:.1f}x in wall clock, "
+                        f"{flops[0] / flops[1]:.1f}x in FLOPs\n")
     else:
         sections.append(f"(no student at {args.student}: train one with the pipeline in train/README.md)\n")
     report = (f"# FastLightGen toy-world demo\n\n{len(prompts.factors)} {args.split} prompts, seed {args.seed}, "

@@ -1,7 +1,7 @@
 """Benchmark of the ComfyUI nodes, in process on ComfyUI's own modules (CPU):
 
 1. FastLightGen Sampler vs the stock SamplerCustom (lcm, cfg 1) on the same model, latent and sigmas:
-   wall-time ratio over interleaved runs, best and median (target <= 1.03x);
+   wall-time ratio, the best of alternating rounds (target <= 1.03x);
 2. memory of the physically pruned checkpoint (70% of the blocks kept) vs the teacher, as ComfyUI loads them.
 
 Uses the shipped toy teacher when present, else a random one of the same shape.
@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from comfy_extras.nodes_custom_sampler import SamplerCustom
     from FastLightGen.nodes import loader, sampling, toy
+    from fastlightgen.timing import seconds_per_call
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,19 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         return SamplerCustom.execute(teacher, True, 0, 1.0, positive, positive, lcm, sigmas, latent).args[0]["samples"]
 
     assert torch.equal(ours(), stock()), "the two samplers disagree"
-    times: dict[str, list[float]] = {"ours": [], "stock": []}
-    for i in range(args.runs):
-        for name, fn in (("ours", ours), ("stock", stock)) if i % 2 == 0 else (("stock", stock), ("ours", ours)):
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    # The fastest run is the least disturbed by other processes on a shared CPU; the median is reported too.
-    best = {k: min(v) for k, v in times.items()}
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"sampler: FastLightGen Sampler {best['ours'] * 1e3:.1f} ms vs stock SamplerCustom+lcm "
-          f"{best['stock'] * 1e3:.1f} ms (best of {args.runs}, {sigmas.shape[-1] - 1} steps, batch {args.batch}): "
-          f"ratio {best['ours'] / best['stock']:.3f}x (target <= 1.03x); "
-          f"ratio of medians {med['ours'] / med['stock']:.3f}x")
+    t_ours, t_stock = seconds_per_call(ours, stock, rounds=args.runs, round_seconds=0.0)
+    print(f"sampler: FastLightGen Sampler {t_ours * 1e3:.1f} ms vs stock SamplerCustom+lcm {t_stock * 1e3:.1f} ms "
+          f"(best of {args.runs} alternating rounds, {sigmas.shape[-1] - 1} steps, batch {args.batch}): "
+          f"ratio {t_ours / t_stock:.3f}x (target <= 1.03x)")
     mem_t, mem_p = weight_bytes(teacher), weight_bytes(pruned)
     print(f"memory: pruned checkpoint ({info.split(';')[0]}) {mem_p / 2**20:.1f} MiB vs teacher "
           f"{mem_t / 2**20:.1f} MiB of DiT weights in ComfyUI: ratio {mem_p / mem_t:.3f}x; "

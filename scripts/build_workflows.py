@@ -268,7 +268,7 @@ def thumbnail(workflow: dict, path: Path) -> None:
     ax = fig.add_axes((0, 0, 1, 1), facecolor="#202020")
     nodes = {n["id"]: n for n in workflow["nodes"]}
     for _, src, _, dst, *_ in workflow["links"]:
-        (x0, y0), (w0, _h0) = nodes[src]["pos"], nodes[src]["size"]
+        (x0, y0), (w0, _) = nodes[src]["pos"], nodes[src]["size"]
         (x1, y1) = nodes[dst]["pos"]
         ax.plot([x0 + w0, x1], [y0 + 20, y1 + 20], color="#8aa", linewidth=0.8)
     for n in workflow["nodes"]:

@@ -70,12 +70,19 @@ def test_quick_report(tmp_path):
     assert len(numbers["Table 2"]) == 5 and len(numbers["Table 6"]) == 6
     assert len(numbers["Table 5"]) == len(beta_grid)
     assert all(0 <= row["overall"] <= 1 and row["seconds_per_video"] > 0 for row in numbers["Table 2"].values())
-    # Table 2's models are timed together, and the other tables show those times, not their first ones
+    # a shape (blocks, steps, CFG) is timed once per report: every table shows the same time for it
     def seconds(table, row):
         return numbers[table][row]["seconds_per_video"]
     recipe_row = f"beta1 {recipe.beta1} beta2 {recipe.beta2}"
     assert seconds("Table 5", recipe_row) == seconds("Table 2", "FastLightGen (Stage I-III)")
     assert seconds("Table 6", "no-stage3 pruning 30%") == seconds("Table 2", "Size only: Stage II pruned path")
+    assert seconds("Table 2", "Stage I prune only, no training") == seconds("Table 2", "Size only: Stage II pruned path")
+    # FLOPs count the blocks' work: the teacher/student ratio lies between the ratio of network evaluations
+    # and that ratio times the ratio of blocks (the embeddings, head and codec run whatever the blocks)
+    teacher, fast = numbers["Table 2"]["Euler with CFG (teacher)"], numbers["Table 2"]["FastLightGen (Stage I-III)"]
+    nfe_ratio = teacher["nfe"] / fast["nfe"]
+    assert nfe_ratio < teacher["gflops_per_video"] / fast["gflops_per_video"] < \
+        nfe_ratio * teacher["blocks"] / fast["blocks"]
     for name in ("fig1_steps_params.png", "fig4_importance.png"):
         assert (out / name).stat().st_size > 1000
     assert len(list((out / "samples").glob("*.mp4"))) == 4

@@ -1,7 +1,10 @@
-"""seconds_per_call: the fastest round, not the mean; short calls repeated to fill a round; calls interleaved."""
+"""seconds_per_call: the fastest round, not the mean; short calls repeated to fill a round; calls interleaved.
+flops_per_call: matmuls and the CPU attention kernel both counted."""
 import time
 
-from fastlightgen.timing import seconds_per_call
+import torch
+
+from fastlightgen.timing import flops_per_call, seconds_per_call
 
 
 def sleeper(durations, log, name):
@@ -32,3 +35,12 @@ def test_compared_calls_are_timed_in_alternating_rounds():
     fast, _ = sleeper([0.005], log, "fast")
     t_slow, t_fast = seconds_per_call(slow, fast, rounds=3, round_seconds=0.0)
     assert log == ["slow", "fast"] * 4 and t_slow > t_fast
+
+
+def test_flops_count_matmuls_and_cpu_attention():
+    linear = torch.nn.Linear(32, 16, bias=False)
+    x = torch.randn(5, 32)
+    assert flops_per_call(lambda: linear(x)) == 2 * 5 * 32 * 16
+    q = torch.randn(1, 4, 64, 32)  # batch, heads, tokens, head dim: QK^T and AV are each 2 * 64 * 64 * 32 per head
+    attention = flops_per_call(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    assert attention == 4 * 2 * (2 * 64 * 64 * 32)

@@ -14,6 +14,7 @@ with a plan dropping the four middle blocks (Stage I's U-shape: the first droppe
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import socket
@@ -21,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -35,6 +35,7 @@ from fastlightgen.flow import x0_from_velocity
 from fastlightgen.guidance import mix_velocities, well_guided_velocity
 from fastlightgen.lora import add_lora, lora_enabled, lora_parameters
 from fastlightgen.plan import PrunePlan
+from fastlightgen.timing import seconds_per_call
 from fastlightgen.toy.teacher import TOY_TEACHER, batch_latents, build_toy_teacher, conditioning
 from fastlightgen.toy.world import make_batch
 
@@ -44,15 +45,11 @@ DROPPED = [4, 5, 6, 7]
 
 
 def compare(a: Callable[[int], object], b: Callable[[int], object], repeats: int) -> tuple[float, float]:
-    """Best-of-`repeats` seconds of a and b, interleaved so that load from other processes hits both alike."""
-    a(0), b(0)  # warm-up: first calls pay allocator and kernel-selection costs
-    ta, tb = [], []
-    for i in range(repeats):
-        for fn, out in ((a, ta), (b, tb)):
-            start = time.perf_counter()
-            fn(i)
-            out.append(time.perf_counter() - start)
-    return min(ta), min(tb)
+    """Seconds per call of a and b: the best of `repeats` alternating rounds of about 1 s (`seconds_per_call`;
+    single 0.2-s calls scattered by a third on this host); both walk the same sequence of step indices."""
+    steps_a, steps_b = itertools.count(), itertools.count()
+    ta, tb = seconds_per_call(lambda: a(next(steps_a)), lambda: b(next(steps_b)), rounds=repeats, round_seconds=1.0)
+    return ta, tb
 
 
 def inputs(batch: int):

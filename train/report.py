@@ -1,8 +1,8 @@
 """What `train.reproduce` measures about one model, and how a table of such measurements is written.
 
-A `Measured` is one model sampled on the report's prompts: the evaluator's table over its videos, the
-wall-clock seconds per video (all models of a report are timed in the same process, one video per call, best of
-a few rounds), its parameters as a fraction of the teacher's, and its steps and network evaluations per video.
+A `Measured` is one model sampled on the report's prompts: the evaluator's table over its videos, its
+parameters as a fraction of the teacher's, its shape (blocks, steps, network evaluations per video) and, once
+`Costs` has measured that shape, its wall-clock seconds and FLOPs per video.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fastlightgen.adapters import DiTAdapter, adapt
-from fastlightgen.timing import seconds_per_call
+from fastlightgen.timing import flops_per_call, seconds_per_call
 from fastlightgen.toy.evaluate import EvalTable, evaluate_batch
 from fastlightgen.toy.generate import Prompts
 
@@ -25,17 +25,31 @@ SHORT = {"i2v_subject": "i2v subj", "subject_consistency": "subj cons", "motion_
          "dynamic_degree": "dynamic", "imaging_quality": "imaging", "temporal_flicker": "flicker"}
 
 
+@dataclass(frozen=True)
+class Shape:
+    """All a model's cost per video depends on: two models of one shape differ only in their weights."""
+
+    blocks: int
+    steps: int
+    nfe: int  # network evaluations per video (CFG doubles them)
+
+
+@dataclass(frozen=True)
+class Cost:
+    seconds: float  # wall clock per video
+    flops: float  # per video
+
+
 @dataclass
 class Measured:
     label: str
     table: EvalTable
-    seconds: float  # per video
     params: float  # fraction of the teacher's parameters
-    steps: int
-    nfe: int  # network evaluations per video (CFG doubles them)
+    shape: Shape
+    timer: Callable[[], object]  # generates one video, as a user makes them, for `Costs`
     videos: torch.Tensor | None = None
     settings: tuple[str, ...] = ()  # the ablated values this row was trained with, in the table's extra columns
-    timer: Callable[[], object] | None = None  # generates the timed batch again, to re-time it beside other rows
+    cost: Cost | None = None  # set by `Costs.of`
 
     @property
     def overall(self) -> float:
@@ -45,9 +59,16 @@ class Measured:
     def spread(self) -> float:
         return self.table.std()["overall"]
 
+    @property
+    def seconds(self) -> float:
+        if self.cost is None:
+            raise ValueError(f"{self.label!r} has no cost yet: pass its row through Costs.of")
+        return self.cost.seconds
+
     def numbers(self) -> dict[str, float]:
         return {**self.table.mean(), "overall_std": self.spread, "seconds_per_video": self.seconds,
-                "params": self.params, "steps": self.steps, "nfe": self.nfe}
+                "gflops_per_video": self.cost.flops / 1e9, "params": self.params, "blocks": self.shape.blocks,
+                "steps": self.shape.steps, "nfe": self.shape.nfe}
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -57,47 +78,55 @@ def parameter_count(model: nn.Module) -> int:
 Generate = Callable[[DiTAdapter, Prompts], torch.Tensor]  # videos (B, 3, F, H, W) of the prompts
 
 
-# Videos per generate call when timing: one, as a user makes them (the paper's time per video), and the same
-# for every model so that batching favours none (a 4-step model timed on 24 videos at once looked 43x faster
-# than the teacher timed on 4, against about 37x at equal batch).
-TIMING_BATCH = 1
-
-
 def measure(label: str, model: nn.Module, generate: Generate, prompts: Prompts, teacher_params: int, steps: int,
-            nfe: int, keep_videos: bool = False, round_seconds: float = 2.0) -> Measured:
-    """Quality over all `prompts`; time per video on the first TIMING_BATCH of them (`seconds_per_call`)."""
+            nfe: int, keep_videos: bool = False) -> Measured:
+    """Quality over all `prompts`; the cost is measured per shape, by `Costs`."""
     adapter = adapt(model.float().eval())
     videos = generate(adapter, prompts)
     table = evaluate_batch(videos, list(prompts.factors))
-    batch = Prompts(prompts.factors[:TIMING_BATCH])
-
-    def timer() -> torch.Tensor:
-        return generate(adapter, batch)
-    [seconds] = seconds_per_call(timer, round_seconds=round_seconds)
-    return Measured(label, table, seconds / len(batch.factors), parameter_count(model) / teacher_params, steps, nfe,
-                    videos if keep_videos else None, timer=timer)
+    one = Prompts(prompts.factors[:1])
+    return Measured(label, table, parameter_count(model) / teacher_params, Shape(adapter.num_blocks, steps, nfe),
+                    lambda: generate(adapter, one), videos if keep_videos else None)
 
 
-def timed_together(rows: Sequence[Measured], round_seconds: float = 2.0) -> list[Measured]:
-    """`rows` re-timed in interleaved rounds (`seconds_per_call`), so that their ratios are not decided by
-    when each happened to be measured."""
-    seconds = seconds_per_call(*(r.timer for r in rows), round_seconds=round_seconds)
-    return [replace(r, seconds=s / TIMING_BATCH) for r, s in zip(rows, seconds)]
+class Costs:
+    """Seconds and FLOPs per video of each shape, measured once per report.
+
+    One video per call for every model (as a user makes them; a 4-step model timed on 24 videos at once
+    looked 43x faster than the teacher timed on 4, against about 37x at equal batch). The shapes first met
+    in one table are timed together in alternating rounds (`seconds_per_call`), so that their ratios are not
+    decided by when each was measured; later rows of a known shape reuse its cost.
+    """
+
+    def __init__(self, rounds: int, round_seconds: float):
+        self.rounds, self.round_seconds = rounds, round_seconds
+        self.known: dict[Shape, Cost] = {}
+
+    def of(self, rows: Sequence[Measured]) -> list[Measured]:
+        new: dict[Shape, Callable[[], object]] = {}
+        for row in rows:
+            if row.shape not in self.known:
+                new.setdefault(row.shape, row.timer)
+        seconds = seconds_per_call(*new.values(), rounds=self.rounds, round_seconds=self.round_seconds) if new else []
+        for (shape, timer), s in zip(new.items(), seconds):
+            self.known[shape] = Cost(s, flops_per_call(timer))
+        return [replace(row, cost=self.known[row.shape]) for row in rows]
 
 
 def markdown_table(rows: Sequence[Measured], reference: Measured | None, extra: Sequence[str] = ()) -> str:
     """One row per model: its settings under the `extra` headers, the evaluator's dimensions, overall
     +- std over the videos, time per video and speed-up over `reference` (same run)."""
     head = ["method", *extra, "params", "steps (NFE)", *(SHORT.get(c, c) for c in SHOWN), "overall ± std",
-            "s / video", "speed-up"]
+            "s / video", "speed-up", "GFLOP / video", "FLOP ratio"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for row in rows:
         mean = row.table.mean()
-        speed = f"{reference.seconds / row.seconds:.1f}x" if reference else "–"
+        speed, flop_ratio = (f"{reference.seconds / row.seconds:.1f}x",
+                             f"{reference.cost.flops / row.cost.flops:.1f}x") if reference else ("–", "–")
         settings = row.settings or ("–",) * len(extra)
-        cells = [row.label, *settings, f"{row.params:.0%}", f"{row.steps} ({row.nfe})",
+        cells = [row.label, *settings, f"{row.params:.0%}", f"{row.shape.steps} ({row.shape.nfe})",
                  *(f"{mean[c]:.3f}" for c in SHOWN), f"**{row.overall:.3f}** ± {row.spread:.3f}",
-                 f"{row.seconds:.3f}", speed]
+                 f"{row.seconds:.3f}", speed, f"{row.cost.flops / 1e9:.2f}", flop_ratio]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -34,8 +34,7 @@ from fastlightgen.video_io import write_mp4
 from .config import Config
 from .export import student_model
 from .models import MODEL_FILE, load_teacher, load_weights, read_run_info
-from .report import (Measured, all_finite, contour_plot, markdown_table, measure, parameter_count, timed_together,
-                     with_settings)
+from .report import Costs, Measured, all_finite, contour_plot, markdown_table, measure, parameter_count, with_settings
 from .run_cache import StageCache
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,12 +47,13 @@ class Mode:
     combinations: int | None  # held-out combinations used (None: all)
     renders: int  # renders (positions, backgrounds) per combination
     preview_steps: int  # Euler steps of the auto-beta previews
-    round_seconds: float  # each timing round repeats a model's batch for about this long
+    rounds: int  # a model's time per video is its best of this many timing rounds
+    round_seconds: float  # each timing round repeats a model's video for about this long
     overrides: tuple[str, ...] = ()  # applied to the config of every run
 
 
-FULL = Mode("full", None, 2, 20, 2.0)
-QUICK = Mode("quick", 4, 1, 6, 0.0, ("stage1.samples=1", "stage1.timesteps=2", "data.batch_size=1",
+FULL = Mode("full", None, 2, 20, 10, 2.0)
+QUICK = Mode("quick", 4, 1, 6, 1, 0.0, ("stage1.samples=1", "stage1.timesteps=2", "data.batch_size=1",
                                      "stage2.iterations=2", "stage3.iterations=1", "stage3.fake_updates=1"))
 
 ALPHAS = (0.0, 0.5, 1.0)
@@ -94,6 +94,7 @@ class Reproduction:
     def __init__(self, mode: Mode, cache: StageCache, out: Path, seed: int):
         self.mode, self.cache, self.out, self.seed = mode, cache, out, seed
         self.measured: dict[tuple, Measured] = {}
+        self.costs = Costs(mode.rounds, mode.round_seconds)
         self.base = cache.config()
         self.teacher, meta = load_wan(self.base.model.teacher)
         self.teacher_params = parameter_count(self.teacher)
@@ -101,7 +102,7 @@ class Reproduction:
         self.teacher_sampling = TeacherSampling(rec.steps, rec.shift, rec.cfg_scale)
         self.prompts = split_prompts("heldout", mode.renders, seed, mode.combinations)
         self.train_prompts = split_prompts("train", 1, seed, len(self.prompts.factors))
-        self.teacher_row = self.euler("Euler with CFG (teacher)", self.teacher, keep_videos=True)
+        self.teacher_measured = self.euler("Euler with CFG (teacher)", self.teacher, keep_videos=True)
 
     # ---- configs and models ----------------------------------------------------------------------
 
@@ -116,7 +117,7 @@ class Reproduction:
         ts = self.teacher_sampling
         nfe = ts.steps * (2 if ts.cfg_scale != 1 else 1)
         return measure(label, model, lambda a, prompts: generate_teacher(a, prompts, self.seed, ts), self.prompts,
-                       self.teacher_params, ts.steps, nfe, keep_videos, round_seconds=self.mode.round_seconds)
+                       self.teacher_params, ts.steps, nfe, keep_videos)
 
     def memo(self, key: tuple, label: str, run: Callable[[], Measured]) -> Measured:
         """A model's measurement is taken once per report run; later tables reuse it under their label."""
@@ -124,14 +125,9 @@ class Reproduction:
             self.measured[key] = run()
         return replace(self.measured[key], label=label)
 
-    def retime_together(self, rows: list[Measured]) -> list[Measured]:
-        """Table 2's head-to-head times (`timed_together`); the teacher's and every memoized model's new time
-        is the one later tables show."""
-        retimed = timed_together(rows, self.mode.round_seconds)
-        by_timer = {id(r.timer): r.seconds for r in retimed}
-        self.teacher_row = replace(self.teacher_row, seconds=by_timer[id(self.teacher_row.timer)])
-        self.measured = {k: replace(m, seconds=by_timer.get(id(m.timer), m.seconds)) for k, m in self.measured.items()}
-        return retimed
+    @property
+    def teacher_row(self) -> Measured:
+        return self.costs.of([self.teacher_measured])[0]
 
     def student(self, label: str, folder: Path, steps: int = 4, keep_videos: bool = False) -> Measured:
         return self.memo((folder, steps), label, lambda: self._student(label, folder, steps, keep_videos))
@@ -141,7 +137,7 @@ class Reproduction:
         model = student_model(self.base, folder, info)
         few = FewStepSampling(FEW_STEP_LISTS[steps], info["shift"])
         return measure(label, model, lambda a, prompts: generate_few_step(a, prompts, self.seed, few), self.prompts,
-                       self.teacher_params, steps, steps, keep_videos, round_seconds=self.mode.round_seconds)
+                       self.teacher_params, steps, steps, keep_videos)
 
     def stage2_pruned(self, label: str, cfg: Config) -> Measured:
         folder = self.cache.stage2(cfg)
@@ -158,19 +154,21 @@ class Reproduction:
     def table2(self) -> tuple[str, dict]:
         base = self.config()
         plan = self.plan(base)
-        rows = [self.teacher_row,
+        rows = [self.teacher_measured,
                 self.student("Step only: DMD, all blocks", self.cache.stage3(
                     self.config(stage1__keep_ratio=1.0, stage3__init="teacher"))),
                 self.euler("Stage I prune only, no training", adapt(self.teacher).pruned_model(plan.kept)),
                 self.stage2_pruned("Size only: Stage II pruned path", base),
                 self.student("FastLightGen (Stage I-III)", self.cache.stage3(base), keep_videos=True)]
-        rows = self.retime_together(rows)
+        rows = self.costs.of(rows)  # the first costs of the report: the teacher's and these models' shapes together
         teacher, step_only, stage1_only, size_only, fast = rows
         speedup = teacher.seconds / fast.seconds
         meets = speedup >= PAPER_WAN_SPEEDUP and fast.overall >= teacher.overall
         verdict = (f"FastLightGen is **{speedup:.1f}x** faster than the teacher in wall clock on this CPU "
                    f"(target >= {PAPER_WAN_SPEEDUP:.0f}x) at overall {fast.overall:.3f} against the teacher's "
-                   f"{teacher.overall:.3f}: the target is **{'met' if meets else 'missed'}**.")
+                   f"{teacher.overall:.3f}: the target is **{'met' if meets else 'missed'}**. In floating-point "
+                   f"operations per video, which depend on neither the machine nor its load, it is "
+                   f"{teacher.cost.flops / fast.cost.flops:.1f}x cheaper.")
         if fast.overall < teacher.overall:
             verdict += (" The paper reports the student on par with the teacher (0.794 vs 0.790); on the toy world "
                         f"it loses {teacher.overall - fast.overall:.3f}.")
@@ -184,9 +182,11 @@ class Reproduction:
                         f"{'agrees' if better else 'disagrees'})." if paper else "."))
         self.write_samples([teacher, fast])
         text = (f"## Table 2: methods on the same prompts\n\n{self.prompts_line()} Time per video: one video per "
-                f"call for every model (as a user makes them), the best of 5 rounds; this table's rows were timed "
-                f"together in alternating rounds, so that a slow spell of the machine hits each alike.\n\n"
-                f"{markdown_table(rows, self.teacher_row)}\n\n{verdict}\n")
+                f"call for every model (as a user makes them), the best of {self.mode.rounds} rounds. Models of one shape (blocks, "
+                f"steps, CFG) share one time, measured once per report; the shapes first met in a table are timed "
+                f"together in alternating rounds, so that a slow spell of the machine hits each alike (this table's "
+                f"shapes are the report's first). GFLOP: the matmuls, convolutions and attention of one video.\n\n"
+                f"{markdown_table(rows, teacher)}\n\n{verdict}\n")
         return text, {r.label: r.numbers() for r in rows}
 
     def fig4(self) -> tuple[str, dict]:
@@ -212,6 +212,7 @@ class Reproduction:
             pruning = f"{1 - keep:.0%}"
             rows.append(with_settings(self.stage2_pruned("Stage II only", cfg), "no", pruning))
             rows.append(with_settings(self.student("Stage II + III", self.cache.stage3(cfg)), "yes", pruning))
+        rows = self.costs.of(rows)
         pairs = list(zip(rows[0::2], rows[1::2]))
         helped = sum(b.overall > a.overall for a, b in pairs)
         declines = all(x.overall >= y.overall for x, y in zip(rows[1::2], rows[3::2]))
@@ -249,8 +250,8 @@ class Reproduction:
         return text, raw
 
     def table4(self) -> tuple[str, dict]:
-        rows = [with_settings(self.student("FastLightGen", self.cache.stage3(self.config(stage2__alpha=a))), a, 1 - a)
-                for a in ALPHAS]
+        rows = self.costs.of([with_settings(self.student("FastLightGen", self.cache.stage3(self.config(stage2__alpha=a))),
+                                            a, 1 - a) for a in ALPHAS])
         best = max(rows, key=lambda r: r.overall)
         text = (f"## Table 4: distill weight alpha (Stage II)\n\n{self.prompts_line()}\n\n"
                 f"{markdown_table([self.teacher_row] + rows, self.teacher_row, ('alpha', '1 - alpha'))}\n\n"
@@ -262,8 +263,8 @@ class Reproduction:
         return text, {f"alpha {r.settings[0]}": r.numbers() for r in rows}
 
     def table9(self) -> tuple[str, dict]:
-        rows = [with_settings(self.student("FastLightGen", self.cache.stage3(self.config(stage3__plan_teacher=t))), t)
-                for t in ("pruned", "unpruned")]
+        rows = self.costs.of([with_settings(self.student("FastLightGen", self.cache.stage3(
+            self.config(stage3__plan_teacher=t))), t) for t in ("pruned", "unpruned")])
         pruned_wins = rows[0].overall >= rows[1].overall
         text = (f"## Table 9: weak (pruned) vs strong (unpruned) teacher as real and fake score\n\n"
                 f"{self.prompts_line()}\n\n"
@@ -288,8 +289,8 @@ class Reproduction:
 
     def table5(self) -> tuple[str, dict]:
         s3 = self.base.stage3
-        by_beta1 = [self.beta_student(b1, s3.beta2) for b1 in self.beta1_values()]
-        by_beta2 = [self.beta_student(s3.beta1, b2) for b2 in BETA2S]
+        by_beta1 = self.costs.of([self.beta_student(b1, s3.beta2) for b1 in self.beta1_values()])
+        by_beta2 = self.costs.of([self.beta_student(s3.beta1, b2) for b2 in BETA2S])
         best1 = max(by_beta1, key=lambda r: r.overall)
         best2 = max(by_beta2, key=lambda r: r.overall)
         headers = ("beta1", "beta2")
