@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     rows.append((f"parameters: {len(plan.kept)}/{n} blocks kept / full ({pruned:,} / {full:,})", pruned / full, 0.72))
 
     print(f"FastLightGen library benchmark: random Wan 2.2-shaped DiT, {n} blocks x width {args.width}, "
-          f"latent 48x{args.frames}x16x16, {torch.get_num_threads()} threads, best of {args.repeats} alternating rounds")
+          f"latent 48x{args.frames}x16x16, {torch.get_num_threads()} threads, "
+          f"best of {args.repeats} alternating rounds")
     print(f"{'measure':<70} {'ratio':>7}  target")
     for name, ratio, target in rows:
         verdict = "" if target is None else (f"<= {target}  {'OK' if ratio <= target else 'MISSED'}")

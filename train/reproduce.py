@@ -182,10 +182,11 @@ class Reproduction:
                         f"{'agrees' if better else 'disagrees'})." if paper else "."))
         self.write_samples([teacher, fast])
         text = (f"## Table 2: methods on the same prompts\n\n{self.prompts_line()} Time per video: one video per "
-                f"call for every model (as a user makes them), the best of {self.mode.rounds} rounds. Models of one shape (blocks, "
-                f"steps, CFG) share one time, measured once per report; the shapes first met in a table are timed "
-                f"together in alternating rounds, so that a slow spell of the machine hits each alike (this table's "
-                f"shapes are the report's first). GFLOP: the matmuls, convolutions and attention of one video.\n\n"
+                f"call for every model (as a user makes them), the best of {self.mode.rounds} rounds. Models of one "
+                f"shape (blocks, steps, CFG) share one time, measured once per report; the shapes first met in a "
+                f"table are timed together in alternating rounds, so that a slow spell of the machine hits each "
+                f"alike (this table's shapes are the report's first). GFLOP: the matmuls, convolutions and attention "
+                f"of one video.\n\n"
                 f"{markdown_table(rows, teacher)}\n\n{verdict}\n")
         return text, {r.label: r.numbers() for r in rows}
 
@@ -250,8 +251,8 @@ class Reproduction:
         return text, raw
 
     def table4(self) -> tuple[str, dict]:
-        rows = self.costs.of([with_settings(self.student("FastLightGen", self.cache.stage3(self.config(stage2__alpha=a))),
-                                            a, 1 - a) for a in ALPHAS])
+        rows = self.costs.of([with_settings(self.student("FastLightGen", self.cache.stage3(
+            self.config(stage2__alpha=a))), a, 1 - a) for a in ALPHAS])
         best = max(rows, key=lambda r: r.overall)
         text = (f"## Table 4: distill weight alpha (Stage II)\n\n{self.prompts_line()}\n\n"
                 f"{markdown_table([self.teacher_row] + rows, self.teacher_row, ('alpha', '1 - alpha'))}\n\n"
