@@ -4,7 +4,7 @@ Generates the held-out prompts of the toy world (combinations of color, shape an
 training; the first frame is given, TI2V) with the toy teacher (50-step Euler with CFG) and, when it has
 been trained, the 4-step pruned student; writes each video as mp4 and the evaluator's table per model,
 with the cost per video of each: wall clock (one video per call, the two models timed in alternating rounds,
-the best of 5) and FLOPs (the same on every machine).
+the best of 10) and FLOPs (the same on every machine).
 """
 from __future__ import annotations
 

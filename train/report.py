@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fastlightgen.adapters import DiTAdapter, adapt
+from fastlightgen.demo import one_video
 from fastlightgen.timing import flops_per_call, seconds_per_call
 from fastlightgen.toy.evaluate import EvalTable, evaluate_batch
 from fastlightgen.toy.generate import Prompts
@@ -84,9 +85,8 @@ def measure(label: str, model: nn.Module, generate: Generate, prompts: Prompts, 
     adapter = adapt(model.float().eval())
     videos = generate(adapter, prompts)
     table = evaluate_batch(videos, list(prompts.factors))
-    one = Prompts(prompts.factors[:1])
     return Measured(label, table, parameter_count(model) / teacher_params, Shape(adapter.num_blocks, steps, nfe),
-                    lambda: generate(adapter, one), videos if keep_videos else None)
+                    one_video(lambda batch: generate(adapter, batch), prompts), videos if keep_videos else None)
 
 
 class Costs:
