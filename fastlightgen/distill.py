@@ -25,7 +25,6 @@ from .guidance import mix_velocities
 from .lora import LoRALinear, lora_enabled
 from .sampling import frame_sigma, pin, renoise
 
-
 # ---- shared prefix ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -15,8 +15,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from .adapters.base import Conditioning, DiTAdapter
-from .flow import add_noise, denoising_list_sigmas, euler_sigmas, euler_step, pinned_first_frame_sigma, \
-    x0_from_velocity
+from .flow import add_noise, denoising_list_sigmas, euler_sigmas, euler_step, pinned_first_frame_sigma, x0_from_velocity
 
 Progress = Callable[[int, int], None]
 

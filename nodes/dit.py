@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import comfy.model_patcher
 from comfy.model_patcher import ModelPatcher
+
 from fastlightgen.plan import ModelFingerprint, PrunePlan
 
 Slot = tuple[str, int]  # ("double_block", i) or ("single_block", i), the key ComfyUI's forward looks up

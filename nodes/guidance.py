@@ -14,6 +14,7 @@ import comfy.utils
 import torch
 from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
+
 from fastlightgen.guidance import mix_velocities
 from fastlightgen.plan import PrunePlan
 

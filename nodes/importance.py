@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io, ui
-from fastlightgen.importance import ImportanceResult, stage1_sigmas
-from fastlightgen.plan import PrunePlan
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from fastlightgen.importance import ImportanceResult, stage1_sigmas
+from fastlightgen.plan import PrunePlan
 
 from .dit import BlockPatch, Slot, block_slots, fingerprint, skip_block, with_block_patches
 from .sampling import check_latent

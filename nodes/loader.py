@@ -13,6 +13,7 @@ import comfy.sd
 import folder_paths
 import torch
 from comfy_api.latest import io
+
 from fastlightgen.checkpoint import CheckpointMeta, Recommended, read_checkpoint
 from fastlightgen.flow import denoising_list_sigmas, euler_sigmas
 from fastlightgen.wan_keys import diffusers_to_original

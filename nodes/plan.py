@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from comfy_api.latest import io
+
 from fastlightgen.plan import PrunePlan
 
 from .dit import check_plan, fingerprint, skip_patches, with_block_patches

@@ -15,6 +15,7 @@ import comfy.utils
 import latent_preview
 import torch
 from comfy_api.latest import io, ui
+
 from fastlightgen.flow import denoising_list_sigmas
 from fastlightgen.sampling import FewStepSampling
 

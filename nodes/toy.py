@@ -12,6 +12,7 @@ import random
 
 import torch
 from comfy_api.latest import io
+
 from fastlightgen.toy import codec, text, world
 
 FIRST_FRAME_MASK_NOTE = "noise_mask is 0 on the first frame, so the samplers keep it (TI2V)"

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))  # run as a file: the repository's packages (research) are importable
 
 from workflow_to_prompt import widget_names  # noqa: E402
 
@@ -295,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         with urllib.request.urlopen(args.url.rstrip("/") + "/object_info", timeout=120) as resp:
             object_info = json.load(resp)
     else:
-        import comfyui_harness
+        from research import comfyui_harness
 
         with comfyui_harness.start_server() as server:
             object_info = server.object_info()

@@ -19,9 +19,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import comfyui_harness  # noqa: E402
+from research import comfyui_harness
 
 COMFYUI_FIXTURES = {"comfyui_server", "comfy_in_process"}
 

@@ -1,9 +1,9 @@
 """Adapter seam on tiny configs of the real diffusers classes."""
 import pytest
 import torch
+from tiny_models import hunyuan_inputs, tiny_hunyuan, tiny_wan, wan_inputs
 
 from fastlightgen.adapters import adapt
-from tiny_models import hunyuan_inputs, tiny_hunyuan, tiny_wan, wan_inputs
 
 SIGMA = torch.tensor([0.3, 0.8])
 

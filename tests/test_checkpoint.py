@@ -5,11 +5,11 @@ import struct
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import tiny_wan, wan_inputs
 
 from fastlightgen.adapters import adapt
 from fastlightgen.checkpoint import CheckpointError, CheckpointMeta, load_wan, read_checkpoint, save_checkpoint
 from fastlightgen.plan import PrunePlan
-from tiny_models import tiny_wan, wan_inputs
 
 KEEP = [0, 2, 3, 5]
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-import comfyui_harness
+from research import comfyui_harness
 
 STOCK_NODES = ("KSampler", "SamplerCustomAdvanced", "ModelSamplingSD3", "UNETLoader")
 

@@ -1,13 +1,13 @@
-"""The main job (fastlightgen.demo) and mp4 writing, on a tiny random toy-shaped teacher."""
+"""The main job (research.demo) and mp4 writing, on a tiny random toy-shaped teacher."""
 import re
 
 import av
 import torch
 
-from fastlightgen import demo
 from fastlightgen.checkpoint import CheckpointMeta, Recommended, save_checkpoint
 from fastlightgen.toy.teacher import ToyTeacherShape, build_toy_teacher
 from fastlightgen.video_io import write_mp4
+from research import demo
 
 
 def test_write_mp4_round_trip(tmp_path):

@@ -3,15 +3,22 @@ import json
 
 import pytest
 import torch
+from tiny_models import tiny_wan, wan_inputs
 
 from fastlightgen.adapters import ModelFingerprint, adapt
-from fastlightgen.flow import add_noise, denoising_list_sigmas, euler_sigmas, sample_training_sigma, shift_sigma, \
-    velocity_target, x0_from_velocity
+from fastlightgen.flow import (
+    add_noise,
+    denoising_list_sigmas,
+    euler_sigmas,
+    sample_training_sigma,
+    shift_sigma,
+    velocity_target,
+    x0_from_velocity,
+)
 from fastlightgen.guidance import TeacherMix, well_guided_velocity
 from fastlightgen.importance import block_importance, stage1_sigmas
 from fastlightgen.plan import PlanMismatchError, PrunePlan
 from fastlightgen.sampling import FewStepSampling, TeacherSampling, sample_euler_cfg, sample_few_step
-from tiny_models import tiny_wan, wan_inputs
 
 
 def test_tweedie_inverts_noising():

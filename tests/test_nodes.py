@@ -84,8 +84,8 @@ def test_every_node_has_prefix_description_and_tooltips(pack):
 
 
 def test_sampler_equals_stock_sampler_custom_lcm(pack, loaded, toy_inputs):
-    from comfy_extras.nodes_custom_sampler import SamplerCustom
     import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
 
     model, sigmas = loaded
     ours = pack["sampling"].FastLightGenSampler.execute(model, toy_inputs["positive"], toy_inputs["latent"], SEED,

@@ -1,4 +1,4 @@
-"""`python -m train.reproduce --quick` on the committed toy teacher: every section of the report, well-formed
+"""`python -m research.reproduce --quick` on the committed toy teacher: every section of the report, well-formed
 tables, finite numbers, and each distinct stage run trained once however many tables use it."""
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import os
 import re
 from pathlib import Path
 
+from research.report import all_finite
+from research.reproduce import BETA1S, BETA2S, SECTIONS
+from research.run_cache import stage_key
 from train.config import load_config
-from train.report import all_finite
-from train.reproduce import BETA1S, BETA2S, SECTIONS
-from train.run_cache import stage_key
 
 TOY = str(Path(__file__).resolve().parents[1] / "configs" / "toy.yaml")
 

@@ -4,7 +4,7 @@ import time
 
 import torch
 
-from fastlightgen.timing import flops_per_call, seconds_per_call
+from research.timing import flops_per_call, seconds_per_call
 
 
 def sleeper(durations, log, name):

@@ -2,12 +2,13 @@
 import torch
 
 from fastlightgen.checkpoint import read_checkpoint
-from fastlightgen.demo import STUDENT, TEACHER, heldout_prompts, load_fp32
 from fastlightgen.sampling import FewStepSampling, TeacherSampling
 from fastlightgen.toy.codec import to_comfy_latent
 from fastlightgen.toy.evaluate import evaluate_batch
-from fastlightgen.toy.generate import Prompts, generate_few_step, generate_teacher
+from fastlightgen.toy.generate import generate_few_step, generate_teacher
+from fastlightgen.toy.prompts import Prompts, heldout_prompts
 from fastlightgen.toy.teacher import TOY_TEACHER, conditioning
+from research.demo import STUDENT, TEACHER, load_fp32
 
 
 def test_teacher_file_and_metadata():

@@ -10,9 +10,24 @@ import torch
 from fastlightgen.toy import codec, text
 from fastlightgen.toy.evaluate import COLUMNS, evaluate_batch, evaluate_video
 from fastlightgen.toy.world import (
-    BACKGROUNDS, COLOR_NAMES, DIRECTIONS, SHAPES, TOY_WORLD, Factors, all_combinations, caption,
-    dataset, heldout_combinations, make_batch, render, render_at, render_background, sample_factors,
-    shape_alpha, train_combinations, trajectory,
+    BACKGROUNDS,
+    COLOR_NAMES,
+    DIRECTIONS,
+    SHAPES,
+    TOY_WORLD,
+    Factors,
+    all_combinations,
+    caption,
+    dataset,
+    heldout_combinations,
+    make_batch,
+    render,
+    render_at,
+    render_background,
+    sample_factors,
+    shape_alpha,
+    train_combinations,
+    trajectory,
 )
 
 

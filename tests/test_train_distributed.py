@@ -91,13 +91,13 @@ def test_stage3_zero3_two_processes_matches_single(tiny, tmp_path):
 
 
 def test_gpu_bench_runs_the_real_stages_on_the_cpu(tmp_path):
-    """`train.bench_gpu` measures a real-sized Wan on GPUs; with DS_ACCELERATOR=cpu and a tiny arch it runs the
+    """`research.bench.gpu` measures a real-sized Wan on GPUs; with DS_ACCELERATOR=cpu and a tiny arch it runs the
     same path here (sampling too), so the GPU bench cannot silently rot between the sessions that have a GPU."""
     tiny_arch = {"model.arch.num_layers": 6, "model.arch.num_attention_heads": 2, "model.arch.attention_head_dim": 8,
                  "model.arch.ffn_dim": 32, "model.arch.text_dim": 32, "preprocess.frames": 5,
                  "preprocess.height": 16, "preprocess.width": 16, "dist.cpu_adam": False, "dist.bf16": False}
     sets = [a for k, v in tiny_arch.items() for a in ("--set", f"{k}={v}")]
-    proc = subprocess.run([sys.executable, "-m", "train.bench_gpu", "--gpus", "1", "--steps", "2", "--work",
+    proc = subprocess.run([sys.executable, "-m", "research.bench.gpu", "--gpus", "1", "--steps", "2", "--work",
                            str(tmp_path), "--json", str(tmp_path / "bench.json"), *sets], cwd=REPO,
                           env={**subprocess_env(), "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

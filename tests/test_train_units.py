@@ -6,8 +6,16 @@ import torch
 from tiny_models import tiny_wan, wan_inputs
 
 from fastlightgen.adapters import adapt
-from fastlightgen.distill import Branch, backward_simulation, dmd_generator_loss, run_branches, sample_skip, \
-    stage2_loss, student_x0, teacher_scores
+from fastlightgen.distill import (
+    Branch,
+    backward_simulation,
+    dmd_generator_loss,
+    run_branches,
+    sample_skip,
+    stage2_loss,
+    student_x0,
+    teacher_scores,
+)
 from fastlightgen.guidance import mix_velocities
 from fastlightgen.lora import add_lora, lora_enabled, lora_parameters, lora_state_dict
 from fastlightgen.sampling import FewStepSampling, sample_few_step

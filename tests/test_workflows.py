@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-import comfyui_harness
+from research import comfyui_harness
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))

@@ -26,8 +26,7 @@ from fastlightgen.io_utils import atomic_write_text
 
 from .config import Config, identity_diff, identity_hash
 from .dist import Dist, step_generator
-from .state import STATE_FILE, TENSORS_FILE, commit_state, latest_state, load_state, staging_dir, \
-    write_state_files
+from .state import STATE_FILE, TENSORS_FILE, commit_state, latest_state, load_state, staging_dir, write_state_files
 from .units import NonFiniteLoss, Unit
 
 StepFn = Callable[[int], dict]

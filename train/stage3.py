@@ -20,8 +20,15 @@ from __future__ import annotations
 import torch
 
 from fastlightgen.adapters import adapt
-from fastlightgen.distill import backward_simulation, dmd_generator_loss, fake_velocity, mse, noised, student_x0, \
-    teacher_scores
+from fastlightgen.distill import (
+    backward_simulation,
+    dmd_generator_loss,
+    fake_velocity,
+    mse,
+    noised,
+    student_x0,
+    teacher_scores,
+)
 from fastlightgen.flow import shift_sigma, velocity_target, x0_from_velocity
 from fastlightgen.guidance import TeacherMix
 from fastlightgen.lora import add_lora, lora_enabled, lora_parameters

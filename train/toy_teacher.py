@@ -25,15 +25,22 @@ import torch
 
 from fastlightgen.adapters import adapt
 from fastlightgen.checkpoint import CheckpointMeta, Recommended, save_checkpoint
-from fastlightgen.demo import split_prompts
 from fastlightgen.flow import add_noise, pinned_first_frame_sigma, sample_training_sigma, velocity_target
 from fastlightgen.sampling import TeacherSampling
 from fastlightgen.toy.evaluate import evaluate_batch
 from fastlightgen.toy.generate import generate_teacher
+from fastlightgen.toy.prompts import split_prompts
 from fastlightgen.toy.teacher import TOY_TEACHER, batch_latents, build_toy_teacher, conditioning
 from fastlightgen.toy.world import make_batch
-from train.state import flatten_optimizer, latest_state, load_state, save_state, split_prefix, \
-    unflatten_optimizer, with_prefix
+from train.state import (
+    flatten_optimizer,
+    latest_state,
+    load_state,
+    save_state,
+    split_prefix,
+    unflatten_optimizer,
+    with_prefix,
+)
 
 
 @dataclass

@@ -6,16 +6,38 @@ text     deterministic stand-in for UMT5: caption -> (TEXT_LEN, 4096) context, "
 evaluate VBench-I2V-like scores computed from the known factors
 """
 from fastlightgen.toy.codec import (
-    LATENT_CHANNELS, decode_video, encode_video, from_comfy_latent, pixel_shuffle_video,
-    pixel_unshuffle_video, to_comfy_latent,
+    LATENT_CHANNELS,
+    decode_video,
+    encode_video,
+    from_comfy_latent,
+    pixel_shuffle_video,
+    pixel_unshuffle_video,
+    to_comfy_latent,
 )
 from fastlightgen.toy.evaluate import COLUMNS, DIMENSIONS, EvalTable, estimate_object, evaluate_batch, evaluate_video
 from fastlightgen.toy.text import TEXT_DIM, TEXT_LEN, encode_caption
 from fastlightgen.toy.text import encode as encode_text
 from fastlightgen.toy.world import (
-    BACKGROUNDS, COLOR_NAMES, DIRECTIONS, SHAPES, TOY_WORLD, Factors, Texture, ToyBatch, ToyWorldSpec,
-    caption, dataset, heldout_combinations, make_batch, render, render_at, render_background,
-    sample_factors, shape_alpha, train_combinations, trajectory,
+    BACKGROUNDS,
+    COLOR_NAMES,
+    DIRECTIONS,
+    SHAPES,
+    TOY_WORLD,
+    Factors,
+    Texture,
+    ToyBatch,
+    ToyWorldSpec,
+    caption,
+    dataset,
+    heldout_combinations,
+    make_batch,
+    render,
+    render_at,
+    render_background,
+    sample_factors,
+    shape_alpha,
+    train_combinations,
+    trajectory,
 )
 
 __all__ = [

@@ -52,8 +52,17 @@ import torch
 import torch.nn.functional as F
 
 from fastlightgen.toy.world import (
-    COLOR_NAMES, SHAPES, TOY_WORLD, Factors, caption, color_rgb, direction_vector, palette,
-    render_at, render_background, shape_alpha,
+    COLOR_NAMES,
+    SHAPES,
+    TOY_WORLD,
+    Factors,
+    caption,
+    color_rgb,
+    direction_vector,
+    palette,
+    render_at,
+    render_background,
+    shape_alpha,
 )
 
 DIMENSIONS: tuple[str, ...] = (

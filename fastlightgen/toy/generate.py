@@ -6,7 +6,6 @@ Noise comes from one generator per call, so a (seed, prompts) pair always yields
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
@@ -14,26 +13,9 @@ import torch
 from ..adapters import DiTAdapter
 from ..guidance import well_guided_velocity
 from ..sampling import FewStepSampling, TeacherSampling, sample_euler, sample_euler_cfg, sample_few_step
-from .codec import decode_video, encode_video
+from .codec import decode_video
+from .prompts import Prompts
 from .teacher import conditioning
-from .world import Factors, caption, render
-
-
-@dataclass(frozen=True)
-class Prompts:
-    factors: tuple[Factors, ...]
-
-    @property
-    def captions(self) -> list[str]:
-        return [caption(f) for f in self.factors]
-
-    def first_frames(self) -> torch.Tensor:
-        """Model-space first latent frames (B, 48, 1, h, w)."""
-        videos = torch.stack([render(f) for f in self.factors])
-        return encode_video(videos)[:, :, :1]
-
-    def latent_shape(self) -> tuple[int, ...]:
-        return tuple(encode_video(render(self.factors[0])[None]).shape[1:])
 
 
 def _noise(prompts: Prompts, seed: int) -> tuple[torch.Tensor, torch.Generator]:

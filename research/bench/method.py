@@ -1,4 +1,4 @@
-"""`python -m fastlightgen.bench`: cost ratios of the library's shortcuts, measured in one run.
+"""`python -m research.bench.method`: cost ratios of the library's shortcuts, measured in one run.
 
 Prints, on a randomly initialised Wan 2.2 TI2V-shaped model (48 latent channels, 4096-wide text):
 - Stage I with prefix reuse vs the naive N+1 full passes (target <= 0.55x),
@@ -13,10 +13,11 @@ from typing import Callable
 import torch
 from diffusers import WanTransformer3DModel
 
-from .adapters import Conditioning, adapt
-from .importance import block_importance, stage1_sigmas
-from .plan import PrunePlan
-from .timing import seconds_per_call
+from fastlightgen.adapters import Conditioning, adapt
+from fastlightgen.importance import block_importance, stage1_sigmas
+from fastlightgen.plan import PrunePlan
+
+from ..timing import seconds_per_call
 
 
 def _block_evaluations(adapter, fn: Callable[[], object]) -> int:

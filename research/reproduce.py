@@ -1,4 +1,4 @@
-"""`python -m train.reproduce`: the paper's Tables 2, 4, 5, 6, 9 and Figs. 1, 4 on the toy world, in one run.
+"""`python -m research.reproduce`: the paper's Tables 2, 4, 5, 6, 9 and Figs. 1, 4 on the toy world, in one run.
 
 Trains (or reuses, cached by config hash under --cache) every variant the tables need from the committed
 toy teacher with the recipe of configs/toy.yaml, samples each on the held-out prompts (combinations of
@@ -23,17 +23,17 @@ import torch
 
 from fastlightgen.adapters import adapt
 from fastlightgen.checkpoint import load_wan
-from fastlightgen.demo import split_prompts
 from fastlightgen.io_utils import atomic_write_text
 from fastlightgen.plan import PrunePlan
 from fastlightgen.sampling import FewStepSampling, TeacherSampling
 from fastlightgen.toy.evaluate import evaluate_batch
 from fastlightgen.toy.generate import generate_few_step, generate_teacher, generate_well_guided
+from fastlightgen.toy.prompts import split_prompts
 from fastlightgen.video_io import write_mp4
+from train.config import Config
+from train.export import student_model
+from train.models import MODEL_FILE, load_teacher, load_weights, read_run_info
 
-from .config import Config
-from .export import student_model
-from .models import MODEL_FILE, load_teacher, load_weights, read_run_info
 from .report import Costs, Measured, all_finite, contour_plot, markdown_table, measure, parameter_count, with_settings
 from .run_cache import StageCache
 
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny runs and 4 prompts: checks the structure in minutes")
     p.add_argument("--config", "-c", default=str(REPO / "configs" / "toy.yaml"))
-    p.add_argument("--out", type=Path, default=None, help="report folder (default train/report, or "
+    p.add_argument("--out", type=Path, default=None, help="report folder (default reports/toy, or "
                    "outputs/reproduce-quick with --quick)")
     p.add_argument("--cache", type=Path, default=Path("runs/reproduce"), help="cached stage runs")
     p.add_argument("--seed", type=int, default=0, help="noise seed of the evaluation")
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.perf_counter()
     repro = Reproduction(mode, cache, out, args.seed)
-    header = (f"# FastLightGen on the toy world: the paper's tables\n\nRegenerate with `python -m train.reproduce"
+    header = (f"# FastLightGen on the toy world: the paper's tables\n\nRegenerate with `python -m research.reproduce"
               f"{' --quick' if args.quick else ''}` ({mode.name} mode; runs cached in `{args.cache}`). Teacher: "
               f"`{Path(repro.base.model.teacher).name}`; recipe: `{Path(args.config).name}`"
               f"{' with ' + ', '.join(mode.overrides) if mode.overrides else ''}. {torch.get_num_threads()} CPU "

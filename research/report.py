@@ -1,4 +1,4 @@
-"""What `train.reproduce` measures about one model, and how a table of such measurements is written.
+"""What `research.reproduce` measures about one model, and how a table of such measurements is written.
 
 A `Measured` is one model sampled on the report's prompts: the evaluator's table over its videos, its
 parameters as a fraction of the teacher's, its shape (blocks, steps, network evaluations per video) and, once
@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from fastlightgen.adapters import DiTAdapter, adapt
-from fastlightgen.demo import one_video
-from fastlightgen.timing import flops_per_call, seconds_per_call
 from fastlightgen.toy.evaluate import EvalTable, evaluate_batch
-from fastlightgen.toy.generate import Prompts
+from fastlightgen.toy.prompts import Prompts
+
+from .demo import one_video
+from .timing import flops_per_call, seconds_per_call
 
 SHOWN = ("color", "shape", "direction", "i2v_subject", "subject_consistency", "motion_smoothness",
          "dynamic_degree", "imaging_quality", "temporal_flicker")

@@ -18,9 +18,8 @@ from typing import Sequence
 
 from fastlightgen.adapters import adapt
 from fastlightgen.plan import PrunePlan
-
-from .config import Config, config_from_dict, load_config
-from .models import MODEL_FILE, RUN_FILE, load_teacher
+from train.config import Config, config_from_dict, load_config
+from train.models import MODEL_FILE, RUN_FILE, load_teacher
 
 
 def teacher_digest(path: str) -> str:

@@ -5,7 +5,7 @@
 2. memory of the physically pruned checkpoint (70% of the blocks kept) vs the teacher, as ComfyUI loads them.
 
 Uses the shipped toy teacher when present, else a random one of the same shape.
-    OMP_NUM_THREADS=1 python scripts/bench_nodes.py [--runs 30]
+    OMP_NUM_THREADS=1 python -m research.bench.nodes [--runs 30]
 """
 from __future__ import annotations
 
@@ -16,12 +16,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+REPO = Path(__file__).resolve().parents[2]
 
 
 def load_pack():
-    import comfyui_harness
+    from research import comfyui_harness
 
     comfyui_harness.import_comfy_in_process()
     spec = importlib.util.spec_from_file_location("FastLightGen", REPO / "__init__.py",
@@ -60,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from comfy_extras.nodes_custom_sampler import SamplerCustom
     from FastLightGen.nodes import loader, sampling, toy
-    from fastlightgen.timing import seconds_per_call
+
+    from ..timing import seconds_per_call
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,4 @@
-"""`python -m train.bench_gpu`: Stage II and III steps, and the speed-up at sampling, of a real-sized Wan on GPUs.
+"""`python -m research.bench.gpu`: Stage II and III steps, and the speed-up at sampling, of a real-sized Wan on GPUs.
 
 Runs the real entry points (`torchrun -m train.stage2|stage3`) under the config's DeepSpeed settings
 (the shipped Wan 2.1 1.3B config: ZeRO-3, bf16, CPU-offloaded DeepSpeedCPUAdam, gradient checkpointing)
@@ -29,9 +29,9 @@ from typing import Callable
 
 import torch
 
-from .config import Config, load_config
-from .memory import estimate, meta_model
-from .preprocess import write_index, write_shard
+from train.config import Config, load_config
+from train.memory import estimate, meta_model
+from train.preprocess import write_index, write_shard
 
 # Wan VAEs by latent channels: (temporal, spatial) compression. 2.1: 16 channels at 4x8x8; 2.2 TI2V: 48 at 4x16x16.
 WAN_VAE_STRIDE = {16: (4, 8), 48: (4, 16)}
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.model.family != "wan" or not cfg.model.arch:
         raise SystemExit(f"{args.config}: the GPU bench builds a Wan from model.arch; give a Wan config with arch")
     if args.gpus < 1:
-        raise SystemExit("no CUDA GPU is visible: this bench measures GPU steps (CPU costs: python -m train.bench); "
+        raise SystemExit("no CUDA GPU is visible: this bench measures GPU steps (CPU costs: python -m research.bench.training); "
                          "--gpus 1 with DS_ACCELERATOR=cpu runs it on the CPU as a smoke test")
 
     work = Path(args.work or tempfile.mkdtemp(prefix="fastlightgen-bench-gpu-"))

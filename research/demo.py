@@ -1,4 +1,4 @@
-"""`python -m fastlightgen.demo`: the main job on the embedded default (the toy world, CPU, ~2 minutes).
+"""`python -m research.demo`: the main job on the embedded default (the toy world, CPU, ~2 minutes).
 
 Generates the held-out prompts of the toy world (combinations of color, shape and direction never seen in
 training; the first frame is given, TI2V) with the toy teacher (50-step Euler with CFG) and, when it has
@@ -15,32 +15,20 @@ from typing import Callable
 
 import torch
 
-from .adapters import adapt
-from .checkpoint import load_wan
-from .io_utils import atomic_write_text
-from .sampling import FewStepSampling, TeacherSampling
+from fastlightgen.adapters import adapt
+from fastlightgen.checkpoint import load_wan
+from fastlightgen.io_utils import atomic_write_text
+from fastlightgen.sampling import FewStepSampling, TeacherSampling
+from fastlightgen.toy.evaluate import evaluate_batch
+from fastlightgen.toy.generate import generate_few_step, generate_teacher
+from fastlightgen.toy.prompts import Prompts, split_prompts
+from fastlightgen.video_io import write_mp4
+
 from .timing import flops_per_call, seconds_per_call
-from .toy.evaluate import evaluate_batch
-from .toy.generate import Prompts, generate_few_step, generate_teacher
-from .toy.world import sample_factors, split_combinations
-from .video_io import write_mp4
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models" / "fastlightgen"
 TEACHER = MODELS_DIR / "toy_teacher.safetensors"
 STUDENT = MODELS_DIR / "toy_student.safetensors"
-
-
-def split_prompts(split: str, per_combination: int = 1, seed: int = 0, limit: int | None = None,
-                  stride: int = 1) -> Prompts:
-    """Every `stride`-th combination of a split (up to `limit`), `per_combination` times, with seeded
-    positions and backgrounds."""
-    combos = split_combinations(split)[::stride][:limit]
-    return Prompts(tuple(sample_factors(seed * 10_007 + i * len(combos) + j, [c])
-                         for i in range(per_combination) for j, c in enumerate(combos)))
-
-
-def heldout_prompts(per_combination: int = 1, seed: int = 0) -> Prompts:
-    return split_prompts("heldout", per_combination, seed)
 
 
 Generate = Callable[[Prompts], torch.Tensor]  # videos (B, 3, F, H, W) of the prompts
@@ -60,8 +48,8 @@ def score_model(name: str, generate: Generate, prompts: Prompts, out_dir: Path) 
 
 
 def one_video(generate: Generate, prompts: Prompts) -> Callable[[], torch.Tensor]:
-    """A call that makes the first prompt's video: a model's cost is measured per video, as a user makes them."""
-    one = Prompts(prompts.factors[:1])
+    """A call that makes the first prompt's video: what `timing` measures of a model."""
+    one = prompts.first()
     return lambda: generate(one)
 
 

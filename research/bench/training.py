@@ -1,4 +1,4 @@
-"""`python -m train.bench`: cost ratios of the training shortcuts, measured in one run on the CPU.
+"""`python -m research.bench.training`: cost ratios of the training shortcuts, measured in one run on the CPU.
 
 On a randomly initialised toy-teacher-shaped Wan (12 blocks x 256, 48 latent channels, 4096-wide text)
 with a plan dropping the four middle blocks (Stage I's U-shape: the first dropped block is block 4):
@@ -35,11 +35,11 @@ from fastlightgen.flow import x0_from_velocity
 from fastlightgen.guidance import mix_velocities, well_guided_velocity
 from fastlightgen.lora import add_lora, lora_enabled, lora_parameters
 from fastlightgen.plan import PrunePlan
-from fastlightgen.timing import seconds_per_call
 from fastlightgen.toy.teacher import TOY_TEACHER, batch_latents, build_toy_teacher, conditioning
 from fastlightgen.toy.world import make_batch
+from train.dist import step_generator
 
-from .dist import step_generator
+from ..timing import seconds_per_call
 
 DROPPED = [4, 5, 6, 7]
 

@@ -1,0 +1,7 @@
+"""Benchmarks: cost ratios measured side by side in one run (`python -m research.bench.<name>`).
+
+method    the library's shortcuts (Stage I prefix reuse, physical pruning)
+training  the training shortcuts (Stage II shared prefix, eq. 9's passes, DeepSpeed steps)
+gpu       Stage II/III steps and sampling of a real-sized Wan on GPUs
+nodes     the ComfyUI sampler node against the stock one, and a pruned model's memory in ComfyUI
+"""

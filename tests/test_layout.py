@@ -1,0 +1,48 @@
+"""The repository's shape: dependencies point one way (nodes -> library, train -> library, research -> all),
+and the library holds no command-line entry point."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FORBIDDEN = {
+    "fastlightgen": {"train", "nodes", "research", "comfy", "comfy_api", "comfy_extras", "folder_paths"},
+    "train": {"nodes", "research", "comfy", "comfy_api", "comfy_extras", "folder_paths"},
+    "nodes": {"train", "research"},
+}
+
+
+def imported_packages(path: Path, package: str) -> set[str]:
+    """Top-level packages a module imports, relative imports resolved against its own package."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            found.add(package if node.level else (node.module or "").split(".")[0])
+    return found
+
+
+def modules(package: str) -> list[Path]:
+    return sorted((REPO / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_dependencies_point_one_way(package):
+    offenders = {str(p.relative_to(REPO)): sorted(imported_packages(p, package) & FORBIDDEN[package])
+                 for p in modules(package)}
+    assert not {p: bad for p, bad in offenders.items() if bad}
+
+
+def test_the_check_sees_a_forbidden_import(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("from train.config import Config\nfrom . import plan\n")
+    assert imported_packages(module, "fastlightgen") == {"train", "fastlightgen"}
+
+
+def test_the_library_has_no_entry_points():
+    scripts = [str(p.relative_to(REPO)) for p in modules("fastlightgen") if "__main__" in p.read_text()]
+    assert not scripts, "command-line entry points belong in train/ or research/"
