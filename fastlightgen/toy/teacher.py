@@ -2,8 +2,8 @@
 
 48 latent channels in and out and a 4096-wide text context, like Wan 2.2 TI2V-5B, so ComfyUI's stock
 loader detects the exported file as a Wan 2.2 model. Width 256 = 2 heads of 128 (ComfyUI infers heads as
-width / 128) and it must exceed a token's 48 x 2 x 2 = 192 input features
-(shared/notes/toy-teacher-calibration.md: at width 128 the samples keep their noise).
+width / 128) and it must exceed a token's 48 x 2 x 2 = 192 input features (at width 128, narrower than a
+token, the trained teacher's samples kept their noise).
 """
 from __future__ import annotations
 
