@@ -12,6 +12,10 @@ if _PACK_DIR not in sys.path:
     # appended, not prepended: ComfyUI's own top-level `nodes` module must keep winning over our nodes/
     sys.path.append(_PACK_DIR)
 
+# ComfyUI serves this folder at /extensions/<pack folder>/; the frontend's node help panel reads
+# docs/<node id>.md from it (written by scripts/build_node_docs.py)
+WEB_DIRECTORY = "./web"
+
 
 async def comfy_entrypoint():
     from .nodes.extension import FastLightGenExtension

@@ -3,9 +3,15 @@
 Weights are stored with original Wan key names and blocks renumbered 0..K-1, so ComfyUI's stock
 diffusion-model loader reads a pruned student as a smaller Wan. The safetensors header's
 `__metadata__["fastlightgen"]` holds a JSON `CheckpointMeta`: format version, family, the original
-block count and which original blocks were kept, the recommended sampling, and training provenance.
+block count and which original blocks were kept, the recommended `Sampling`, and training provenance.
 
-`read_checkpoint` also accepts plain diffusers-layout or original-layout Wan files without metadata.
+`read_checkpoint` also reads every Wan DiT file ComfyUI's stock loader reads: diffusers or original layout,
+fp32/fp16/bf16, fp8 (e4m3fn, e5m2), ComfyUI's fp8_scaled files (per-Linear `scale_weight`/`scale_input`
+tensors plus a `scaled_fp8` marker tensor whose dtype is the weights' fp8 type), ComfyUI's mixed-precision
+files (`weight_scale`/`input_scale` tensors, per-layer formats in the header's `_quantization_metadata`), and
+all-in-one files whose DiT keys carry the `model.diffusion_model.` prefix (the other components are left out,
+as ComfyUI's loader does). The scales stay beside the stored weights: `comfy_state_dict` gives ComfyUI the
+file as it is, `weights(dtype)` dequantizes (stored weight * scale, in float32, then `dtype`).
 Every failure is a `CheckpointError` naming the file and what is wrong.
 """
 from __future__ import annotations
@@ -21,26 +27,25 @@ from safetensors.torch import load_file, save_file
 
 from .io_utils import atomic_path
 from .plan import PrunePlan
+from .sampling import FEW_STEP, Sampling
 from .wan_config import DEFAULT_HEAD_DIM, build_wan_from_state_dict, infer_wan_config
-from .wan_keys import diffusers_to_original, to_diffusers_layout
+from .wan_keys import COMFY_PREFIX, INPUT_SCALES, WEIGHT_SCALES, diffusers_to_original, to_diffusers_layout
 
 FORMAT_VERSION = 1
 METADATA_KEY = "fastlightgen"
+ADAPTER_METADATA_KEY = "fastlightgen_adapter"  # fastlightgen.student_adapter's files
 FAMILIES = ("wan",)
+SCALED_FP8_MARKER = "scaled_fp8"  # ComfyUI's model_detection reads the fp8 type of the weights from its dtype
+QUANT_METADATA_KEY = "_quantization_metadata"  # ComfyUI's mixed precision: {"layers": {name: {"format": ..}}}
+MIXED_FORMATS = ("float8_e4m3fn",)  # per-tensor scaled formats `weights` can dequantize
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_COMPUTE_DTYPE = torch.bfloat16  # what fp8 files are dequantized to when no dtype is asked for (Wan's own)
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                torch.float8_e4m3fn: "fp8_e4m3fn", torch.float8_e5m2: "fp8_e5m2"}
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file, the problem and the fix."""
-
-
-@dataclass
-class Recommended:
-    """How the checkpoint is meant to be sampled (the few-step contract by default)."""
-
-    steps: int = 4
-    denoising_step_list: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
-    shift: float = 5.0
-    cfg_scale: float = 1.0
 
 
 @dataclass
@@ -49,7 +54,7 @@ class CheckpointMeta:
     kept_blocks: list[int]
     family: str = "wan"
     head_dim: int = DEFAULT_HEAD_DIM
-    recommended: Recommended = field(default_factory=Recommended)
+    recommended: Sampling = FEW_STEP  # how the checkpoint is meant to be sampled
     provenance: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -59,19 +64,62 @@ class CheckpointMeta:
     @classmethod
     def from_json(cls, text: str) -> "CheckpointMeta":
         d = json.loads(text)
-        d["recommended"] = Recommended(**d.get("recommended", {}))
+        d["recommended"] = Sampling.from_dict(d["recommended"]) if "recommended" in d else FEW_STEP
         return cls(**d)
 
 
 @dataclass
 class LoadedCheckpoint:
     path: Path
-    state_dict: dict[str, torch.Tensor]  # diffusers layout
+    state_dict: dict[str, torch.Tensor]  # diffusers layout, as stored (fp8 weights stay fp8 and unscaled)
     meta: CheckpointMeta | None
     config: dict[str, Any]
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)  # fp8 scales, diffusers names
+    marker: torch.Tensor | None = None  # the `scaled_fp8` tensor of an fp8_scaled file
+    file_metadata: dict[str, str] = field(default_factory=dict)  # the safetensors header's __metadata__
+    left_out: list[str] = field(default_factory=list)  # non-DiT tensors of an all-in-one checkpoint
 
-    def build_model(self):
-        return build_wan_from_state_dict(self.state_dict, self.meta.head_dim if self.meta else DEFAULT_HEAD_DIM)
+    @property
+    def weight_format(self) -> str:
+        """'bf16', 'fp8_e4m3fn', 'fp8_scaled (fp8_e4m3fn)', ...: the dtype holding most parameters, as ComfyUI
+        picks it, and the scaling scheme."""
+        counts: dict[torch.dtype, int] = {}
+        for t in self.state_dict.values():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+        top = max(counts, key=counts.get)
+        name = _DTYPE_NAMES.get(top, str(top))
+        if self.marker is not None:
+            return f"fp8_scaled ({name})"
+        return f"fp8 mixed precision ({name})" if self.scales else name
+
+    def comfy_state_dict(self) -> dict[str, torch.Tensor]:
+        """Original layout, with the scales and the marker: the tensors ComfyUI's loader would read from the file."""
+        out = diffusers_to_original({**self.state_dict, **self.scales})
+        if self.marker is not None:
+            out[SCALED_FP8_MARKER] = self.marker
+        return out
+
+    def weights(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Diffusers-layout weights in `dtype`: fp8 weights times their scale (in float32). dtype None keeps an
+        unquantized file's dtypes and gives an fp8 file in bfloat16 (fp8 cannot compute in diffusers)."""
+        if dtype is None and any(t.dtype in FP8_DTYPES for t in self.state_dict.values()):
+            dtype = FP8_COMPUTE_DTYPE
+        out = {}
+        for key, tensor in self.state_dict.items():
+            scale = self._weight_scale(key)
+            if scale is not None:
+                tensor = tensor.float() * scale.float()
+            out[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        return out
+
+    def build_model(self, dtype: torch.dtype | None = None):
+        return build_wan_from_state_dict(self.weights(dtype), self.meta.head_dim if self.meta else DEFAULT_HEAD_DIM)
+
+    def _weight_scale(self, key: str) -> torch.Tensor | None:
+        if not key.endswith(".weight"):
+            return None
+        module = key[: -len("weight")]
+        return next((self.scales[module + leaf] for leaf in WEIGHT_SCALES if module + leaf in self.scales), None)
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: CheckpointMeta,
@@ -91,28 +139,105 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: CheckpointMe
 
 
 def read_checkpoint(path: str | Path, plan: PrunePlan | None = None) -> LoadedCheckpoint:
-    """Validate and read a FastLightGen, original-layout or diffusers-layout Wan safetensors file."""
+    """Validate and read a Wan DiT safetensors file: FastLightGen, original or diffusers layout, any of the
+    weight formats above."""
     path = Path(path)
     header = _read_header(path)
-    meta = _parse_meta(path, header.get("__metadata__") or {})
+    file_metadata = dict(header.pop("__metadata__", None) or {})
+    if ADAPTER_METADATA_KEY in file_metadata:
+        raise CheckpointError(f"{path}: a FastLightGen student adapter, not a checkpoint: load its teacher with the "
+                              "stock Load Diffusion Model and apply it with 'FastLightGen Apply Student Adapter' "
+                              "(in Python: fastlightgen.student_adapter.apply_adapter)")
+    meta = _parse_meta(path, file_metadata)
+    # Every check of names and shapes runs on the header, before gigabytes of weights are read.
+    shapes = {k: torch.empty(v["shape"], device="meta") for k, v in header.items()}
+    layout, scale_shapes, marker, _ = _split(path, shapes)
     try:
-        state_dict = to_diffusers_layout(load_file(str(path)))
-        config = infer_wan_config(state_dict, meta.head_dim if meta else DEFAULT_HEAD_DIM)
+        config = infer_wan_config(layout, meta.head_dim if meta else DEFAULT_HEAD_DIM)
     except ValueError as err:
         raise CheckpointError(f"{path}: {err}") from None
-    _check_complete(path, state_dict, config)
+    _check_complete(path, layout, config)
+    _check_quantization(path, layout, scale_shapes, marker is not None, file_metadata)
     if meta is not None and len(meta.kept_blocks) != config["num_layers"]:
         raise CheckpointError(f"{path}: metadata lists {len(meta.kept_blocks)} kept blocks but the file holds "
                               f"{config['num_layers']}; the file was altered after export, re-export it")
     if plan is not None:
         _check_plan(path, plan, meta, config)
-    return LoadedCheckpoint(path, state_dict, meta, config)
+    state_dict, scales, marker, left_out = _split(path, load_file(str(path)))
+    bad = [f"{k} is {v.item()}" for k, v in scales.items() if not torch.isfinite(v.float()).all()]
+    if bad:
+        raise CheckpointError(f"{path}: fp8 scale {bad[0]}; the file is damaged, download it again")
+    return LoadedCheckpoint(path, state_dict, meta, config, scales, marker, file_metadata, left_out)
 
 
-def load_wan(path: str | Path, plan: PrunePlan | None = None):
-    """(diffusers WanTransformer3DModel, CheckpointMeta or None) from a checkpoint file."""
+def load_wan(path: str | Path, plan: PrunePlan | None = None, dtype: torch.dtype | None = None):
+    """(diffusers WanTransformer3DModel, CheckpointMeta or None) from a checkpoint file; fp8 weights are
+    dequantized to `dtype` (default bfloat16), other files keep their dtype unless `dtype` is given."""
     ckpt = read_checkpoint(path, plan)
-    return ckpt.build_model().eval(), ckpt.meta
+    return ckpt.build_model(dtype).eval(), ckpt.meta
+
+
+def _is_scale(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in (*WEIGHT_SCALES, *INPUT_SCALES)
+
+
+def _split(path: Path, tensors: dict[str, torch.Tensor]):
+    """(diffusers-layout weights, fp8 scales, `scaled_fp8` marker or None, names left out) of a file's tensors.
+
+    In a file with `model.diffusion_model.` keys only those are the DiT (the rest is the VAE, text encoder, ...
+    of an all-in-one checkpoint), as ComfyUI's loader decides."""
+    left_out = []
+    if any(k.startswith(COMFY_PREFIX) for k in tensors):
+        left_out = sorted(k for k in tensors if not k.startswith(COMFY_PREFIX))
+        tensors = {k[len(COMFY_PREFIX):]: v for k, v in tensors.items() if k.startswith(COMFY_PREFIX)}
+    tensors = dict(tensors)
+    marker = tensors.pop(SCALED_FP8_MARKER, None)
+    try:
+        renamed = to_diffusers_layout(tensors)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    weights = {k: v for k, v in renamed.items() if not _is_scale(k)}
+    return weights, {k: v for k, v in renamed.items() if _is_scale(k)}, marker, left_out
+
+
+def _check_quantization(path: Path, state_dict: dict[str, torch.Tensor], scales: dict[str, torch.Tensor],
+                        has_marker: bool, metadata: dict) -> None:
+    """A scale ComfyUI would ignore (no marker / no quantization metadata) means wrong weights there: refuse."""
+    leaves = {k.rsplit(".", 1)[-1] for k in scales}
+    mixed = QUANT_METADATA_KEY in metadata
+    if has_marker and mixed:
+        raise CheckpointError(f"{path}: both a {SCALED_FP8_MARKER!r} marker and {QUANT_METADATA_KEY!r} metadata; "
+                              "a file holds one fp8 scheme, re-save it from ComfyUI")
+    legacy, new = leaves & {"scale_weight", "scale_input"}, leaves & {"weight_scale", "input_scale"}
+    if legacy and not has_marker:
+        raise CheckpointError(f"{path}: fp8 scales {sorted(legacy)} but no {SCALED_FP8_MARKER!r} marker tensor, so "
+                              "ComfyUI would ignore the scales and run wrong weights; add the marker (an empty tensor "
+                              "of the weights' fp8 dtype) or use an fp16/bf16 file")
+    if new and not mixed:
+        raise CheckpointError(f"{path}: fp8 scales {sorted(new)} but no {QUANT_METADATA_KEY!r} in the header, so "
+                              "ComfyUI would ignore the scales and run wrong weights; use the file as ComfyUI saved it")
+    if mixed:
+        _check_mixed_formats(path, metadata[QUANT_METADATA_KEY])
+    for key, scale in scales.items():
+        module = key.rsplit(".", 1)[0]
+        if module + ".weight" not in state_dict:
+            raise CheckpointError(f"{path}: fp8 scale {key} has no weight {module}.weight beside it")
+        if scale.numel() != 1:
+            raise CheckpointError(f"{path}: fp8 scale {key} has shape {tuple(scale.shape)}; only per-tensor "
+                                  "scales (one number) are supported")
+
+
+def _check_mixed_formats(path: Path, text: str) -> None:
+    try:
+        layers = json.loads(text)["layers"]
+        formats = {str(spec.get("format")) for spec in layers.values()}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise CheckpointError(f"{path}: the header's {QUANT_METADATA_KEY!r} is not ComfyUI's "
+                              "{\"layers\": {name: {\"format\": ...}}}; re-save it from ComfyUI") from None
+    unknown = sorted(formats - set(MIXED_FORMATS))
+    if unknown:
+        raise CheckpointError(f"{path}: quantization formats {unknown} cannot be dequantized here (supported: "
+                              f"{list(MIXED_FORMATS)}); use the fp16, bf16 or fp8_scaled release of this model")
 
 
 def _read_header(path: Path) -> dict:
@@ -148,7 +273,7 @@ def _parse_meta(path: Path, metadata: dict) -> CheckpointMeta | None:
         return None
     try:
         meta = CheckpointMeta.from_json(metadata[METADATA_KEY])
-    except (json.JSONDecodeError, TypeError) as err:
+    except (ValueError, TypeError, KeyError) as err:
         raise CheckpointError(f"{path}: FastLightGen metadata is unreadable ({err}); re-export the checkpoint")
     if meta.format_version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {meta.format_version} is newer than this FastLightGen "

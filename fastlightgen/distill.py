@@ -7,23 +7,23 @@ Stage III (eq. 8-9): DMD2-style distribution matching. The few-step student's x0
 
 Several predictions of one input can share the blocks before the first block where their skip-sets
 differ (`run_branches`): the unpruned, pruned and fake-score passes of Stage III all start from one
-prefix, and only branches that need gradients record them.
-TI2V: the first latent frame is given (held at sigma 0), so no loss is taken on it (`skip_first_frame`).
+prefix, and only branches that need gradients record them; this is the one shared-prefix engine.
+TI2V: the first latent frame is given, so no loss is taken on it (`skip_first_frame`, `first_frame.loss_frames`).
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from .adapters.base import Conditioning, DiTAdapter
-from .flow import add_noise, x0_from_velocity
+from .first_frame import loss_frames, noised, pin
 from .guidance import mix_velocities
 from .lora import LoRALinear, lora_enabled
-from .sampling import frame_sigma, pin, renoise
+from .sampling import Velocity, predict_x0
 
 # ---- shared prefix ------------------------------------------------------------------------------
 
@@ -78,9 +78,7 @@ def _check_no_lora(adapter: DiTAdapter, fork: int) -> None:
 
 def mse(a: torch.Tensor, b: torch.Tensor, skip_first_frame: bool) -> torch.Tensor:
     """Mean squared error in fp32 over (B, C, F, H, W), leaving out the given first frame for TI2V."""
-    if skip_first_frame:
-        a, b = a[:, :, 1:], b[:, :, 1:]
-    return (a.float() - b.float()).pow(2).mean()
+    return (loss_frames(a, skip_first_frame).float() - loss_frames(b, skip_first_frame).float()).pow(2).mean()
 
 
 def sample_skip(dropped: Sequence[int], p: float, generator: torch.Generator) -> frozenset[int]:
@@ -117,9 +115,6 @@ def stage2_loss(adapter: DiTAdapter, x_t: torch.Tensor, sigma: torch.Tensor, con
 
 # ---- Stage III ----------------------------------------------------------------------------------
 
-Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, sigma) -> v
-
-
 def backward_simulation(student: Velocity, noise: torch.Tensor, sigmas: Sequence[float], stop: int,
                         generator: torch.Generator, first_frame: torch.Tensor | None) -> torch.Tensor:
     """The student's input at step `stop` of the few-step list, reached by running steps 0..stop-1
@@ -127,13 +122,8 @@ def backward_simulation(student: Velocity, noise: torch.Tensor, sigmas: Sequence
     x = pin(noise, first_frame)
     with torch.no_grad():
         for s, s_next in zip(sigmas[:stop], sigmas[1:stop + 1]):
-            x = renoise(student_x0(student, x, s, first_frame), s_next, generator, first_frame)
+            x = noised(predict_x0(student, x, s, first_frame), s_next, generator, first_frame)[0]
     return x
-
-
-def student_x0(student: Velocity, x: torch.Tensor, sigma: float, first_frame: torch.Tensor | None) -> torch.Tensor:
-    sig = frame_sigma(sigma, x, first_frame)
-    return pin(x0_from_velocity(x, student(x, sig).float(), sig), first_frame)
 
 
 def teacher_scores(adapter: DiTAdapter, lora_model: nn.Module, x_t: torch.Tensor, sigma: torch.Tensor,
@@ -162,19 +152,10 @@ def dmd_generator_loss(x0_gen: torch.Tensor, x0_real: torch.Tensor, x0_fake: tor
                        skip_first_frame: bool) -> torch.Tensor:
     """DMD2: grad = (x0_fake - x0_real) / mean|x0_gen - x0_real| per sample; loss = 0.5 ||x0 - SG(x0 - grad)||^2,
     whose gradient w.r.t. x0_gen is grad / numel (eq. 8's score difference, normalized)."""
-    if skip_first_frame:
-        x0_gen, x0_real, x0_fake = x0_gen[:, :, 1:], x0_real[:, :, 1:], x0_fake[:, :, 1:]
-    x0_gen, x0_real, x0_fake = x0_gen.float(), x0_real.float(), x0_fake.float()
+    x0_gen, x0_real, x0_fake = (loss_frames(x, skip_first_frame).float() for x in (x0_gen, x0_real, x0_fake))
     with torch.no_grad():
         dims = tuple(range(1, x0_gen.ndim))
         normalizer = (x0_gen - x0_real).abs().mean(dim=dims, keepdim=True).clamp_min(1e-6)
         grad = (x0_fake - x0_real) / normalizer
     return 0.5 * (x0_gen - (x0_gen - grad).detach()).pow(2).mean()
 
-
-def noised(x0: torch.Tensor, sigma: float | torch.Tensor, generator: torch.Generator,
-           first_frame: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_t, per-sample or per-frame sigma, noise) of a clean latent, keeping a TI2V first frame clean."""
-    noise = torch.randn(x0.shape, generator=generator).to(x0)
-    sig = frame_sigma(sigma, x0, first_frame)
-    return pin(add_noise(x0, noise, sig), first_frame), sig, noise

@@ -13,7 +13,7 @@ The paper's eq. 5 writes the target as (x0 - x1); that is the negated velocity o
 this convention. We keep the models' sign (noise - x0) everywhere.
 
 A sigma may be a scalar, a (B,) tensor or any tensor broadcastable to the latent after
-`expand_sigma`; per-frame sigmas (B, F) are how TI2V pins the first frame at sigma = 0.
+`expand_sigma`; per-frame sigmas (B, F) are how TI2V holds the first frame at sigma 0 (`first_frame`).
 """
 from __future__ import annotations
 
@@ -108,10 +108,3 @@ def sample_training_sigma(batch: int, generator: torch.Generator | None = None, 
         raise ValueError(f"unknown sigma law {law!r}; use one of {', '.join(SIGMA_LAWS)}")
     return shift_sigma(u, shift)
 
-
-def pinned_first_frame_sigma(sigma: torch.Tensor, frames: int) -> torch.Tensor:
-    """Per-frame sigmas (B, F) with frame 0 at 0: TI2V keeps the given first latent frame clean."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float32)
-    per_frame = sigma.reshape(-1, 1).expand(-1, frames).clone()
-    per_frame[:, 0] = 0.0
-    return per_frame

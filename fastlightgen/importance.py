@@ -7,13 +7,15 @@ N + sum_i (N - 1 - i) block evaluations instead of (N + 1) * N.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
 
 from .adapters.base import Conditioning, DiTAdapter
-from .flow import add_noise, pinned_first_frame_sigma, x0_from_velocity
+from .first_frame import frame_sigma
+from .flow import add_noise, x0_from_velocity
 from .plan import PrunePlan
 
 
@@ -49,6 +51,16 @@ def stage1_sigmas(num_timesteps: int) -> list[float]:
     return [(k + 0.5) / num_timesteps for k in range(num_timesteps)]
 
 
+def check_error(error: float, block: int | None, sigma: float) -> float:
+    """A NaN error would rank its block anywhere and silently break the plan: stop at the first one."""
+    if not math.isfinite(error):
+        what = "the full model" if block is None else f"block {block} skipped"
+        raise ValueError(f"Stage I: the x0 error ({what}) is {error} at sigma {sigma:g}: the model's output is "
+                         "not finite (it overflowed or holds NaN weights); run Stage I in a wider dtype (bf16/fp32 "
+                         "instead of fp16/fp8) or on an intact checkpoint")
+    return error
+
+
 def block_importance(adapter: DiTAdapter, samples: Iterable[tuple[torch.Tensor, Conditioning]],
                      sigmas: Sequence[float], seed: int = 0, pin_first_frame: bool = False,
                      prefix_reuse: bool = True,
@@ -67,20 +79,20 @@ def block_importance(adapter: DiTAdapter, samples: Iterable[tuple[torch.Tensor, 
     with torch.no_grad():
         for x0, cond in samples:
             for s in sigmas:
-                sigma = torch.full((x0.shape[0],), float(s))
-                if pin_first_frame:
-                    sigma = pinned_first_frame_sigma(sigma, x0.shape[2])
+                sigma = frame_sigma(float(s), x0, pin_first_frame)
                 noise = torch.randn(x0.shape, generator=generator).to(x0)
                 x_t = add_noise(x0, noise, sigma)
                 err = lambda v: (x0_from_velocity(x_t, v, sigma) - x0).double().pow(2).mean().item()  # noqa: E731
                 if prefix_reuse:
                     states, v_full = adapter.block_inputs(x_t, sigma, cond)
-                    per_block = [err(adapter.skip_one_from(states, i)) for i in range(n)]
+                    full = check_error(err(v_full), None, float(s))
+                    per_block = [check_error(err(adapter.skip_one_from(states, i)), i, float(s)) for i in range(n)]
                 else:
-                    v_full = adapter.forward(x_t, sigma, cond)
-                    per_block = [err(adapter.forward(x_t, sigma, cond, skip={i})) for i in range(n)]
+                    full = check_error(err(adapter.forward(x_t, sigma, cond)), None, float(s))
+                    per_block = [check_error(err(adapter.forward(x_t, sigma, cond, skip={i})), i, float(s))
+                                 for i in range(n)]
                 totals += torch.tensor(per_block, dtype=torch.float64)
-                reference += err(v_full)
+                reference += full
                 count += 1
                 done += 1
                 if progress:

@@ -1,7 +1,13 @@
-"""PrunePlan: which blocks of which model are kept, and why. JSON round trip; refuses foreign models."""
+"""PrunePlan: which blocks of which model are kept, and why. JSON round trip; refuses foreign models.
+
+A plan refuses non-finite numbers (a NaN score would sort anywhere and silently keep the wrong blocks) and
+its JSON is strict (no bare NaN). `already_dropped` records blocks the scored model skipped before Stage I
+(a plan made on a model that already ran with a plan): they are never kept, whatever their score.
+"""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -10,6 +16,8 @@ from .adapters.base import ModelFingerprint
 from .io_utils import atomic_write_text
 
 PLAN_FORMAT = "fastlightgen.prune_plan/1"
+STAGE1_NAN_HINT = ("Stage I produced NaN or inf (the model's output overflowed or holds NaN weights): rerun it "
+                   "in a wider dtype or on an intact checkpoint")
 
 
 class PlanMismatchError(ValueError):
@@ -25,15 +33,24 @@ class PrunePlan:
     protected: list[int] = field(default_factory=list)
     scores: list[float] | None = None
     reference_error: float | None = None
+    already_dropped: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         n = self.fingerprint.num_blocks
-        self.kept = sorted(set(int(i) for i in self.kept))
+        self.kept = _blocks("kept", self.kept)
+        self.already_dropped = _blocks("already_dropped", self.already_dropped)
         bad = [i for i in self.kept if not 0 <= i < n]
         if bad or not self.kept:
             raise ValueError(f"a prune plan must keep at least one block within 0..{n - 1}; got kept={self.kept}")
         if self.scores is not None and len(self.scores) != n:
             raise ValueError(f"the plan has {len(self.scores)} scores for {n} blocks")
+        _check_finite("scores", self.scores or [], STAGE1_NAN_HINT)
+        _check_finite("reference_error", [] if self.reference_error is None else [self.reference_error],
+                      STAGE1_NAN_HINT)
+        _check_finite("keep_ratio", [] if self.keep_ratio is None else [self.keep_ratio], "give a number in (0, 1]")
+        revived = sorted(set(self.kept) & set(self.already_dropped))
+        if revived:
+            raise ValueError(f"the plan keeps blocks {revived} that its model had already dropped")
 
     @property
     def dropped(self) -> list[int]:
@@ -47,16 +64,25 @@ class PrunePlan:
     @classmethod
     def from_scores(cls, fingerprint: ModelFingerprint, scores: Sequence[float], keep_ratio: float | None = None,
                     keep_count: int | None = None, protected: Sequence[int] = (),
-                    reference_error: float | None = None) -> "PrunePlan":
-        """Keep the highest-scoring blocks (largest error when skipped = most important), plus `protected`."""
+                    reference_error: float | None = None, already_dropped: Sequence[int] = ()) -> "PrunePlan":
+        """Keep the highest-scoring blocks (largest error when skipped = most important), plus `protected`.
+
+        With `already_dropped`, the ratio or count is of the blocks the model still runs, and only those are kept.
+        """
         n = fingerprint.num_blocks
-        count = _keep_count(n, keep_ratio, keep_count)
+        _check_finite("scores", scores, STAGE1_NAN_HINT)
+        dropped = sorted(set(int(i) for i in already_dropped))
+        active = [i for i in range(n) if i not in dropped]
+        count = count_kept(len(active), keep_ratio, keep_count)
         protected = sorted(set(int(i) for i in protected))
+        if set(protected) & set(dropped):
+            raise ValueError(f"protected blocks {sorted(set(protected) & set(dropped))} are already dropped")
         if len(protected) > count:
             raise ValueError(f"{len(protected)} protected blocks do not fit in a plan keeping {count}")
-        ranked = sorted(range(n), key=lambda i: -scores[i])
+        ranked = sorted(active, key=lambda i: -scores[i])
         kept = list(protected) + [i for i in ranked if i not in protected][: count - len(protected)]
-        return cls(fingerprint, kept, "scores", count / n, protected, [float(s) for s in scores], reference_error)
+        return cls(fingerprint, kept, "scores", count / n, protected, [float(s) for s in scores], reference_error,
+                   dropped)
 
     @classmethod
     def from_blocks(cls, fingerprint: ModelFingerprint, dropped: Sequence[int]) -> "PrunePlan":
@@ -75,22 +101,31 @@ class PrunePlan:
 
     # ---- JSON ------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"format": PLAN_FORMAT, "fingerprint": self.fingerprint.to_dict(), "kept": self.kept,
-                "dropped": self.dropped, "method": self.method, "keep_ratio": self.keep_ratio,
-                "protected": self.protected, "scores": self.scores, "reference_error": self.reference_error}
+        d = {"format": PLAN_FORMAT, "fingerprint": self.fingerprint.to_dict(), "kept": self.kept,
+             "dropped": self.dropped, "method": self.method, "keep_ratio": self.keep_ratio,
+             "protected": self.protected, "scores": self.scores, "reference_error": self.reference_error}
+        if self.already_dropped:  # only then: a plain plan's JSON stays what every reader of format 1 knows
+            d["already_dropped"] = self.already_dropped
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "PrunePlan":
         if d.get("format") != PLAN_FORMAT:
             raise ValueError(f"not a FastLightGen prune plan (format {d.get('format')!r}, expected {PLAN_FORMAT!r})")
-        plan = cls(ModelFingerprint.from_dict(d["fingerprint"]), d["kept"], d["method"], d.get("keep_ratio"),
-                   d.get("protected", []), d.get("scores"), d.get("reference_error"))
+        try:
+            plan = cls(ModelFingerprint.from_dict(d["fingerprint"]), d["kept"], d["method"], d.get("keep_ratio"),
+                       d.get("protected", []), d.get("scores"), d.get("reference_error"), d.get("already_dropped", []))
+        except KeyError as err:
+            raise ValueError(f"prune plan lacks the field {err}; use a plan.json written by FastLightGen") from None
+        except TypeError as err:  # a field of the wrong type, e.g. a string where a number belongs
+            raise ValueError(f"prune plan has a field of the wrong type ({err}); use a plan.json written by "
+                             "FastLightGen") from None
         if "dropped" in d and sorted(d["dropped"]) != plan.dropped:
             raise ValueError("prune plan is inconsistent: 'dropped' is not the complement of 'kept'")
         return plan
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str) -> "PrunePlan":
@@ -104,13 +139,28 @@ class PrunePlan:
         return cls.from_json(Path(path).read_text())
 
 
-def _keep_count(n: int, keep_ratio: float | None, keep_count: int | None) -> int:
+def count_kept(n: int, keep_ratio: float | None = None, keep_count: int | None = None) -> int:
+    """How many of `n` blocks a plan keeps at `keep_ratio` (or `keep_count`); an error when that is not 1..n."""
     if (keep_ratio is None) == (keep_count is None):
         raise ValueError("give exactly one of keep_ratio or keep_count")
     if keep_count is None:
-        if not 0 < keep_ratio <= 1:
+        if not 0 < keep_ratio <= 1:  # also refuses NaN
             raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
         keep_count = max(1, round(keep_ratio * n))
     if not 1 <= keep_count <= n:
         raise ValueError(f"keep_count must be in 1..{n}, got {keep_count}")
     return keep_count
+
+
+def _blocks(name: str, values) -> list[int]:
+    try:
+        return sorted(set(int(i) for i in values))
+    except (TypeError, ValueError):
+        raise ValueError(f"a prune plan's {name} must be a list of block numbers, got {values!r}") from None
+
+
+def _check_finite(name: str, values: Sequence[float], fix: str) -> None:
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"the prune plan's {name} must be finite, but entries {bad} are "
+                         f"{[values[i] for i in bad][:4]}; {fix}")

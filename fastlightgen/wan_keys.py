@@ -7,7 +7,8 @@
 The mapping is an explicit table of full parameter names, not substring replacement, so that
 it is a bijection we can check at import time and so that any key it does not know (VACE,
 Animate, S2V heads, a stray VAE tensor in an all-in-one file, ...) is a loud error instead of
-a silently mis-renamed or dropped tensor. Tensors are never copied, cast or reshaped.
+a silently mis-renamed or dropped tensor. Tensors are never copied, cast or reshaped. The per-tensor fp8
+scales of ComfyUI's fp8_scaled and mixed-precision files are leaves of their Linear layer and move with it.
 
 Names were checked against diffusers' `transformer_wan.py` and `convert_wan_transformer_to_diffusers`
 and against ComfyUI's `comfy/ldm/wan/model.py`. The one trap: the cross-attention LayerNorm is
@@ -30,32 +31,38 @@ COMFY_PREFIX = "model.diffusion_model."
 _WEIGHT_AND_BIAS = ("weight", "bias")
 _WEIGHT_ONLY = ("weight",)
 _BARE = ("",)
+# The per-tensor fp8 scales ComfyUI stores beside a Linear weight (`scale_weight`/`scale_input` in fp8_scaled
+# files, `weight_scale`/`input_scale` in mixed-precision files). Only Linear layers may carry them: a scale on
+# a norm or the patch Conv3d would be ignored by ComfyUI, so it is an unknown key here.
+WEIGHT_SCALES = ("scale_weight", "weight_scale")
+INPUT_SCALES = ("scale_input", "input_scale")
+_LINEAR = (*_WEIGHT_AND_BIAS, *WEIGHT_SCALES, *INPUT_SCALES)
 
 # (diffusers name, original name, leaves) for everything outside the transformer blocks.
 _TOP_LEVEL_MODULES = (
     ("patch_embedding", "patch_embedding", _WEIGHT_AND_BIAS),
-    ("condition_embedder.time_embedder.linear_1", "time_embedding.0", _WEIGHT_AND_BIAS),
-    ("condition_embedder.time_embedder.linear_2", "time_embedding.2", _WEIGHT_AND_BIAS),
-    ("condition_embedder.time_proj", "time_projection.1", _WEIGHT_AND_BIAS),
-    ("condition_embedder.text_embedder.linear_1", "text_embedding.0", _WEIGHT_AND_BIAS),
-    ("condition_embedder.text_embedder.linear_2", "text_embedding.2", _WEIGHT_AND_BIAS),
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0", _LINEAR),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2", _LINEAR),
+    ("condition_embedder.time_proj", "time_projection.1", _LINEAR),
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0", _LINEAR),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2", _LINEAR),
     # Wan 2.1 I2V / FLF2V CLIP-image projector (MLPProj: LayerNorm, Linear, GELU, Linear, LayerNorm).
     ("condition_embedder.image_embedder.norm1", "img_emb.proj.0", _WEIGHT_AND_BIAS),
-    ("condition_embedder.image_embedder.ff.net.0.proj", "img_emb.proj.1", _WEIGHT_AND_BIAS),
-    ("condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3", _WEIGHT_AND_BIAS),
+    ("condition_embedder.image_embedder.ff.net.0.proj", "img_emb.proj.1", _LINEAR),
+    ("condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3", _LINEAR),
     ("condition_embedder.image_embedder.norm2", "img_emb.proj.4", _WEIGHT_AND_BIAS),
     ("condition_embedder.image_embedder.pos_embed", "img_emb.emb_pos", _BARE),  # FLF2V only
-    ("proj_out", "head.head", _WEIGHT_AND_BIAS),
+    ("proj_out", "head.head", _LINEAR),
     ("scale_shift_table", "head.modulation", _BARE),
 )
 
 
 def _attention_modules(diffusers_attn: str, original_attn: str) -> list[tuple[str, str, tuple[str, ...]]]:
     return [
-        (f"{diffusers_attn}.to_q", f"{original_attn}.q", _WEIGHT_AND_BIAS),
-        (f"{diffusers_attn}.to_k", f"{original_attn}.k", _WEIGHT_AND_BIAS),
-        (f"{diffusers_attn}.to_v", f"{original_attn}.v", _WEIGHT_AND_BIAS),
-        (f"{diffusers_attn}.to_out.0", f"{original_attn}.o", _WEIGHT_AND_BIAS),
+        (f"{diffusers_attn}.to_q", f"{original_attn}.q", _LINEAR),
+        (f"{diffusers_attn}.to_k", f"{original_attn}.k", _LINEAR),
+        (f"{diffusers_attn}.to_v", f"{original_attn}.v", _LINEAR),
+        (f"{diffusers_attn}.to_out.0", f"{original_attn}.o", _LINEAR),
         (f"{diffusers_attn}.norm_q", f"{original_attn}.norm_q", _WEIGHT_ONLY),
         (f"{diffusers_attn}.norm_k", f"{original_attn}.norm_k", _WEIGHT_ONLY),
     ]
@@ -66,12 +73,12 @@ _BLOCK_MODULES = (
     *_attention_modules("attn1", "self_attn"),
     *_attention_modules("attn2", "cross_attn"),
     # I2V image branch of the cross-attention.
-    ("attn2.add_k_proj", "cross_attn.k_img", _WEIGHT_AND_BIAS),
-    ("attn2.add_v_proj", "cross_attn.v_img", _WEIGHT_AND_BIAS),
+    ("attn2.add_k_proj", "cross_attn.k_img", _LINEAR),
+    ("attn2.add_v_proj", "cross_attn.v_img", _LINEAR),
     ("attn2.norm_added_k", "cross_attn.norm_k_img", _WEIGHT_ONLY),
     ("norm2", "norm3", _WEIGHT_AND_BIAS),  # cross-attention norm, present iff cross_attn_norm
-    ("ffn.net.0.proj", "ffn.0", _WEIGHT_AND_BIAS),
-    ("ffn.net.2", "ffn.2", _WEIGHT_AND_BIAS),
+    ("ffn.net.0.proj", "ffn.0", _LINEAR),
+    ("ffn.net.2", "ffn.2", _LINEAR),
     ("scale_shift_table", "modulation", _BARE),
 )
 

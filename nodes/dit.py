@@ -32,6 +32,11 @@ def block_slots(model: ModelPatcher) -> list[Slot]:
             + [("single_block", i) for i in range(len(dit.single_blocks))])
 
 
+def family(model: ModelPatcher) -> str:
+    """'wan' or 'hunyuanvideo'; an error naming the fix for any other model."""
+    return _family(_diffusion_model(model))
+
+
 def _family(dit: Any) -> str:
     # Class names, not isinstance: ComfyUI's model classes are imported lazily per architecture.
     name = type(dit).__name__
@@ -73,3 +78,14 @@ def with_block_patches(model_options: dict, patches: dict[Slot, BlockPatch]) -> 
 def skip_patches(model: ModelPatcher, skip: set[int] | frozenset[int]) -> dict[Slot, BlockPatch]:
     slots = block_slots(model)
     return {slots[i]: skip_block for i in sorted(skip)}
+
+
+def block_patches(model_options: dict) -> dict[Slot, BlockPatch]:
+    """The block replacements `model_options` already holds (Apply Prune Plan's skips, other packs' patches)."""
+    return dict(model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {}))
+
+
+def skipped_blocks(model: ModelPatcher) -> list[int]:
+    """Blocks the MODEL skips (Apply Prune Plan): their replacement is `skip_block`."""
+    patches = block_patches(model.model_options)
+    return [i for i, slot in enumerate(block_slots(model)) if patches.get(slot) is skip_block]

@@ -1,10 +1,12 @@
 """The ComfyExtension that lists FastLightGen's nodes."""
 from comfy_api.latest import ComfyExtension, io
 
+from .adapter import ApplyStudentAdapter, register_adapter_folder
 from .guidance import TeacherMixSweep, WellGuidedTeacher
 from .importance import BlockImportance
 from .loader import LoadCheckpoint, register_model_folder
-from .plan import ApplyPrunePlan, PrunePlanNode
+from .lora import StudentLoRA
+from .plan import ApplyPrunePlan, LoadPrunePlan, PrunePlanNode, SavePrunePlan, register_plan_folder
 from .preview import VideoGrid
 from .sampling import FastLightGenSampler, FewStepSigmas
 from .toy import ToyDatasetLatents, ToyDecode, ToyFirstFrameLatent, ToyTextEncode
@@ -12,9 +14,12 @@ from .toy import ToyDatasetLatents, ToyDecode, ToyFirstFrameLatent, ToyTextEncod
 
 class FastLightGenExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        register_model_folder()  # before any schema lists the checkpoints
+        register_model_folder()  # before any schema lists the checkpoints or plans
+        register_plan_folder()
+        register_adapter_folder()
         return [
-            BlockImportance, PrunePlanNode, ApplyPrunePlan, LoadCheckpoint, WellGuidedTeacher, TeacherMixSweep,
-            VideoGrid, FewStepSigmas, FastLightGenSampler,
+            BlockImportance, PrunePlanNode, ApplyPrunePlan, LoadPrunePlan, SavePrunePlan, LoadCheckpoint,
+            WellGuidedTeacher, TeacherMixSweep, VideoGrid, FewStepSigmas, FastLightGenSampler, StudentLoRA,
+            ApplyStudentAdapter,
             ToyTextEncode, ToyFirstFrameLatent, ToyDatasetLatents, ToyDecode,
         ]

@@ -20,18 +20,32 @@ from fastlightgen.plan import PrunePlan
 
 from .dit import check_plan, skip_patches, with_block_patches
 from .plan import parse_numbers
-from .sampling import check_latent
 from .types import PrunePlanType
+from .validate import check_conditioning, check_finite, check_finite_result, check_fits, check_latent
 
 BETA_MAX = 30.0
+TEACHER = "FastLightGen Well-Guided Teacher"
+SWEEP = "FastLightGen Teacher Mix Sweep"
 
 
 class WellGuidedGuider(comfy.samplers.CFGGuider):
-    def __init__(self, model: ModelPatcher, plan: PrunePlan, beta1: float, beta2: float):
+    """Eq. 9 as a guider. It checks the latent the sampler hands it against the model before the first step
+    and refuses to return a non-finite result, in any sampler (SamplerCustomAdvanced, the sweep)."""
+
+    def __init__(self, model: ModelPatcher, plan: PrunePlan, beta1: float, beta2: float, node: str = TEACHER):
         super().__init__(model)
+        check_finite(node, beta1=beta1, beta2=beta2)
         check_plan(model, plan)
         self.skip = skip_patches(model, plan.skip)
-        self.beta1, self.beta2 = beta1, beta2
+        self.beta1, self.beta2, self.node = beta1, beta2, node
+
+    def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
+               seed=None):
+        check_fits(latent_image, self.node, self.model_patcher)
+        if not torch.isfinite(sigmas).all():
+            raise ValueError(f"{self.node}: the SIGMAS hold NaN or inf values: {sigmas.tolist()}")
+        out = super().sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
+        return check_finite_result(out, self.node)
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         positive, negative = self.conds.get("positive"), self.conds.get("negative")
@@ -79,6 +93,9 @@ class WellGuidedTeacher(io.ComfyNode):
     @classmethod
     def execute(cls, model, prune_plan: PrunePlan, positive, negative, beta1: float,
                 beta2: float) -> io.NodeOutput:
+        check_finite(TEACHER, beta1=beta1, beta2=beta2)
+        check_conditioning(positive, TEACHER, model, "positive")
+        check_conditioning(negative, TEACHER, model, "negative")
         guider = WellGuidedGuider(model, prune_plan, beta1, beta2)
         guider.set_conds(positive, negative)
         return io.NodeOutput(guider)
@@ -126,17 +143,19 @@ class TeacherMixSweep(io.ComfyNode):
     @classmethod
     def execute(cls, model, prune_plan: PrunePlan, positive, negative, latent_image: dict, seed: int, sampler,
                 sigmas: torch.Tensor, beta1_values: str, beta2_values: str) -> io.NodeOutput:
-        samples = check_latent(latent_image, "FastLightGen Teacher Mix Sweep")
+        samples = check_latent(latent_image, SWEEP, model)
         if samples.shape[0] != 1:
-            raise ValueError(f"FastLightGen Teacher Mix Sweep takes one video, got a batch of {samples.shape[0]}")
+            raise ValueError(f"{SWEEP} takes one video, got a batch of {samples.shape[0]}")
+        check_conditioning(positive, SWEEP, model, "positive")
+        check_conditioning(negative, SWEEP, model, "negative")
+        check_plan(model, prune_plan)
         pairs = [(b1, b2) for b1 in parse_betas(beta1_values, "beta1_values")
                  for b2 in parse_betas(beta2_values, "beta2_values")]
-        samples = comfy.sample.fix_empty_latent_channels(model, samples)
         noise = comfy.sample.prepare_noise(samples, seed)
         pbar = comfy.utils.ProgressBar(len(pairs))
         videos = []
         for b1, b2 in pairs:
-            guider = WellGuidedGuider(model, prune_plan, b1, b2)
+            guider = WellGuidedGuider(model, prune_plan, b1, b2, f"{SWEEP} (b1={b1:g} b2={b2:g})")
             guider.set_conds(positive, negative)
             videos.append(guider.sample(noise, samples, sampler, sigmas, denoise_mask=latent_image.get("noise_mask"),
                                         disable_pbar=True, seed=seed))

@@ -6,6 +6,11 @@ loading, conditioning, latent normalization and TI2V first-frame pinning (noise_
 Blocks are skipped per call through patches_replace. With prefix reuse, the full pass records every
 block's output and the pass skipping block i replays the recorded outputs of blocks 0..i-1 instead of
 recomputing them, as `fastlightgen.importance.block_importance` does.
+
+A MODEL that already skips blocks (Apply Prune Plan) is scored as it runs: the reference is the patched model,
+the full pass records the blocks' outputs through the MODEL's own block replacements, an already skipped block
+scores the reference (skipping it again changes nothing) and is never kept by the new plan, whose keep ratio
+is then a fraction of the blocks the MODEL still runs. So iterating Stage I prunes further, never back.
 """
 from __future__ import annotations
 
@@ -17,14 +22,17 @@ import torch
 from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io, ui
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-from fastlightgen.importance import ImportanceResult, stage1_sigmas
-from fastlightgen.plan import PrunePlan
+from fastlightgen.importance import ImportanceResult, check_error, stage1_sigmas
+from fastlightgen.plan import PrunePlan, count_kept
+from fastlightgen.plot import importance_figure
 
-from .dit import BlockPatch, Slot, block_slots, fingerprint, skip_block, with_block_patches
-from .sampling import check_latent
+from .dit import (BlockPatch, Slot, block_patches, block_slots, fingerprint, skip_block, skipped_blocks,
+                  with_block_patches)
 from .types import PrunePlanType
+from .validate import check_conditioning, check_finite, check_latent
+
+NAME = "FastLightGen Block Importance"
 
 
 class ImportanceProbe(comfy.samplers.Sampler):
@@ -40,40 +48,46 @@ class ImportanceProbe(comfy.samplers.Sampler):
         denoiser = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)  # pins frames where noise_mask is 0
         denoiser.latent_image, denoiser.noise = latent_image, noise
         model_sampling = model_wrap.inner_model.model_sampling
+        existing = block_patches(extra_args["model_options"])  # the MODEL's own replacements (Apply Prune Plan)
         n = len(self.slots)
+        active = [i for i, slot in enumerate(self.slots) if existing.get(slot) is not skip_block]
         totals, reference = torch.zeros(n, dtype=torch.float64), 0.0
         generator = torch.Generator().manual_seed(self.seed)  # same draw order as the library's Stage I
-        pbar = comfy.utils.ProgressBar(len(self.sigmas) * self.num_samples * n)
+        pbar = comfy.utils.ProgressBar(len(self.sigmas) * self.num_samples * len(active))
         for s in self.sigmas:
             sigma = torch.full((latent_image.shape[0],), s, device=latent_image.device)
             for _ in range(self.num_samples):
                 eps = torch.randn(latent_image.shape, generator=generator).to(latent_image)
                 x_t = model_sampling.noise_scaling(sigma.view(-1, *[1] * (eps.ndim - 1)), eps, latent_image)
 
-                def error(patches: dict[Slot, BlockPatch]) -> float:
+                def error(patches: dict[Slot, BlockPatch], block: int | None) -> float:
                     options = with_block_patches(extra_args["model_options"], patches)
                     x0 = denoiser(x_t, sigma, denoise_mask=denoise_mask, model_options=options,
                                   seed=extra_args.get("seed"))
-                    return (x0 - latent_image).double().pow(2).mean().item()
+                    return check_error((x0 - latent_image).double().pow(2).mean().item(), block, s)
 
                 outputs: dict[int, dict] = {}
-                reference += error(self._recording(outputs) if self.prefix_reuse else {})
-                for i in range(n):
+                full = error(self._recording(outputs, existing) if self.prefix_reuse else {}, None)
+                # an already skipped block: skipping it again leaves the model as it runs
+                per_block = torch.full((n,), full, dtype=torch.float64)
+                for i in active:
                     comfy.model_management.throw_exception_if_processing_interrupted()
-                    totals[i] += error(self._skipping(i, outputs))
+                    per_block[i] = error(self._skipping(i, outputs), i)
                     pbar.update(1)
+                totals += per_block
+                reference += full
         count = len(self.sigmas) * self.num_samples
         self.result = ImportanceResult((totals / count).tolist(), reference / count, count, list(self.sigmas))
         return latent_image
 
-    def _recording(self, outputs: dict[int, dict]) -> dict[Slot, BlockPatch]:
-        def record(i: int) -> BlockPatch:
+    def _recording(self, outputs: dict[int, dict], existing: dict[Slot, BlockPatch]) -> dict[Slot, BlockPatch]:
+        def record(i: int, replacement: BlockPatch | None) -> BlockPatch:
             def patch(args: dict, extra: dict) -> dict:
-                out = extra["original_block"](args)
+                out = replacement(args, extra) if replacement is not None else extra["original_block"](args)
                 outputs[i] = _copy_streams(out)
                 return out
             return patch
-        return {slot: record(i) for i, slot in enumerate(self.slots)}
+        return {slot: record(i, existing.get(slot)) for i, slot in enumerate(self.slots)}
 
     def _skipping(self, index: int, outputs: dict[int, dict]) -> dict[Slot, BlockPatch]:
         patches: dict[Slot, BlockPatch] = {self.slots[index]: skip_block}
@@ -91,7 +105,8 @@ def _copy_streams(streams: dict) -> dict:
 
 def run_stage1(model: ModelPatcher, latent: dict, positive, num_timesteps: int, num_samples: int, seed: int,
                prefix_reuse: bool = True) -> ImportanceResult:
-    samples = check_latent(latent, "FastLightGen Block Importance")
+    samples = check_latent(latent, NAME, model)
+    check_conditioning(positive, NAME, model)
     sigmas = stage1_sigmas(num_timesteps)
     probe = ImportanceProbe(block_slots(model), sigmas, num_samples, seed, prefix_reuse)
     guider = comfy.samplers.CFGGuider(model)
@@ -102,22 +117,8 @@ def run_stage1(model: ModelPatcher, latent: dict, positive, num_timesteps: int, 
 
 
 def importance_plot(result: ImportanceResult, plan: PrunePlan) -> torch.Tensor:
-    """Bar chart of the scores, kept blocks and dropped blocks in two colours, as an IMAGE (1, H, W, 3)."""
-    fig = Figure(figsize=(8, 3.6), dpi=100)
-    canvas = FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    kept = set(plan.kept)
-    colors = ["tab:blue" if i in kept else "tab:red" for i in range(len(result.scores))]
-    ax.bar(range(len(result.scores)), result.scores, color=colors)
-    ax.axhline(result.reference_error, color="gray", linestyle="--", label="full model")
-    ax.bar([], [], color="tab:blue", label=f"kept ({len(plan.kept)})")
-    ax.bar([], [], color="tab:red", label=f"dropped ({len(plan.dropped)})")
-    ax.set_xlabel("block")
-    ax.set_ylabel("x0 error with the block skipped")
-    ax.set_title(f"Stage I block importance ({result.num_samples} draws)")
-    ax.set_xticks(range(len(result.scores)))
-    ax.legend(loc="upper right", fontsize="small")
-    fig.tight_layout()
+    """The library's importance chart as an IMAGE (1, H, W, 3)."""
+    canvas = FigureCanvasAgg(importance_figure(result, plan))
     canvas.draw()
     rgb = np.asarray(canvas.buffer_rgba())[..., :3].astype(np.float32) / 255.0
     return torch.from_numpy(rgb)[None]
@@ -132,7 +133,8 @@ class BlockImportance(io.ComfyNode):
             category="FastLightGen",
             description="Stage I: scores every block by how much the denoised estimate degrades when that block "
                         "is skipped (no weight copy), plots the scores with the kept/dropped split, and makes a "
-                        "prune plan keeping the most important blocks.",
+                        "prune plan keeping the most important blocks. A model that already skips blocks (Apply "
+                        "Prune Plan) is scored as it runs and its skipped blocks stay dropped.",
             inputs=[
                 io.Model.Input("model", tooltip="A Wan (or HunyuanVideo) diffusion model."),
                 io.Latent.Input("latent", tooltip="Clean latents (a batch of videos); a noise_mask keeps "
@@ -143,7 +145,8 @@ class BlockImportance(io.ComfyNode):
                 io.Int.Input("num_samples", default=1, min=1, max=64, tooltip="Noise draws per noise level."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of the noise draws."),
                 io.Float.Input("keep_ratio", default=0.7, min=0.01, max=1.0, step=0.01,
-                               tooltip="Fraction of blocks the plan keeps (paper: 0.7, i.e. ~30% pruned)."),
+                               tooltip="Fraction of the blocks the model runs that the plan keeps (paper: 0.7, "
+                                       "i.e. ~30% pruned)."),
                 io.Boolean.Input("prefix_reuse", default=True,
                                  tooltip="Replay the full pass's outputs of the blocks before the skipped one "
                                          "(same scores, about half the compute)."),
@@ -159,9 +162,14 @@ class BlockImportance(io.ComfyNode):
     @classmethod
     def execute(cls, model, latent: dict, positive, num_timesteps: int, num_samples: int, seed: int,
                 keep_ratio: float, prefix_reuse: bool) -> io.NodeOutput:
+        check_finite(NAME, keep_ratio=keep_ratio)
+        fp, skipped = fingerprint(model), skipped_blocks(model)
+        count_kept(fp.num_blocks - len(skipped), keep_ratio)  # a bad ratio fails now, not after Stage I
         result = run_stage1(model, latent, positive, num_timesteps, num_samples, seed, prefix_reuse)
-        plan = PrunePlan.from_scores(fingerprint(model), result.scores, keep_ratio=keep_ratio,
-                                     reference_error=result.reference_error)
+        plan = PrunePlan.from_scores(fp, result.scores, keep_ratio=keep_ratio, reference_error=result.reference_error,
+                                     already_dropped=skipped)
         plot = importance_plot(result, plan)
         table = result.table() + f"\nkept: {plan.kept}\ndropped: {plan.dropped}"
+        if skipped:
+            table += f" (already skipped by the MODEL: {skipped}; scored as the MODEL runs, never kept)"
         return io.NodeOutput(plot, plan, table, ui=ui.PreviewImage(plot, cls=cls))

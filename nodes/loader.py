@@ -2,8 +2,10 @@
 
 Files come from `models/fastlightgen` (registered here with ComfyUI's folder_paths) or `diffusion_models`.
 `fastlightgen.checkpoint.read_checkpoint` validates the file (gaps in the block numbering, another family,
-truncation, ...) and reads diffusers- or original-layout weights; ComfyUI then builds its own Wan from the
-original-layout keys, with only the kept blocks, so memory really drops.
+truncation, ...) and reads every Wan weight format the stock Load Diffusion Model reads (diffusers or original
+layout, fp16/bf16/fp32, fp8, ComfyUI's fp8_scaled and mixed-precision files, `model.diffusion_model.`
+prefixes); ComfyUI then builds its own Wan from the original-layout tensors with the file's scales and
+metadata and the stock weight_dtype options, so the MODEL is the stock loader's, with only the kept blocks.
 """
 from __future__ import annotations
 
@@ -14,12 +16,20 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from fastlightgen.checkpoint import CheckpointMeta, Recommended, read_checkpoint
-from fastlightgen.flow import denoising_list_sigmas, euler_sigmas
-from fastlightgen.wan_keys import diffusers_to_original
+from fastlightgen.checkpoint import LoadedCheckpoint, read_checkpoint
+from fastlightgen.sampling import FEW_STEP
+
+from .student import mark_student
 
 FOLDER = "fastlightgen"
 SEARCHED = (FOLDER, "diffusion_models")
+# The stock UNETLoader's weight_dtype choices and the model_options each one means.
+WEIGHT_DTYPES = {
+    "default": {},
+    "fp8_e4m3fn": {"dtype": torch.float8_e4m3fn},
+    "fp8_e4m3fn_fast": {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True},
+    "fp8_e5m2": {"dtype": torch.float8_e5m2},
+}
 
 
 def register_model_folder() -> None:
@@ -42,20 +52,20 @@ def checkpoint_path(name: str) -> str:
     raise ValueError(f"checkpoint {name!r} is in neither models/{FOLDER} nor models/diffusion_models")
 
 
-def recommended_sigmas(rec: Recommended) -> torch.Tensor:
-    """A few-step student lists its timesteps; a teacher gives only a step count (uniform Euler, shifted)."""
-    if rec.denoising_step_list:
-        return denoising_list_sigmas(rec.denoising_step_list, rec.shift)
-    return euler_sigmas(rec.steps, rec.shift)
-
-
-def describe(meta: CheckpointMeta | None, num_blocks: int) -> str:
+def describe(ckpt: LoadedCheckpoint) -> str:
+    meta, num_blocks = ckpt.meta, ckpt.config["num_layers"]
     if meta is None:
-        return f"plain Wan checkpoint, {num_blocks} blocks, no FastLightGen metadata: default few-step sampling"
-    rec = meta.recommended
-    return (f"{meta.family}: {len(meta.kept_blocks)} of {meta.original_num_blocks} blocks kept "
-            f"{meta.kept_blocks}; recommended {rec.steps} steps {rec.denoising_step_list or ''} shift {rec.shift:g} "
-            f"cfg {rec.cfg_scale:g}")
+        text = f"plain Wan checkpoint, {num_blocks} blocks, no FastLightGen metadata: default few-step sampling"
+    else:
+        rec = meta.recommended
+        steps = list(rec.denoising_step_list) if rec.is_few_step else ""
+        text = (f"{meta.family}: {len(meta.kept_blocks)} of {meta.original_num_blocks} blocks kept "
+                f"{meta.kept_blocks}; recommended {rec.steps} steps {steps} shift {rec.shift:g} "
+                f"cfg {rec.cfg_scale:g}")
+    text += f"; weights {ckpt.weight_format}"
+    if ckpt.left_out:
+        text += f"; {len(ckpt.left_out)} tensors of other components left out (e.g. {ckpt.left_out[0]})"
+    return text
 
 
 class LoadCheckpoint(io.ComfyNode):
@@ -65,23 +75,33 @@ class LoadCheckpoint(io.ComfyNode):
             node_id="FastLightGenLoadCheckpoint",
             display_name="Load FastLightGen Checkpoint",
             category="FastLightGen",
-            description="Loads a FastLightGen checkpoint (a physically pruned, few-step Wan) or a plain Wan file in "
-                        "diffusers or original layout, and returns the model with the sampling schedule its "
-                        "metadata recommends.",
-            inputs=[io.Combo.Input("ckpt_name", options=checkpoint_names(),
-                                   tooltip="A .safetensors file in models/fastlightgen or models/diffusion_models.")],
+            description="Loads a FastLightGen checkpoint (a physically pruned, few-step Wan) or any Wan file the "
+                        "stock Load Diffusion Model reads (diffusers or original layout; fp16, bf16, fp8, ComfyUI's "
+                        "fp8_scaled), and returns the model with the sampling schedule its metadata recommends.",
+            inputs=[
+                io.Combo.Input("ckpt_name", options=checkpoint_names(),
+                               tooltip="A .safetensors file in models/fastlightgen or models/diffusion_models."),
+                # optional: API prompts written before this input existed still validate
+                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default", optional=True,
+                               tooltip="As in the stock Load Diffusion Model: 'default' keeps the file's format; "
+                                       "the fp8 choices store the weights in fp8 to save memory (_fast also "
+                                       "computes in fp8 on GPUs that support it)."),
+            ],
             outputs=[
                 io.Model.Output(),
                 io.Sigmas.Output(tooltip="The recommended few-step schedule (defaults when the file has none)."),
-                io.String.Output(display_name="info", tooltip="What the metadata says."),
+                io.String.Output(display_name="info", tooltip="What the metadata says, and the weight format."),
             ],
         )
 
     @classmethod
-    def execute(cls, ckpt_name: str) -> io.NodeOutput:
+    def execute(cls, ckpt_name: str, weight_dtype: str = "default") -> io.NodeOutput:
         ckpt = read_checkpoint(checkpoint_path(ckpt_name))
-        model = comfy.sd.load_diffusion_model_state_dict(diffusers_to_original(ckpt.state_dict))
+        model = comfy.sd.load_diffusion_model_state_dict(ckpt.comfy_state_dict(), dict(WEIGHT_DTYPES[weight_dtype]),
+                                                         metadata=dict(ckpt.file_metadata))
         if model is None:
             raise ValueError(f"ComfyUI could not detect the model in {ckpt.path}; is it a Wan 2.x DiT?")
-        rec = ckpt.meta.recommended if ckpt.meta is not None else Recommended()
-        return io.NodeOutput(model, recommended_sigmas(rec), describe(ckpt.meta, ckpt.config["num_layers"]))
+        if ckpt.meta is not None:  # the kept blocks, for FastLightGen LoRA and the misapplied-LoRA guard
+            mark_student(model, ckpt.meta.kept_blocks, ckpt.meta.original_num_blocks)
+        rec = ckpt.meta.recommended if ckpt.meta is not None else FEW_STEP
+        return io.NodeOutput(model, rec.sigmas, describe(ckpt))

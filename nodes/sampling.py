@@ -17,23 +17,18 @@ import torch
 from comfy_api.latest import io, ui
 
 from fastlightgen.flow import denoising_list_sigmas
-from fastlightgen.sampling import FewStepSampling
+from fastlightgen.sampling import FEW_STEP
 
 from .plan import parse_numbers
+from .validate import check_conditioning, check_finite, check_finite_result, check_latent
 
-DEFAULT_STEP_LIST = ", ".join(str(t) for t in FewStepSampling().denoising_step_list)
+DEFAULT_STEP_LIST = ", ".join(str(t) for t in FEW_STEP.denoising_step_list)
 SAMPLER_NAME = "lcm"
+SAMPLER = "FastLightGen Sampler"
 
 
 def few_step_sigmas(step_list: str, shift: float) -> torch.Tensor:
     return denoising_list_sigmas(parse_numbers(step_list, "denoising_step_list"), shift)
-
-
-def check_latent(latent: dict, node: str) -> torch.Tensor:
-    samples = latent["samples"]
-    if samples.shape[0] == 0:
-        raise ValueError(f"{node}: the LATENT batch is empty (0 samples); connect a latent with at least one")
-    return samples
 
 
 class FewStepSigmas(io.ComfyNode):
@@ -56,13 +51,14 @@ class FewStepSigmas(io.ComfyNode):
 
     @classmethod
     def execute(cls, denoising_step_list: str, shift: float) -> io.NodeOutput:
+        check_finite("FastLightGen Few-Step Sigmas", shift=shift)
         sigmas = few_step_sigmas(denoising_step_list, shift)
         text = "sigmas: [" + ", ".join(f"{s:.4f}" for s in sigmas.tolist()) + "]"
         logging.info("FastLightGen Few-Step Sigmas %s", text)
         return io.NodeOutput(sigmas, ui=ui.PreviewText(text))
 
 
-def sample_few_step(model, positive, latent: dict, seed: int, sigmas: torch.Tensor) -> dict:
+def sample_lcm(model, positive, latent: dict, seed: int, sigmas: torch.Tensor) -> dict:
     """What SamplerCustom does with add_noise, cfg 1 and lcm, with only a positive conditioning."""
     samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
@@ -73,6 +69,7 @@ def sample_few_step(model, positive, latent: dict, seed: int, sigmas: torch.Tens
     out = guider.sample(noise, samples, comfy.samplers.sampler_object(SAMPLER_NAME), sigmas,
                         denoise_mask=latent.get("noise_mask"), callback=callback,
                         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    check_finite_result(out, SAMPLER)
     return {**latent, "samples": out.to(comfy.model_management.intermediate_device())}
 
 
@@ -102,10 +99,11 @@ class FastLightGenSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, latent_image: dict, seed: int,
                 sigmas: torch.Tensor | None = None) -> io.NodeOutput:
-        check_latent(latent_image, "FastLightGen Sampler")
+        check_latent(latent_image, SAMPLER, model)
+        check_conditioning(positive, SAMPLER, model)
         if sigmas is None:
-            sigmas = FewStepSampling().sigmas
-        if sigmas.shape[-1] < 2 or float(sigmas[-1]) != 0.0:
-            raise ValueError(f"FastLightGen Sampler needs sigmas ending at 0 with at least one step, got "
+            sigmas = FEW_STEP.sigmas
+        if sigmas.shape[-1] < 2 or float(sigmas[-1]) != 0.0 or not torch.isfinite(sigmas).all():
+            raise ValueError(f"FastLightGen Sampler needs finite sigmas ending at 0 with at least one step, got "
                              f"{sigmas.tolist()}")
-        return io.NodeOutput(sample_few_step(model, positive, latent_image, seed, sigmas))
+        return io.NodeOutput(sample_lcm(model, positive, latent_image, seed, sigmas))

@@ -105,8 +105,9 @@ class ToyFirstFrameLatent(io.ComfyNode):
                 *_factor_inputs(),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
                              tooltip="Draws the start position (and the stripes of a textured background)."),
-                io.String.Input("caption", default="", tooltip="If given, its words choose the factors instead, "
-                                                               "e.g. 'a blue square moving up on a textured background'."),
+                io.String.Input("caption", default="",
+                                tooltip="If given, its words choose the factors instead, e.g. 'a blue square moving "
+                                        "up on a textured background'."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Copies of the latent."),
             ],
             outputs=[

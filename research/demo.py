@@ -1,10 +1,12 @@
-"""`python -m research.demo`: the main job on the embedded default (the toy world, CPU, ~2 minutes).
+"""`python -m research.demo`: the main job on the embedded default (the toy world, CPU, a few minutes).
 
 Generates the held-out prompts of the toy world (combinations of color, shape and direction never seen in
 training; the first frame is given, TI2V) with the toy teacher (50-step Euler with CFG) and, when it has
-been trained, the 4-step pruned student; writes each video as mp4 and the evaluator's table per model,
-with the cost per video of each: wall clock (one video per call, the two models timed in alternating rounds,
-the best of 10) and FLOPs (the same on every machine).
+been trained, the 4-step pruned student, each at several noise seeds; writes the first seed's videos as mp4
+and a report: each model's scores over all videos, the student's per-video paired difference to the teacher
+with its 95% bootstrap interval and verdict (research/stats.py; the margin is fixed there), the sanity
+table (research/sanity.py) and the cost per video of each model: wall clock (one video per call, the two
+models timed in alternating rounds, the best of 10) and FLOPs (the same on every machine).
 """
 from __future__ import annotations
 
@@ -18,12 +20,14 @@ import torch
 from fastlightgen.adapters import adapt
 from fastlightgen.checkpoint import load_wan
 from fastlightgen.io_utils import atomic_write_text
-from fastlightgen.sampling import FewStepSampling, TeacherSampling
-from fastlightgen.toy.evaluate import evaluate_batch
+from fastlightgen.sampling import Sampling
+from fastlightgen.toy.evaluate import EvalTable, evaluate_batch
 from fastlightgen.toy.generate import generate_few_step, generate_teacher
 from fastlightgen.toy.prompts import Prompts, split_prompts
 from fastlightgen.video_io import write_mp4
 
+from .sanity import sanity_markdown, sanity_rows
+from .stats import EQUIVALENCE_MARGIN, paired_interval
 from .timing import flops_per_call, seconds_per_call
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models" / "fastlightgen"
@@ -32,6 +36,7 @@ STUDENT = MODELS_DIR / "toy_student.safetensors"
 
 
 Generate = Callable[[Prompts], torch.Tensor]  # videos (B, 3, F, H, W) of the prompts
+SeededGenerate = Callable[[Prompts, int], torch.Tensor]  # the same, at a noise seed
 
 
 def load_fp32(path: Path):
@@ -39,12 +44,39 @@ def load_fp32(path: Path):
     return adapt(model.float()), meta
 
 
-def score_model(name: str, generate: Generate, prompts: Prompts, out_dir: Path) -> str:
-    """Generates every prompt, writes the videos and returns the evaluator's table."""
-    videos = generate(prompts)
-    for i, (video, label) in enumerate(zip(videos, prompts.captions)):
-        write_mp4(out_dir / name / f"{i:02d}_{label.replace(' ', '_')}.mp4", video, upscale=8)
-    return evaluate_batch(videos, list(prompts.factors)).to_markdown(per_video=True)
+def score_model(name: str, generate: SeededGenerate, prompts: Prompts, seeds: list[int], out_dir: Path) -> EvalTable:
+    """Generates every prompt at every seed and scores the videos; writes the first seed's as mp4."""
+    labels, rows = [], []
+    for seed in seeds:
+        videos = generate(prompts, seed)
+        if seed == seeds[0]:
+            for i, (video, label) in enumerate(zip(videos, prompts.captions)):
+                write_mp4(out_dir / name / f"{i:02d}_{label.replace(' ', '_')}.mp4", video, upscale=8)
+        table = evaluate_batch(videos, list(prompts.factors))
+        labels += [f"seed {seed}: {label}" for label in table.labels]
+        rows += table.rows
+    return EvalTable(labels, rows)
+
+
+def summary_markdown(tables: dict[str, EvalTable], costs: dict[str, tuple[float, float]]) -> str:
+    columns = ("faithful", "correct", "fidelity", "overall", "adherence")
+    lines = ["| model | " + " | ".join(columns) + " | s / video | GFLOP / video |", "|---" * (len(columns) + 3) + "|"]
+    for name, table in tables.items():
+        mean, std = table.mean(), table.std()
+        seconds, flops = costs[name]
+        lines.append(f"| {name} | " + " | ".join(f"{mean[c]:.3f} ± {std[c]:.3f}" for c in columns)
+                     + f" | {seconds:.3f} | {flops / 1e9:.2f} |")
+    return "\n".join(lines)
+
+
+def comparison_markdown(student: EvalTable, teacher: EvalTable, prompts: Prompts, seeds: list[int]) -> str:
+    """Student - teacher per video, resampled over held-out combinations then videos."""
+    combos = [f.combination for f in prompts.factors] * len(seeds)
+    lines = [f"| score | student - teacher, mean [95% CI] | verdict (margin ±{EQUIVALENCE_MARGIN}) |", "|---|---|---|"]
+    for column in ("faithful", "overall"):
+        interval = paired_interval([r[column] for r in student.rows], [r[column] for r in teacher.rows], combos)
+        lines.append(f"| {column} | {interval} | {interval.verdict()} |")
+    return "\n".join(lines)
 
 
 def one_video(generate: Generate, prompts: Prompts) -> Callable[[], torch.Tensor]:
@@ -56,8 +88,8 @@ def one_video(generate: Generate, prompts: Prompts) -> Callable[[], torch.Tensor
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("outputs/demo"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--per-combination", type=int, default=1)
+    p.add_argument("--seeds", default="0,1,2,3,4", help="noise seeds, comma-separated: every prompt at each")
+    p.add_argument("--per-combination", type=int, default=1, help="renders (positions, backgrounds) per combination")
     p.add_argument("--split", choices=("heldout", "train"), default="heldout",
                    help="tune sampling settings on 'train' prompts, never on the held-out ones")
     p.add_argument("--limit", type=int, default=None, help="use only the first N combinations of the split")
@@ -65,37 +97,56 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=None, help="override the teacher's recommended step count")
     p.add_argument("--teacher", type=Path, default=TEACHER)
     p.add_argument("--student", type=Path, default=STUDENT)
+    p.add_argument("--student-adapter", type=Path, default=None,
+                   help="build the student from the teacher and this adapter (train.export_adapter) instead")
     args = p.parse_args(argv)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    source = args.student_adapter or args.student  # the file the student comes from
+    if len(seeds) < 2 and source.is_file():
+        p.error("--seeds: a paired comparison needs at least two noise seeds")
 
-    torch.manual_seed(args.seed)
-    prompts = split_prompts(args.split, args.per_combination, args.seed, args.limit)
+    prompts = split_prompts(args.split, args.per_combination, 0, args.limit)
     teacher, meta = load_fp32(args.teacher)
-    rec = meta.recommended if meta else None
-    teacher_cfg = TeacherSampling(steps=rec.steps, shift=rec.shift, cfg_scale=rec.cfg_scale) if rec else TeacherSampling()
-    teacher_cfg = replace(teacher_cfg, **{k: v for k, v in (("steps", args.steps), ("cfg_scale", args.cfg)) if v})
-    models = {f"teacher ({teacher_cfg.steps}-step Euler, CFG {teacher_cfg.cfg_scale})":
-              lambda batch: generate_teacher(teacher, batch, args.seed, teacher_cfg)}
-    if args.student.is_file():
+    overrides = {k: v for k, v in (("steps", args.steps), ("cfg_scale", args.cfg)) if v}
+    teacher_cfg = replace(meta.recommended if meta else Sampling(), **overrides)
+    models: dict[str, SeededGenerate] = {
+        f"teacher ({teacher_cfg.steps}-step Euler, CFG {teacher_cfg.cfg_scale})":
+            lambda batch, seed: generate_teacher(teacher, batch, seed, teacher_cfg)}
+    if args.student_adapter is not None:
+        from fastlightgen.student_adapter import apply_adapter, read_adapter
+
+        adapter = read_adapter(args.student_adapter)
+        student, smeta = adapt(apply_adapter(teacher.model, adapter).float()), adapter.meta
+    elif args.student.is_file():
         student, smeta = load_fp32(args.student)
-        few = FewStepSampling(tuple(smeta.recommended.denoising_step_list), smeta.recommended.shift)
+    if source.is_file():
+        few = smeta.recommended
+        origin = ", from adapter" if args.student_adapter else ""
         models[f"student ({len(few.denoising_step_list)}-step, {len(smeta.kept_blocks)}/"
-               f"{smeta.original_num_blocks} blocks)"] = lambda batch: generate_few_step(student, batch, args.seed, few)
-    tables = [score_model(name, generate, prompts, args.out) for name, generate in models.items()]
-    calls = [one_video(generate, prompts) for generate in models.values()]
+               f"{smeta.original_num_blocks} blocks{origin})"] = lambda batch, seed: generate_few_step(student, batch,
+                                                                                                     seed, few)
+    tables = {name: score_model(name, generate, prompts, seeds, args.out) for name, generate in models.items()}
+    calls = [one_video(lambda batch, g=generate: g(batch, seeds[0]), prompts) for generate in models.values()]
     times = seconds_per_call(*calls)  # the models in alternating rounds
-    flops = [flops_per_call(call) for call in calls]
-    sections = [f"### {name}: {t:.2f} s per video ({f / 1e9:.2f} GFLOP)\n\n{table}\n"
-                for name, table, t, f in zip(models, tables, times, flops)]
-    if len(times) == 2:
-        sections.append(f"speed-up of the student over the teacher: {times[0] / times[1]:.1f}x in wall clock, "
-                        f"{flops[0] / flops[1]:.1f}x in FLOPs\n")
+    costs = {name: (t, flops_per_call(call)) for name, t, call in zip(models, times, calls)}
+
+    teacher_table, *student_table = tables.values()
+    sections = [f"## Scores over {len(teacher_table.rows)} videos (mean ± std)\n\n{summary_markdown(tables, costs)}\n"]
+    if student_table:
+        sections.append(f"## The student against the teacher, paired per video\n\n"
+                        f"{comparison_markdown(student_table[0], teacher_table, prompts, seeds)}\n\n"
+                        f"Speed-up: {times[0] / times[1]:.1f}x in wall clock, "
+                        f"{costs[list(models)[0]][1] / costs[list(models)[1]][1]:.1f}x in FLOPs.\n")
     else:
         sections.append(f"(no student at {args.student}: train one with the pipeline in train/README.md)\n")
-    report = (f"# FastLightGen toy-world demo\n\n{len(prompts.factors)} {args.split} prompts, seed {args.seed}, "
-              f"{torch.get_num_threads()} CPU threads.\n\n" + "\n".join(sections))
+    sections.append(f"## Sanity table (the same prompts and seeds)\n\n"
+                    f"{sanity_markdown(sanity_rows(prompts, teacher_table, seeds[0]))}\n")
+    sections += [f"## {name}, per video\n\n{table.to_markdown(per_video=True)}\n" for name, table in tables.items()]
+    report = (f"# FastLightGen toy-world demo\n\n{len(prompts.factors)} {args.split} prompts x noise seeds "
+              f"{args.seeds}; {torch.get_num_threads()} CPU threads.\n\n" + "\n".join(sections))
     atomic_write_text(args.out / "report.md", report)
     print(report)
-    print(f"videos and report in {args.out}/")
+    print(f"videos (seed {seeds[0]}) and report in {args.out}/")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """What `research.reproduce` measures about one model, and how a table of such measurements is written.
 
 A `Measured` is one model sampled on the report's prompts: the evaluator's table over its videos, its
-parameters as a fraction of the teacher's, its shape (blocks, steps, network evaluations per video) and, once
-`Costs` has measured that shape, its wall-clock seconds and FLOPs per video.
+parameters as a fraction of the teacher's, its cost class (blocks, steps, network evaluations per video) and,
+once `Costs` has measured that class, its wall-clock seconds and FLOPs per video.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ SHORT = {"i2v_subject": "i2v subj", "subject_consistency": "subj cons", "motion_
 
 
 @dataclass(frozen=True)
-class Shape:
-    """All a model's cost per video depends on: two models of one shape differ only in their weights."""
+class CostClass:
+    """All a model's cost per video depends on: two models of one cost class differ only in their weights."""
 
     blocks: int
     steps: int
@@ -47,7 +47,7 @@ class Measured:
     label: str
     table: EvalTable
     params: float  # fraction of the teacher's parameters
-    shape: Shape
+    cost_class: CostClass
     timer: Callable[[], object]  # generates one video, as a user makes them, for `Costs`
     videos: torch.Tensor | None = None
     settings: tuple[str, ...] = ()  # the ablated values this row was trained with, in the table's extra columns
@@ -69,8 +69,8 @@ class Measured:
 
     def numbers(self) -> dict[str, float]:
         return {**self.table.mean(), "overall_std": self.spread, "seconds_per_video": self.seconds,
-                "gflops_per_video": self.cost.flops / 1e9, "params": self.params, "blocks": self.shape.blocks,
-                "steps": self.shape.steps, "nfe": self.shape.nfe}
+                "gflops_per_video": self.cost.flops / 1e9, "params": self.params, "blocks": self.cost_class.blocks,
+                "steps": self.cost_class.steps, "nfe": self.cost_class.nfe}
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -82,36 +82,36 @@ Generate = Callable[[DiTAdapter, Prompts], torch.Tensor]  # videos (B, 3, F, H, 
 
 def measure(label: str, model: nn.Module, generate: Generate, prompts: Prompts, teacher_params: int, steps: int,
             nfe: int, keep_videos: bool = False) -> Measured:
-    """Quality over all `prompts`; the cost is measured per shape, by `Costs`."""
+    """Quality over all `prompts`; the cost is measured per cost class, by `Costs`."""
     adapter = adapt(model.float().eval())
     videos = generate(adapter, prompts)
     table = evaluate_batch(videos, list(prompts.factors))
-    return Measured(label, table, parameter_count(model) / teacher_params, Shape(adapter.num_blocks, steps, nfe),
+    return Measured(label, table, parameter_count(model) / teacher_params, CostClass(adapter.num_blocks, steps, nfe),
                     one_video(lambda batch: generate(adapter, batch), prompts), videos if keep_videos else None)
 
 
 class Costs:
-    """Seconds and FLOPs per video of each shape, measured once per report.
+    """Seconds and FLOPs per video of each cost class, measured once per report.
 
     One video per call for every model (as a user makes them; a 4-step model timed on 24 videos at once
-    looked 43x faster than the teacher timed on 4, against about 37x at equal batch). The shapes first met
+    looked faster than it is against a teacher timed on fewer). The classes first met
     in one table are timed together in alternating rounds (`seconds_per_call`), so that their ratios are not
-    decided by when each was measured; later rows of a known shape reuse its cost.
+    decided by when each was measured; later rows of a known class reuse its cost.
     """
 
     def __init__(self, rounds: int, round_seconds: float):
         self.rounds, self.round_seconds = rounds, round_seconds
-        self.known: dict[Shape, Cost] = {}
+        self.known: dict[CostClass, Cost] = {}
 
     def of(self, rows: Sequence[Measured]) -> list[Measured]:
-        new: dict[Shape, Callable[[], object]] = {}
+        new: dict[CostClass, Callable[[], object]] = {}
         for row in rows:
-            if row.shape not in self.known:
-                new.setdefault(row.shape, row.timer)
+            if row.cost_class not in self.known:
+                new.setdefault(row.cost_class, row.timer)
         seconds = seconds_per_call(*new.values(), rounds=self.rounds, round_seconds=self.round_seconds) if new else []
-        for (shape, timer), s in zip(new.items(), seconds):
-            self.known[shape] = Cost(s, flops_per_call(timer))
-        return [replace(row, cost=self.known[row.shape]) for row in rows]
+        for (cost_class, timer), s in zip(new.items(), seconds):
+            self.known[cost_class] = Cost(s, flops_per_call(timer))
+        return [replace(row, cost=self.known[row.cost_class]) for row in rows]
 
 
 def markdown_table(rows: Sequence[Measured], reference: Measured | None, extra: Sequence[str] = ()) -> str:
@@ -125,7 +125,7 @@ def markdown_table(rows: Sequence[Measured], reference: Measured | None, extra: 
         speed, flop_ratio = (f"{reference.seconds / row.seconds:.1f}x",
                              f"{reference.cost.flops / row.cost.flops:.1f}x") if reference else ("–", "–")
         settings = row.settings or ("–",) * len(extra)
-        cells = [row.label, *settings, f"{row.params:.0%}", f"{row.shape.steps} ({row.shape.nfe})",
+        cells = [row.label, *settings, f"{row.params:.0%}", f"{row.cost_class.steps} ({row.cost_class.nfe})",
                  *(f"{mean[c]:.3f}" for c in SHOWN), f"**{row.overall:.3f}** ± {row.spread:.3f}",
                  f"{row.seconds:.3f}", speed, f"{row.cost.flops / 1e9:.2f}", flop_ratio]
         lines.append("| " + " | ".join(cells) + " |")

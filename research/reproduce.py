@@ -25,14 +25,13 @@ from fastlightgen.adapters import adapt
 from fastlightgen.checkpoint import load_wan
 from fastlightgen.io_utils import atomic_write_text
 from fastlightgen.plan import PrunePlan
-from fastlightgen.sampling import FewStepSampling, TeacherSampling
+from fastlightgen.sampling import Sampling
 from fastlightgen.toy.evaluate import evaluate_batch
 from fastlightgen.toy.generate import generate_few_step, generate_teacher, generate_well_guided
 from fastlightgen.toy.prompts import split_prompts
 from fastlightgen.video_io import write_mp4
 from train.config import Config
-from train.export import student_model
-from train.models import MODEL_FILE, load_teacher, load_weights, read_run_info
+from train.models import MODEL_FILE, load_teacher, load_weights, read_run_info, student_model
 
 from .report import Costs, Measured, all_finite, contour_plot, markdown_table, measure, parameter_count, with_settings
 from .run_cache import StageCache
@@ -98,8 +97,7 @@ class Reproduction:
         self.base = cache.config()
         self.teacher, meta = load_wan(self.base.model.teacher)
         self.teacher_params = parameter_count(self.teacher)
-        rec = meta.recommended
-        self.teacher_sampling = TeacherSampling(rec.steps, rec.shift, rec.cfg_scale)
+        self.teacher_sampling = meta.recommended
         self.prompts = split_prompts("heldout", mode.renders, seed, mode.combinations)
         self.train_prompts = split_prompts("train", 1, seed, len(self.prompts.factors))
         self.teacher_measured = self.euler("Euler with CFG (teacher)", self.teacher, keep_videos=True)
@@ -115,9 +113,8 @@ class Reproduction:
 
     def euler(self, label: str, model: torch.nn.Module, keep_videos: bool = False) -> Measured:
         ts = self.teacher_sampling
-        nfe = ts.steps * (2 if ts.cfg_scale != 1 else 1)
         return measure(label, model, lambda a, prompts: generate_teacher(a, prompts, self.seed, ts), self.prompts,
-                       self.teacher_params, ts.steps, nfe, keep_videos)
+                       self.teacher_params, ts.steps, ts.nfe, keep_videos)
 
     def memo(self, key: tuple, label: str, run: Callable[[], Measured]) -> Measured:
         """A model's measurement is taken once per report run; later tables reuse it under their label."""
@@ -135,7 +132,7 @@ class Reproduction:
     def _student(self, label: str, folder: Path, steps: int, keep_videos: bool) -> Measured:
         info = read_run_info(folder)
         model = student_model(self.base, folder, info)
-        few = FewStepSampling(FEW_STEP_LISTS[steps], info["shift"])
+        few = Sampling.few_step(FEW_STEP_LISTS[steps], info["shift"])
         return measure(label, model, lambda a, prompts: generate_few_step(a, prompts, self.seed, few), self.prompts,
                        self.teacher_params, steps, steps, keep_videos)
 
@@ -260,7 +257,7 @@ class Reproduction:
                 f"{': agrees.' if float(best.settings[0]) == 1.0 else ': disagrees with the paper.'} Alpha = 1 "
                 f"scores {rows[-1].overall:.3f} here (the teacher {self.teacher_row.overall:.3f}). The recipe's "
                 f"alpha = {self.base.stage2.alpha} was fixed before this table existed, after alpha = 1 collapsed an "
-                f"earlier toy model at a larger learning rate (the comment on stage2.alpha in the config).\n")
+                f"earlier toy model at a larger learning rate (train/README.md, \"The toy recipe\").\n")
         return text, {f"alpha {r.settings[0]}": r.numbers() for r in rows}
 
     def table9(self) -> tuple[str, dict]:
@@ -312,7 +309,7 @@ class Reproduction:
         folder = self.cache.stage2(base)
         model = adapt(load_weights(load_teacher(self.base), folder / MODEL_FILE).eval())
         plan = self.plan(base)
-        preview = TeacherSampling(self.mode.preview_steps, self.teacher_sampling.shift, 1.0)
+        preview = Sampling(self.mode.preview_steps, self.teacher_sampling.shift, 1.0)
         start = time.perf_counter()
         previews = {}
         for b1, b2 in self.beta_grid():

@@ -1,13 +1,12 @@
-"""What a call costs: its wall-clock seconds on a machine whose speed drifts (a shared host: the same call has
-measured a quarter slower from one second to the next here), and its floating-point operations, which do not
-drift.
+"""What a call costs: its wall-clock seconds, on a machine whose speed may drift, and its floating-point
+operations, which do not drift.
 
 Calls compared with each other are timed in interleaved rounds, so a slow spell hits each of them alike;
-each round repeats a call for about `round_seconds` (a 0.1-s call is not decided by the timer's jitter).
-A call's time is its fastest round: load from elsewhere only ever adds time. Ten rounds, because one quiet
-spell must fall in a round of each call: in 15 alternating rounds of the toy teacher (one call, 3.5-6.7 s)
-and student (2-s rounds, 0.10-0.19 s a call) the ratio of a round ranged from 28x to 42x, and the best of
-the first ten rounds gave 36.1x, against 36.2x in FLOPs.
+each round repeats a call for about `round_seconds`, so a short call is not decided by the timer's jitter.
+A call's time is its fastest round: load from elsewhere only ever adds time. Ten rounds by default, so that
+a quiet spell falls in a round of each call (README.md, "The paper's tables", has the spread this guards
+against). On a GPU, pass the `device`: a round ends when the device has finished the work it was given, not
+when the calls have queued it.
 """
 from __future__ import annotations
 
@@ -19,19 +18,22 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 
-def seconds_per_call(*calls: Callable[[], object], rounds: int = 10, round_seconds: float = 2.0) -> list[float]:
-    repeats = []
-    for call in calls:
+def seconds_per_call(*calls: Callable[[], object], rounds: int = 10, round_seconds: float = 2.0,
+                     device: torch.device | None = None) -> list[float]:
+    def timed(call: Callable[[], object], n: int) -> float:
         start = time.perf_counter()
-        call()  # warm-up: pays one-off allocation costs, and sizes the call's rounds
-        repeats.append(max(1, math.ceil(round_seconds / (time.perf_counter() - start))))
+        for _ in range(n):
+            call()
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    # warm-up: pays one-off allocation costs (and kernel selection), and sizes the call's rounds
+    repeats = [max(1, math.ceil(round_seconds / timed(call, 1))) for call in calls]
     best = [float("inf")] * len(calls)
     for _ in range(rounds):
         for i, (call, n) in enumerate(zip(calls, repeats)):
-            start = time.perf_counter()
-            for _ in range(n):
-                call()
-            best[i] = min(best[i], (time.perf_counter() - start) / n)
+            best[i] = min(best[i], timed(call, n) / n)
     return best
 
 

@@ -25,6 +25,8 @@ from workflow_to_prompt import widget_names  # noqa: E402
 OUT_DIR = REPO / "workflows"
 STUDENT = "toy_student.safetensors"
 TEACHER = "toy_teacher.safetensors"
+STUDENT_ADAPTER = "toy_student_adapter.safetensors"
+DEMO_LORA = "toy_teacher_demo_lora.safetensors"  # scripts/make_toy_lora.py
 COLUMN_WIDTH, ROW_GAP = 380, 40
 
 
@@ -140,6 +142,41 @@ WORKFLOWS = [
                        "latent_image": ("latent", 0)}),
                  Node("decode", "FastLightGenToyDecode", links={"samples": ("ksampler", 0)}),
                  Node("frames", "SaveImage", {"filename_prefix": "fastlightgen/pruned_frames"},
+                      {"images": ("decode", 0)}),
+             ]),
+    Workflow("fastlightgen_student_lora",
+             "# FastLightGen: a LoRA made for the full model on the pruned student\nFastLightGen LoRA moves each "
+             "block's LoRA to the student block that was that original block and reports what the dropped "
+             "blocks leave out (the stock Load LoRA would put it on the wrong blocks). The demo LoRA is random.", [
+                 Node("student", "FastLightGenLoadCheckpoint", {"ckpt_name": STUDENT}),
+                 Node("lora", "FastLightGenStudentLoRA", {"lora_name": DEMO_LORA, "strength_model": 1.0},
+                      {"model": ("student", 0)}),
+                 _first_frame(),
+                 Node("positive", "FastLightGenToyTextEncode", links={"prompt": ("latent", 1)}),
+                 Node("sampler", "FastLightGenSampler", {"seed": 0},
+                      {"model": ("lora", 0), "positive": ("positive", 0), "latent_image": ("latent", 0),
+                       "sigmas": ("student", 1)}),
+                 Node("decode", "FastLightGenToyDecode", links={"samples": ("sampler", 0)}),
+                 Node("frames", "SaveImage", {"filename_prefix": "fastlightgen/student_lora_frames"},
+                      {"images": ("decode", 0)}),
+             ]),
+    Workflow("fastlightgen_student_adapter_ksampler",
+             "# FastLightGen: the student from the teacher plus a small adapter, in the stock KSampler\n"
+             "The stock Load Diffusion Model reads the full teacher (any format, fp8 too); Apply Student Adapter "
+             "removes the plan's blocks and adds the student's low-rank deltas. KSampler runs the student's "
+             "4-step contract: shift 5, the simple schedule, lcm (predict x0, re-noise), CFG 1.", [
+                 Node("teacher", "UNETLoader", {"unet_name": TEACHER, "weight_dtype": "default"}),
+                 Node("student", "FastLightGenApplyStudentAdapter", {"adapter_name": STUDENT_ADAPTER},
+                      {"model": ("teacher", 0)}),
+                 Node("shift", "ModelSamplingSD3", {"shift": 5.0}, {"model": ("student", 0)}),
+                 _first_frame(),
+                 *_prompts(),
+                 Node("ksampler", "KSampler", {"seed": 0, "steps": 4, "cfg": 1.0, "sampler_name": "lcm",
+                                               "scheduler": "simple", "denoise": 1.0},
+                      {"model": ("shift", 0), "positive": ("positive", 0), "negative": ("negative", 0),
+                       "latent_image": ("latent", 0)}),
+                 Node("decode", "FastLightGenToyDecode", links={"samples": ("ksampler", 0)}),
+                 Node("frames", "SaveImage", {"filename_prefix": "fastlightgen/adapter_frames"},
                       {"images": ("decode", 0)}),
              ]),
     Workflow("fastlightgen_wan22_ti2v_5b_4step",

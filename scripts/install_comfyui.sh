@@ -145,6 +145,17 @@ else
         log "linked ${#models[@]} model(s) into models/${dest}/"
     done
 fi
+# the demo LoRA of the student-LoRA workflow
+shopt -s nullglob
+loras=("${REPO_DIR}/models/loras"/*.safetensors)
+shopt -u nullglob
+if (( ${#loras[@]} > 0 )); then
+    mkdir -p "${COMFYUI_DIR}/models/loras"
+    for f in "${loras[@]}"; do
+        ln -sfn "${f}" "${COMFYUI_DIR}/models/loras/$(basename "${f}")"
+    done
+    log "linked ${#loras[@]} LoRA(s) into models/loras/"
+fi
 
 # ---------------------------------------------------------------- 5. chromium (optional)
 if [[ "${WITH_CHROMIUM}" == "1" ]]; then

@@ -72,20 +72,6 @@ def test_pruned_model_lives_where_its_teacher_does(case):
     assert {t.device.type for t in [*pruned.parameters(), *pruned.buffers()]} == {"meta"}
 
 
-def test_pair_equals_two_calls_and_shares_prefix():
-    model = tiny_wan("ti2v", layers=6)
-    x, cond = wan_inputs(model)
-    adapter = adapt(model)
-    with torch.no_grad():
-        a, b = {3, 5}, set()
-        separate = (adapter(x, SIGMA, cond, skip=a), adapter(x, SIGMA, cond, skip=b))
-        adapter.block_evaluations = 0
-        pair = adapter.forward_pair(x, SIGMA, cond, a, b)
-    assert torch.equal(pair[0], separate[0]) and torch.equal(pair[1], separate[1])
-    # prefix 0..2 once, then blocks 3,4 (minus 3) for a... = 3 + (1) + (3) = 7 instead of 4 + 6 = 10
-    assert adapter.block_evaluations == 7
-
-
 def _guided_cases():
     for variant in ("t2v", "i2v", "ti2v"):
         model = tiny_wan(variant, layers=6)

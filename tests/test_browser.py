@@ -120,3 +120,45 @@ def test_every_workflow_loads_in_the_editor_without_missing_nodes(comfyui_server
         assert result["missing"] == [], f"{name}: missing node types {result['missing']}"
         assert result["nodes"] == result["expected"], f"{name}: {result}"
         assert (shots / f"{name}.png").stat().st_size > 10_000, f"{name}: blank screenshot?"
+
+
+HELP_NODE = "FastLightGenSampler"
+# the editor's own help panel state (Pinia store 'nodeHelp'), as the node library's help button opens it
+OPEN_HELP = """(async () => {
+  const pinia = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia;
+  const help = pinia._s.get('nodeHelp'), nodeDef = pinia._s.get('nodeDef').nodeDefsByName['%s'];
+  help.openHelp(nodeDef);
+  for (let i = 0; i < 300 && (help.isLoading || !help.renderedHelpHtml); i++)
+    await new Promise(r => setTimeout(r, 100));
+  return JSON.stringify({baseUrl: help.baseUrl, error: help.error, html: help.renderedHelpHtml});
+})()"""
+
+
+async def _open_help(ws_url: str, server_url: str) -> dict:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
+        tools = DevTools(ws)
+        await tools.call("Page.enable")
+        await tools.call("Page.navigate", url=server_url)
+        deadline = time.monotonic() + 180
+        while not await tools.evaluate(UI_READY):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the ComfyUI editor did not start in 180 s")
+            await asyncio.sleep(1.0)
+        return json.loads(await tools.evaluate(OPEN_HELP % HELP_NODE, timeout=60))
+
+
+def test_the_editor_shows_a_nodes_help_page(comfyui_server, tmp_path):
+    """The help panel loads the pack's page (web/docs/<node id>.md), not the fallback of the node's description."""
+    proc, ws_url = _start_chromium(tmp_path / "profile")
+    try:
+        result = asyncio.run(_open_help(ws_url, comfyui_server.url))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert result["error"] is None and result["baseUrl"].endswith("/docs/"), result
+    assert "Typical graph" in result["html"] and "latent_image" in result["html"], result["html"][:500]

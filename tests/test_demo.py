@@ -4,7 +4,8 @@ import re
 import av
 import torch
 
-from fastlightgen.checkpoint import CheckpointMeta, Recommended, save_checkpoint
+from fastlightgen.checkpoint import CheckpointMeta, save_checkpoint
+from fastlightgen.sampling import Sampling
 from fastlightgen.toy.teacher import ToyTeacherShape, build_toy_teacher
 from fastlightgen.video_io import write_mp4
 from research import demo
@@ -22,11 +23,24 @@ def test_write_mp4_round_trip(tmp_path):
 def test_demo_writes_videos_and_table(tmp_path):
     model = build_toy_teacher(ToyTeacherShape(num_layers=2), seed=0)
     teacher = tmp_path / "teacher.safetensors"
-    save_checkpoint(teacher, model, CheckpointMeta(2, [0, 1], recommended=Recommended(steps=3, denoising_step_list=[],
-                                                                                    cfg_scale=2.0)))
+    save_checkpoint(teacher, model, CheckpointMeta(2, [0, 1], recommended=Sampling(steps=3, cfg_scale=2.0)))
     demo.main(["--teacher", str(teacher), "--student", str(tmp_path / "absent.safetensors"),
-               "--out", str(tmp_path / "out")])
+               "--out", str(tmp_path / "out"), "--seeds", "0,1"])
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "teacher (3-step Euler, CFG 2.0)" in report and "| mean (n=12) |" in report
-    assert "no student" in report and re.search(r"s per video \([0-9.]+ GFLOP\)", report)
-    assert len(list((tmp_path / "out").rglob("*.mp4"))) == 12
+    assert "teacher (3-step Euler, CFG 2.0)" in report and "| mean (n=24) |" in report
+    assert "no student" in report and re.search(r"\| [0-9.]+ \| [0-9.]+ \|\n", report)  # s and GFLOP per video
+    assert "Sanity table" in report and "ordering **" in report
+    assert len(list((tmp_path / "out").rglob("*.mp4"))) == 12  # the first seed's videos
+
+
+def test_demo_compares_a_student_with_its_interval(tmp_path):
+    model = build_toy_teacher(ToyTeacherShape(num_layers=2), seed=0)
+    teacher, student = tmp_path / "teacher.safetensors", tmp_path / "student.safetensors"
+    save_checkpoint(teacher, model, CheckpointMeta(2, [0, 1], recommended=Sampling(steps=3, cfg_scale=2.0)))
+    save_checkpoint(student, model, CheckpointMeta(2, [0, 1], recommended=Sampling.few_step((1000, 500), 5.0)))
+    demo.main(["--teacher", str(teacher), "--student", str(student), "--out", str(tmp_path / "out"),
+               "--seeds", "0,1", "--limit", "4"])
+    report = (tmp_path / "out" / "report.md").read_text()
+    rows = re.findall(r"\| (faithful|overall) \| ([+-][0-9.]+) \[([+-][0-9.]+), ([+-][0-9.]+)\] \| ([a-z, ]+) \|", report)
+    assert [r[0] for r in rows] == ["faithful", "overall"]
+    assert all(float(low) <= float(mean) <= float(high) for _, mean, low, high, _ in rows)

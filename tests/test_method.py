@@ -6,6 +6,7 @@ import torch
 from tiny_models import tiny_wan, wan_inputs
 
 from fastlightgen.adapters import ModelFingerprint, adapt
+from fastlightgen.first_frame import frame_sigma, loss_frames, noised, pin
 from fastlightgen.flow import (
     add_noise,
     denoising_list_sigmas,
@@ -18,7 +19,7 @@ from fastlightgen.flow import (
 from fastlightgen.guidance import TeacherMix, well_guided_velocity
 from fastlightgen.importance import block_importance, stage1_sigmas
 from fastlightgen.plan import PlanMismatchError, PrunePlan
-from fastlightgen.sampling import FewStepSampling, TeacherSampling, sample_euler_cfg, sample_few_step
+from fastlightgen.sampling import FEW_STEP, Sampling, sample_euler_cfg, sample_few_step
 
 
 def test_tweedie_inverts_noising():
@@ -148,12 +149,12 @@ def test_samplers_are_deterministic_and_pin_the_first_frame():
     adapter = adapt(model)
     x, cond = wan_inputs(model, batch=1)
     first = torch.randn(1, 48, 1, 8, 8)
-    runs = [sample_few_step(adapter, x, cond, FewStepSampling(), skip={1},
+    runs = [sample_few_step(adapter, x, cond, FEW_STEP, skip={1},
                             generator=torch.Generator().manual_seed(7), first_frame=first) for _ in range(2)]
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0][:, :, :1], first)
     other = sample_few_step(adapter, x, cond, generator=torch.Generator().manual_seed(8), first_frame=first)
     assert not torch.equal(runs[0], other)
-    teacher = [sample_euler_cfg(adapter, x, cond, cond.null_like(), TeacherSampling(steps=4)) for _ in range(2)]
+    teacher = [sample_euler_cfg(adapter, x, cond, cond.null_like(), Sampling(steps=4)) for _ in range(2)]
     assert torch.equal(teacher[0], teacher[1]) and torch.isfinite(teacher[0]).all()
 
 
@@ -162,5 +163,32 @@ def test_few_step_sampler_counts_model_calls():
     adapter = adapt(model)
     x, cond = wan_inputs(model, batch=1)
     adapter.block_evaluations = 0
-    sample_few_step(adapter, x, cond, FewStepSampling((1000, 500)), skip={0}, generator=torch.Generator())
+    sample_few_step(adapter, x, cond, Sampling.few_step((1000, 500)), skip={0}, generator=torch.Generator())
     assert adapter.block_evaluations == 2 * 2  # 2 steps x 2 kept blocks, no CFG pass
+
+
+def test_sampling_contract_gives_each_kind_its_schedule():
+    torch.testing.assert_close(Sampling(steps=50, shift=5.0).sigmas, euler_sigmas(50, 5.0))
+    torch.testing.assert_close(FEW_STEP.sigmas, denoising_list_sigmas([1000, 750, 500, 250], 5.0))
+    assert (FEW_STEP.steps, FEW_STEP.cfg_scale, FEW_STEP.nfe, Sampling(steps=50, cfg_scale=3.5).nfe) == (4, 1.0, 4, 100)
+    assert Sampling.from_dict({"steps": 4, "shift": 5, "cfg_scale": 1, "denoising_step_list": [1000, 750, 500, 250]}) \
+        == FEW_STEP
+    with pytest.raises(ValueError, match="runs 2 steps without CFG"):
+        Sampling(steps=4, cfg_scale=1.0, denoising_step_list=(1000, 500))
+    model = tiny_wan("ti2v", layers=2)
+    x, cond = wan_inputs(model, batch=1)
+    with pytest.raises(ValueError, match="few-step sampler runs without CFG"):
+        sample_few_step(adapt(model), x, cond, Sampling(steps=4, cfg_scale=3.0))
+
+
+def test_first_frame_rule_pins_the_frame_at_sigma_zero_and_out_of_the_loss():
+    x0 = torch.randn(2, 4, 3, 2, 2)
+    first = x0[:, :, :1]
+    sigma = torch.tensor([0.3, 0.8])
+    assert torch.equal(frame_sigma(sigma, x0, ti2v=False), sigma)
+    assert torch.equal(frame_sigma(sigma, x0, ti2v=True), torch.tensor([[0.0, 0.3, 0.3], [0.0, 0.8, 0.8]]))
+    x_t, sig, noise = noised(x0, sigma, torch.Generator().manual_seed(0), first)
+    assert torch.equal(x_t[:, :, :1], first) and sig.shape == (2, 3)
+    torch.testing.assert_close(x_t[:, :, 1:], add_noise(x0, noise, sigma)[:, :, 1:])
+    assert torch.equal(pin(torch.zeros_like(x0), first)[:, :, :1], first) and pin(x0, None) is x0
+    assert loss_frames(x0, ti2v=True).shape[2] == 2 and loss_frames(x0, ti2v=False) is x0

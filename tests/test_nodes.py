@@ -6,6 +6,7 @@ needs the trained toy models.
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 import torch
@@ -22,6 +23,17 @@ def pack(pack_package):
 
     return {"nodes": node_list, "guidance": guidance, "importance": importance, "loader": loader, "plan": plan,
             "preview": preview, "sampling": sampling, "toy": toy}
+
+
+@pytest.fixture(scope="module")
+def nan_model(pack, teacher_files):
+    """The teacher with NaN in its output head, as a damaged download or an fp16 overflow leaves it."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(teacher_files["dir"] / "t_full.safetensors"))
+    tensors["head.head.bias"] = torch.full_like(tensors["head.head.bias"], float("nan"))
+    save_file(tensors, str(teacher_files["dir"] / "t_nan.safetensors"))
+    return pack["loader"].LoadCheckpoint.execute("t_nan.safetensors").args[0]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +81,16 @@ def _plan(pack, model, dropped):
 
 
 def test_every_node_has_prefix_description_and_tooltips(pack):
-    assert len(pack["nodes"]) == 13
+    import inspect
+    import sys
+
+    from comfy_api.latest import io
+
+    registered = {node.GET_SCHEMA().node_id for node in pack["nodes"]}
+    defined = {cls.GET_SCHEMA().node_id for name, module in list(sys.modules.items())
+               if name.startswith("FastLightGen.nodes.") for cls in vars(module).values()
+               if inspect.isclass(cls) and issubclass(cls, io.ComfyNode) and cls.__module__ == name}
+    assert len(registered) == len(pack["nodes"]) and registered == defined, defined ^ registered
     for node in pack["nodes"]:
         schema = node.GET_SCHEMA()
         assert schema.node_id.startswith("FastLightGen"), schema.node_id
@@ -147,7 +168,8 @@ def test_well_guided_teacher_with_beta2_zero_equals_cfg_on_pruned_model(pack, lo
     cfg = comfy.samplers.CFGGuider(pack["plan"].ApplyPrunePlan.execute(model, plan).args[0])
     cfg.set_conds(toy_inputs["positive"], toy_inputs["negative"])
     cfg.set_cfg(3.0)
-    ours, stock = _guided_sample(guider, toy_inputs["latent"], sigmas), _guided_sample(cfg, toy_inputs["latent"], sigmas)
+    latent = toy_inputs["latent"]
+    ours, stock = _guided_sample(guider, latent, sigmas), _guided_sample(cfg, latent, sigmas)
     assert torch.allclose(ours, stock, atol=1e-5), (ours - stock).abs().max()
 
 
@@ -161,7 +183,8 @@ def test_well_guided_teacher_betas_one_is_the_unpruned_conditional(pack, loaded,
     plain = comfy.samplers.CFGGuider(model)
     plain.set_conds(toy_inputs["positive"], toy_inputs["negative"])
     plain.set_cfg(1.0)
-    ours, stock = _guided_sample(guider, toy_inputs["latent"], sigmas), _guided_sample(plain, toy_inputs["latent"], sigmas)
+    latent = toy_inputs["latent"]
+    ours, stock = _guided_sample(guider, latent, sigmas), _guided_sample(plain, latent, sigmas)
     assert torch.allclose(ours, stock, atol=1e-4), (ours - stock).abs().max()
 
 
@@ -258,3 +281,206 @@ def test_bad_inputs_fail_with_clear_messages(pack, loaded, teacher_files, toy_in
         _plan(pack, model, [9])
     with pytest.raises(ValueError, match="strictly decreasing"):
         pack["sampling"].FewStepSigmas.execute("250, 500", 5.0)
+
+
+# ---------------------------------------------------------------- no silent NaN, no raw torch errors
+
+
+def test_every_float_input_of_every_node_refuses_nan_first(pack):
+    from comfy_api.latest import io
+
+    checked = []
+    for node in pack["nodes"]:
+        schema = node.GET_SCHEMA()
+        floats = [i.id for i in schema.inputs if isinstance(i, io.Float.Input)]
+        for name in floats:
+            # nothing else is read before the check, so the other inputs may be anything
+            kwargs = {i.id: (1.0 if i.id in floats else None) for i in schema.inputs}
+            for bad in (float("nan"), float("inf")):
+                with pytest.raises(ValueError, match=re.escape(f"{schema.display_name}: {name} is {bad}; every "
+                                                               "number must be finite")):
+                    node.execute(**{**kwargs, name: bad})
+            checked.append(f"{schema.node_id}.{name}")
+    assert sorted(checked) == ["FastLightGenBlockImportance.keep_ratio", "FastLightGenFewStepSigmas.shift",
+                               "FastLightGenPrunePlan.keep_ratio", "FastLightGenStudentLoRA.strength_model",
+                               "FastLightGenWellGuidedTeacher.beta1", "FastLightGenWellGuidedTeacher.beta2"]
+
+
+def test_numbers_in_text_inputs_must_be_finite(pack, loaded, toy_inputs):
+    import comfy.samplers
+
+    model, _ = loaded
+    with pytest.raises(ValueError, match=r"scores: \['nan'\] are not finite numbers"):
+        pack["plan"].PrunePlanNode.execute(model, "keep ratio over scores", "", 0.5, "nan, 1, 2, 3", "")
+    with pytest.raises(ValueError, match=r"beta2_values: \['inf'\] are not finite numbers"):
+        pack["guidance"].TeacherMixSweep.execute(
+            model, _plan(pack, model, [1]), toy_inputs["positive"], toy_inputs["negative"], toy_inputs["latent"],
+            SEED, comfy.samplers.sampler_object("euler"), torch.linspace(1, 0, 3), "2", "0, inf")
+
+
+def test_nan_during_sampling_is_an_error_not_a_success(pack, loaded, nan_model, toy_inputs):
+    import comfy.sample
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import SamplerCustomAdvanced
+
+    model, sigmas = loaded
+    with pytest.raises(ValueError, match=r"FastLightGen Sampler: sampling produced NaN or inf values \(100% of the "
+                                         r"latent\).*load it in a wider weight dtype"):
+        pack["sampling"].FastLightGenSampler.execute(nan_model, toy_inputs["positive"], toy_inputs["latent"], SEED)
+    guider = pack["guidance"].WellGuidedTeacher.execute(nan_model, _plan(pack, model, [1]), toy_inputs["positive"],
+                                                         toy_inputs["negative"], 3.5, 0.25).args[0]
+
+    class Noise:
+        seed = SEED
+
+        def generate_noise(self, latent):
+            return comfy.sample.prepare_noise(latent["samples"], SEED)
+
+    with pytest.raises(ValueError, match="FastLightGen Well-Guided Teacher: sampling produced NaN"):
+        SamplerCustomAdvanced.execute(Noise(), guider, comfy.samplers.sampler_object("euler"),
+                                      torch.linspace(1, 0, 3), toy_inputs["latent"])
+    toy = pack["toy"]
+    latent, captions = toy.ToyDatasetLatents.execute("train", 1, 3).args
+    with pytest.raises(ValueError, match=r"Stage I: the x0 error \(the full model\) is nan at sigma 0.25"):
+        pack["importance"].BlockImportance.execute(nan_model, latent, toy.ToyTextEncode.execute(captions).args[0],
+                                                   2, 1, SEED, 0.5, True)
+
+
+def test_latents_and_conditioning_that_do_not_fit_the_model_name_the_stock_nodes(pack, loaded, toy_inputs):
+    import comfy.samplers
+
+    model, _ = loaded
+    wan21_latent = {"samples": torch.randn(1, 16, 6, 8, 8)}  # e.g. VAE Encode with the Wan 2.1 VAE
+    clip_l = [[torch.randn(1, 77, 768), {}]]  # e.g. a CLIPLoader of another type
+    latent_error = (r"the LATENT has shape \(1, 16, 6, 8, 8\), but this model takes Wan 2.2 TI2V latents "
+                    r"\(48 channels\): use Wan22ImageToVideoLatent \(Wan 2.2 VAE\) or EmptyHunyuanLatentVideo")
+    text_error = (r"conditioning is 768 wide, but this model takes UMT5 conditioning \(4096 wide\): use "
+                  r"CLIPLoader type wan \(umt5_xxl\)")
+    sampler = pack["sampling"].FastLightGenSampler
+    with pytest.raises(ValueError, match="FastLightGen Sampler: " + latent_error):
+        sampler.execute(model, toy_inputs["positive"], wan21_latent, SEED)
+    with pytest.raises(ValueError, match="FastLightGen Sampler: the positive " + text_error):
+        sampler.execute(model, clip_l, toy_inputs["latent"], SEED)
+    plan = _plan(pack, model, [1])
+    with pytest.raises(ValueError, match="Well-Guided Teacher: the negative " + text_error):
+        pack["guidance"].WellGuidedTeacher.execute(model, plan, toy_inputs["positive"], clip_l, 3.5, 0.25)
+    with pytest.raises(ValueError, match="Teacher Mix Sweep: " + latent_error):
+        pack["guidance"].TeacherMixSweep.execute(model, plan, toy_inputs["positive"], toy_inputs["negative"],
+                                                 wan21_latent, SEED, comfy.samplers.sampler_object("euler"),
+                                                 torch.linspace(1, 0, 3), "2", "0")
+    with pytest.raises(ValueError, match="Block Importance: " + latent_error):
+        pack["importance"].BlockImportance.execute(model, wan21_latent, toy_inputs["positive"], 2, 1, SEED, 0.5, True)
+    # an empty latent of another width is widened by ComfyUI, as in the stock samplers (EmptyHunyuanLatentVideo)
+    empty = {"samples": torch.zeros(1, 16, 6, 8, 8)}
+    assert sampler.execute(model, toy_inputs["positive"], empty, SEED).args[0]["samples"].shape[1] == 48
+
+
+def test_block_importance_checks_its_inputs_before_stage1(pack, loaded, toy_inputs, monkeypatch):
+    model, _ = loaded
+
+    def stage1_ran(*args, **kwargs):
+        raise AssertionError("Stage I ran before the inputs were checked")
+
+    monkeypatch.setattr(pack["importance"].ImportanceProbe, "sample", stage1_ran)
+    node = pack["importance"].BlockImportance
+    with pytest.raises(ValueError, match="keep_ratio is nan"):
+        node.execute(model, toy_inputs["latent"], toy_inputs["positive"], 2, 1, SEED, float("nan"), True)
+    with pytest.raises(ValueError, match="the positive conditioning is 768 wide"):
+        node.execute(model, toy_inputs["latent"], [[torch.randn(1, 7, 768), {}]], 2, 1, SEED, 0.5, True)
+
+
+# ---------------------------------------------------------------- a model that already skips blocks
+
+
+def test_block_importance_scores_a_pruned_model_as_it_runs(pack, loaded, teacher_files):
+    model, _ = loaded
+    toy, stage1 = pack["toy"], pack["importance"]
+    latent, captions = toy.ToyDatasetLatents.execute("train", 2, 3).args
+    positive = toy.ToyTextEncode.execute(captions).args[0]
+    patched = pack["plan"].ApplyPrunePlan.execute(model, _plan(pack, model, [1, 2])).args[0]
+    _, plan, table = stage1.BlockImportance.execute(patched, latent, positive, 2, 1, SEED, 0.5, True).args
+    naive = stage1.run_stage1(patched, latent, positive, 2, 1, SEED, prefix_reuse=False)
+    physical = pack["loader"].LoadCheckpoint.execute("t_pruned.safetensors").args[0]  # blocks 0 and 3 kept
+    alone = stage1.run_stage1(physical, latent, positive, 2, 1, SEED)
+    # prefix reuse and plain passes agree, and both score the model as patched: it is the pruned model
+    assert plan.scores == pytest.approx(naive.scores, rel=1e-5)
+    assert plan.reference_error == pytest.approx(alone.reference_error, rel=1e-4)
+    assert [plan.scores[0], plan.scores[3]] == pytest.approx(alone.scores, rel=1e-4)
+    assert plan.scores[1] == plan.scores[2] == pytest.approx(plan.reference_error)  # skipping them changes nothing
+    # the new plan keeps half of the blocks the model still runs, never one it already skips
+    assert plan.already_dropped == [1, 2] and len(plan.kept) == 1 and set(plan.kept) <= {0, 3}
+    assert "already skipped by the MODEL: [1, 2]" in table
+    rescored = pack["plan"].PrunePlanNode.execute(model, "keep ratio over scores", "", 1.0, "", "", plan).args[0]
+    assert rescored.kept == [0, 3]
+    assert pack["importance"].BlockImportance.execute(model, latent, positive, 2, 1, SEED, 0.5,
+                                                      True).args[1].already_dropped == []
+
+
+# ---------------------------------------------------------------- plans travel
+
+
+@pytest.fixture()
+def plans_folder(pack, tmp_path):
+    import folder_paths
+
+    folder = tmp_path / "plans"
+    folder.mkdir()
+    folder_paths.add_model_folder_path("fastlightgen_plans", str(folder), is_default=True)  # Save writes here
+    yield folder
+    folder_paths.folder_names_and_paths["fastlightgen_plans"][0].remove(str(folder))
+
+
+def test_plan_travels_from_stage1_into_a_graph_and_back_to_training(pack, loaded, teacher_files, plans_folder):
+    from fastlightgen.adapters import adapt
+    from fastlightgen.plan import PrunePlan
+    from train.models import load_plan
+
+    model, _ = loaded
+    nodes = pack["plan"]
+    teacher = teacher_files["teacher"]
+    stage1 = PrunePlan.from_scores(adapt(teacher).fingerprint(), [0.3, 0.1, 0.2, 0.4], keep_ratio=0.5,
+                                   reference_error=0.05)
+    stage1.save(plans_folder / "cluster.json")  # what train.stage1 writes
+    options = next(i for i in nodes.LoadPrunePlan.GET_SCHEMA().inputs if i.id == "plan_name").options
+    assert options[0] == nodes.PASTED and "cluster.json" in options
+    from_file, info = nodes.LoadPrunePlan.execute("cluster.json", "").args
+    pasted = nodes.LoadPrunePlan.execute(nodes.PASTED, (plans_folder / "cluster.json").read_text()).args[0]
+    assert from_file == stage1 == pasted and "keeps 2 blocks [0, 3], drops [1, 2]" in info
+    assert nodes.ApplyPrunePlan.execute(model, from_file).args[0] is not model
+    run_json = '{"stage": "stage2", "plan": ' + stage1.to_json() + "}"  # a stage's run.json carries its plan
+    assert nodes.LoadPrunePlan.execute(nodes.PASTED, run_json).args[0] == stage1
+
+    made = _plan(pack, model, [1])  # a plan made in the graph
+    saved = nodes.SavePrunePlan.execute(made, "from_graph", False)
+    path = saved.args[0]
+    assert path == str(plans_folder / "from_graph.json") and "--set stage2.plan=" + path in saved.ui.value
+    assert load_plan(None, path, teacher) == made  # what `train.stage2 --set stage2.plan=PATH` reads
+    nodes.SavePrunePlan.execute(made, "from_graph.json", False)  # the same plan again: fine
+    with pytest.raises(ValueError, match="already holds another plan; choose another filename or turn on overwrite"):
+        nodes.SavePrunePlan.execute(stage1, "from_graph", False)
+    assert PrunePlan.load(path) == made  # refused: the file is untouched
+    nodes.SavePrunePlan.execute(stage1, "from_graph", True)
+    assert PrunePlan.load(path) == stage1
+    assert sorted(p.name for p in plans_folder.iterdir()) == ["cluster.json", "from_graph.json"]  # no temp left
+
+
+def test_bad_plans_fail_clearly(pack, loaded, plans_folder):
+    model, _ = loaded
+    nodes = pack["plan"]
+    good = _plan(pack, model, [1]).to_json()
+    cases = {
+        "": re.escape("plan_name is '(pasted JSON below)' but plan_json is empty"),
+        "{kept: [0]": r"plan_json is not JSON \(Expecting property name",
+        "[1, 2]": "plan_json is a JSON list, not a prune plan object",
+        '{"kept": [0]}': "plan_json: not a FastLightGen prune plan",
+        good.replace('"scores": null', '"scores": [NaN, 1, 2, 3]'): r"the prune plan's scores must be finite, but "
+                                                                    r"entries \[0\] are \[nan\]",
+        good.replace('"kept": [', '"kept": ["zero", '): "kept must be a list of block numbers",
+    }
+    for text, message in cases.items():
+        with pytest.raises(ValueError, match=message):
+            nodes.LoadPrunePlan.execute(nodes.PASTED, text)
+    for name in ("../escape", "sub/plan", ""):
+        with pytest.raises(ValueError, match="must be a plain file name"):
+            nodes.SavePrunePlan.execute(_plan(pack, model, [1]), name, False)
+    assert not list(plans_folder.iterdir())

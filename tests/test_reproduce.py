@@ -47,7 +47,7 @@ def markdown_tables(text: str) -> list[list[str]]:
 
 
 def test_quick_report(tmp_path):
-    from train import reproduce
+    from research import reproduce
 
     out, cache = tmp_path / "report", tmp_path / "cache"
     reproduce.main(["--quick", "--out", str(out), "--cache", str(cache)])

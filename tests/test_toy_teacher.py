@@ -2,7 +2,7 @@
 import torch
 
 from fastlightgen.checkpoint import read_checkpoint
-from fastlightgen.sampling import FewStepSampling, TeacherSampling
+from fastlightgen.sampling import FEW_STEP
 from fastlightgen.toy.codec import to_comfy_latent
 from fastlightgen.toy.evaluate import evaluate_batch
 from fastlightgen.toy.generate import generate_few_step, generate_teacher
@@ -27,9 +27,7 @@ def test_teacher_quality_floor_on_heldout_prompts():
     on these four it scores color 0.95, direction 1.00, overall 0.84)."""
     adapter, meta = load_fp32(TEACHER)
     prompts = Prompts(heldout_prompts().factors[::3])
-    config = TeacherSampling(steps=meta.recommended.steps, shift=meta.recommended.shift,
-                             cfg_scale=meta.recommended.cfg_scale)
-    table = evaluate_batch(generate_teacher(adapter, prompts, seed=0, config=config), list(prompts.factors))
+    table = evaluate_batch(generate_teacher(adapter, prompts, seed=0, config=meta.recommended), list(prompts.factors))
     mean = table.mean()
     assert mean["color"] >= 0.8 and mean["direction"] >= 0.9 and mean["overall"] >= 0.7, table.to_markdown()
 
@@ -55,9 +53,9 @@ def test_student_is_a_pruned_four_step_model_that_keeps_the_colors():
     """The committed Stage III student: 8 of the teacher's 12 blocks, the few-step contract, and a floor."""
     adapter, meta = load_fp32(STUDENT)
     assert adapter.num_blocks == len(meta.kept_blocks) == 8 and meta.original_num_blocks == TOY_TEACHER.num_layers
-    assert meta.recommended.denoising_step_list == [1000, 750, 500, 250] and meta.recommended.cfg_scale == 1.0
+    assert meta.recommended == FEW_STEP
     prompts = Prompts(heldout_prompts().factors[::3])
     videos = generate_few_step(adapter, prompts, seed=0,
-                               config=FewStepSampling(tuple(meta.recommended.denoising_step_list), meta.recommended.shift))
+                               config=meta.recommended)
     mean = evaluate_batch(videos, list(prompts.factors)).mean()
     assert mean["color"] >= 0.8 and mean["direction"] >= 0.9 and mean["overall"] >= 0.65, mean  # 0.93, 1.00, 0.75

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastlightgen.checkpoint import CheckpointMeta, read_checkpoint, save_checkpoint
+from fastlightgen.checkpoint import CheckpointError, CheckpointMeta, read_checkpoint, save_checkpoint
 from fastlightgen.plan import PrunePlan
 from fastlightgen.toy.teacher import ToyTeacherShape, build_toy_teacher
 
@@ -98,12 +98,22 @@ def test_pipeline_stage1_to_export(tiny, tmp_path):
     export.main(args + ["--set", f"export.out={out}", "--set", f"export.diffusers_out={tmp_path / 'diffusers'}"])
     ckpt = read_checkpoint(out, plan)
     assert ckpt.meta.kept_blocks == plan.kept and ckpt.config["num_layers"] == 2
-    assert ckpt.meta.recommended.denoising_step_list == [1000, 750, 500, 250]
+    assert ckpt.meta.recommended.denoising_step_list == (1000, 750, 500, 250)
     assert ckpt.meta.provenance["iterations"] == 2 and ckpt.meta.provenance["betas"] == [3.5, 0.25]
     assert "shards" in ckpt.meta.provenance["data"]
     student = load_file(str(tmp_path / "run" / "stage3" / "model.safetensors"))
     torch.testing.assert_close(ckpt.state_dict["proj_out.weight"], student["proj_out.weight"].to(torch.bfloat16))
     assert (tmp_path / "diffusers" / "config.json").is_file()
+
+    from fastlightgen.checkpoint import load_wan
+    from fastlightgen.student_adapter import apply_adapter, read_adapter
+    from train import export_adapter
+
+    export_adapter.main(args + ["--rank", "0", "--dtype", "float32", "--out", str(tmp_path / "adapter.safetensors")])
+    adapter = read_adapter(tmp_path / "adapter.safetensors")  # whole deltas: the stage III student exactly
+    assert adapter.meta.kept_blocks == plan.kept and adapter.meta.recommended == ckpt.meta.recommended
+    rebuilt = apply_adapter(load_wan(teacher, dtype=torch.float32)[0], adapter)
+    torch.testing.assert_close(rebuilt.proj_out.weight.detach(), student["proj_out.weight"].float())
 
 
 def write_video(path: Path, frames: int, size: int) -> None:
@@ -139,9 +149,9 @@ def test_preprocess_reports_and_skips_bad_videos(tmp_path, capsys):
                      "--set", f"preprocess.out={out}"])
     text = capsys.readouterr().out
     index = json.loads((out / "index.json").read_text())
-    assert index["skipped"] == {"too short": 1, "wrong size": 1, "unreadable": 2}
-    assert "wrote 1 samples" in text and "skipped 4" in text and "skipping broken.mp4: unreadable" in text
-    assert load(str(out / "shard_00000.safetensors"))["latents"].shape == (1, 48, 6, 8, 8)
+    assert index["skipped"] == {"too short": 1, "unreadable": 1, "missing file": 1}  # big.mp4 is scaled down
+    assert "wrote 2 samples" in text and "skipped 3" in text and "skipping broken.mp4: unreadable" in text
+    assert load(str(out / "shard_00000.safetensors"))["latents"].shape == (2, 48, 6, 8, 8)
 
 
 def test_dry_run_prints_memory_per_gpu(capsys):
@@ -151,6 +161,34 @@ def test_dry_run_prints_memory_per_gpu(capsys):
         stage3.main(["--config", str(REPO / "configs" / f"{name}.yaml"), "--dry-run"])
         text = capsys.readouterr().out
         assert "GiB per GPU" in text and "stage3" in text and "world size 16" in text
+
+
+def test_dry_run_reads_the_teacher_header_not_its_weights(tmp_path, capsys, monkeypatch):
+    """Without model.arch the architecture comes from the teacher file's header: a file cut off after it (which
+    no loader could read) is enough, and the model is built once."""
+    from train import memory, stage3
+    from train.config import load_config
+
+    model = build_toy_teacher(TINY, seed=0)
+    full = save_checkpoint(tmp_path / "full.safetensors", model,
+                           CheckpointMeta(original_num_blocks=4, kept_blocks=[0, 1, 2, 3], head_dim=16))
+    raw = full.read_bytes()
+    header_only = tmp_path / "header_only.safetensors"
+    header_only.write_bytes(raw[:8 + int.from_bytes(raw[:8], "little")])
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_checkpoint(header_only)
+
+    built = []
+    real_meta_model = memory.meta_model
+    monkeypatch.setattr(memory, "meta_model", lambda cfg: built.append(cfg) or real_meta_model(cfg))
+    stage3.main(["--set", f"model.teacher={header_only}", "--dry-run"])
+    assert "GiB per GPU" in capsys.readouterr().out and len(built) == 1
+    counts = memory.count_params(load_config(None, [f"model.teacher={header_only}"]))
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    assert counts.per_block == [sum(p.numel() for p in b.parameters()) for b in model.blocks]
+
+    with pytest.raises(SystemExit, match="model.arch or the teacher"):
+        stage3.main(["--dry-run"])
 
 
 def test_resume_after_sigkill_gives_identical_weights(tiny, tmp_path, one_thread):

@@ -12,7 +12,10 @@ import socket
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
+import torch
 from safetensors.torch import load_file
 from test_train import REPO, make_tiny_teacher, subprocess_env, train_args
 
@@ -111,3 +114,58 @@ def test_gpu_bench_runs_the_real_stages_on_the_cpu(tmp_path):
         assert row["steps"] == 2 and row["s_per_step"] > 0 and row["gpu_peak_gib"] is None
         assert row["estimated_resident_gib"] > 0
     assert [line.split()[0] for line in proc.stdout.splitlines() if "|" in line][-2:] == ["stage2", "stage3"]
+
+
+GUARDED_WORKER = """
+import math, os, sys
+from train import stage2
+
+real_loss, real_rate, calls = stage2.stage2_loss, stage2.learning_rate, []
+
+
+def loss(adapter, *args):  # from the second step, an infinite gradient behind a finite loss on rank 1 only
+    value, parts = real_loss(adapter, *args)
+    calls.append(1)
+    if os.environ["GUARD"] == "gradient" and len(calls) == 2 and os.environ["RANK"] == "1":
+        table = adapter.model.scale_shift_table  # the root's own weight: gathered for the whole call
+        value = value + (table - table.detach()).sqrt().sum()
+    return value, parts
+
+
+stage2.stage2_loss = loss
+if os.environ["GUARD"] == "update":  # a step that overflows: every weight non-finite after it
+    stage2.learning_rate = lambda base, i, *a: math.inf if i >= 1 else real_rate(base, i, *a)
+stage2.main(sys.argv[1:])
+"""
+
+
+def test_zero3_skips_a_non_finite_gradient_on_one_rank_and_stops_on_poisoned_weights(tiny, tmp_path):
+    """ZeRO-3 partitions the gradients and the fp32 master weights: each rank checks its own partitions and all
+    ranks take the same branch. A rank's infinite gradient skips the step everywhere and the run goes on; an
+    update that makes the weights non-finite stops both ranks before any checkpoint holds them."""
+    teacher, plan = tiny
+    worker = tmp_path / "worker.py"
+    worker.write_text(GUARDED_WORKER)
+
+    def launch(guard: str, run_dir: Path) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(worker),
+               *train_args(teacher, plan, run_dir, **ZERO3, **{"stage2.iterations": 3, "run.save_every": 1})]
+        return subprocess.run(cmd, cwd=REPO, env={**subprocess_env(), "DS_ACCELERATOR": "cpu", "GUARD": guard},
+                              capture_output=True, text=True, timeout=300)
+
+    skipped = launch("gradient", tmp_path / "gradient")
+    assert skipped.returncode == 0, skipped.stderr[-4000:]
+    assert "step 1 (rank 1): non-finite model gradients (norm inf) on batch" in skipped.stderr
+    assert "step 2 " not in skipped.stderr  # the skip left no gradient behind for the next backward
+    records = metrics(tmp_path / "gradient" / "stage2")
+    assert [r["step"] for r in records] == [1, 2, 3] and records[1]["skipped"] == 1
+    weights = load_file(str(tmp_path / "gradient" / "stage2" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+    poisoned = launch("update", tmp_path / "update")
+    assert poisoned.returncode != 0
+    assert "step 1: the update at learning rate inf made model weights non-finite" in poisoned.stderr
+    stage_dir = tmp_path / "update" / "stage2"
+    assert sorted(p.name for p in stage_dir.glob("step_*")) == ["step_0000001"]
+    assert not (stage_dir / "model.safetensors").exists()

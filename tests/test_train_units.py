@@ -13,16 +13,15 @@ from fastlightgen.distill import (
     run_branches,
     sample_skip,
     stage2_loss,
-    student_x0,
     teacher_scores,
 )
 from fastlightgen.guidance import mix_velocities
 from fastlightgen.lora import add_lora, lora_enabled, lora_parameters, lora_state_dict
-from fastlightgen.sampling import FewStepSampling, sample_few_step
+from fastlightgen.sampling import FEW_STEP, predict_x0, sample_few_step
 from train.config import identity_diff, load_config
 from train.dist import step_generator
 from train.loop import learning_rate
-from train.models import load_teacher
+from train.models import load_teacher, model_class, teacher_config
 
 
 @pytest.fixture
@@ -35,7 +34,8 @@ def wan():
 def test_config_overrides_and_errors(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("stage3:\n  beta1: 2.0\nrun:\n  seed: 3\n")
-    cfg = load_config(str(path), ["stage3.lr=1e-6", "stage1.protected=[0, 1]", "dist.bf16=true"])
+    cfg = load_config(str(path), ["stage3.lr=1e-6", "stage1.protected=[0, 1]", "dist.bf16=true",
+                                  "dist.deepspeed=true"])
     assert (cfg.stage3.beta1, cfg.stage3.lr, cfg.run.seed, cfg.stage1.protected, cfg.dist.bf16) == \
         (2.0, 1e-6, 3, [0, 1], True)
     with pytest.raises(ValueError, match="stage3.betaa"):
@@ -141,14 +141,14 @@ def test_teacher_scores_equal_eq9_and_lora_on_pruned_path(wan):
 
 def test_backward_simulation_is_the_few_step_sampler(wan):
     adapter, x, _, cond = wan
-    sigmas = FewStepSampling().sigmas.tolist()
+    sigmas = FEW_STEP.sigmas.tolist()
     first = x[:, :, :1]
 
     def student(xx, s):
         return adapter.forward(xx, s, cond)
     x_last = backward_simulation(student, x, sigmas, 3, torch.Generator().manual_seed(5), first)
     with torch.no_grad():
-        ours = student_x0(student, x_last, sigmas[3], first)
+        ours = predict_x0(student, x_last, sigmas[3], first)
     ref = sample_few_step(adapter, x, cond, generator=torch.Generator().manual_seed(5), first_frame=first)
     torch.testing.assert_close(ours, ref)
 
@@ -172,3 +172,14 @@ def test_teacher_loads_from_a_diffusers_folder(tmp_path):
     loaded = load_teacher(load_config(None, ["model.family=wan", f"model.teacher={tmp_path / 'transformer'}"]))
     assert loaded.training and all(p.dtype == torch.float32 for p in loaded.parameters())
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_teacher_config_of_a_diffusers_folder_builds_the_teacher_shapes(tmp_path):
+    """--dry-run and the Stage II export read the folder's config.json, never its weights."""
+    model = tiny_wan("t2v", layers=2)
+    model.save_pretrained(str(tmp_path / "transformer"))
+    (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"not read")
+    cfg = load_config(None, ["model.family=wan", f"model.teacher={tmp_path / 'transformer'}"])
+    with torch.device("meta"):
+        rebuilt = model_class("wan").from_config(teacher_config(cfg))
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}

@@ -24,12 +24,15 @@ sys.path.insert(0, str(REPO / "scripts"))
 from workflow_to_prompt import workflow_to_prompt  # noqa: E402
 
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+# run in test_workflow_wan22.py, with a random full-size Wan 2.2 VAE and the toy text encoder for UMT5
 NOT_RUN = {"fastlightgen_wan22_ti2v_5b_4step": "needs the real Wan 2.2 TI2V-5B, UMT5 and Wan VAE weights"}
 NODE_IDS = {
     "FastLightGenBlockImportance", "FastLightGenPrunePlan", "FastLightGenApplyPrunePlan",
     "FastLightGenLoadCheckpoint", "FastLightGenWellGuidedTeacher", "FastLightGenTeacherMixSweep",
     "FastLightGenVideoGrid", "FastLightGenFewStepSigmas", "FastLightGenSampler", "FastLightGenToyTextEncode",
     "FastLightGenToyFirstFrameLatent", "FastLightGenToyDatasetLatents", "FastLightGenToyDecode",
+    "FastLightGenStudentLoRA", "FastLightGenLoadPrunePlan", "FastLightGenSavePrunePlan",
+    "FastLightGenApplyStudentAdapter",
 }
 FRAMES, SIZE = 6, 32  # the toy world's videos
 
@@ -58,7 +61,12 @@ def server(tmp_path_factory):
     _export_stand_ins(models)
     config = models / "extra_model_paths.yaml"
     config.write_text("fastlightgen_tests:\n  base_path: /\n  fastlightgen: |\n"
-                      f"    {REPO / 'models' / 'fastlightgen'}\n    {models}\n")
+                      f"    {REPO / 'models' / 'fastlightgen'}\n    {models}\n"
+                      "  diffusion_models: |\n"  # the stock Load Diffusion Model reads the teacher
+                      f"    {REPO / 'models' / 'fastlightgen'}\n    {models}\n"
+                      f"  fastlightgen_adapters: {REPO / 'models' / 'fastlightgen'}\n"
+                      f"  loras: {REPO / 'models' / 'loras'}\n"
+                      f"  fastlightgen_plans: {models / 'plans'}\n")  # Save Prune Plan writes here
     handle = comfyui_harness.start_server(extra_args=["--extra-model-paths-config", str(config)])
     handle.models_dir = models
     try:
@@ -99,6 +107,10 @@ def test_every_node_in_object_info_with_its_schema(object_info):
     assert object_info["FastLightGenLoadCheckpoint"]["output"] == ["MODEL", "SIGMAS", "STRING"]
     options = object_info["FastLightGenLoadCheckpoint"]["input"]["required"]["ckpt_name"][1]["options"]
     assert {"toy_teacher.safetensors", "toy_student.safetensors"} <= set(options)
+    weight_dtype = object_info["FastLightGenLoadCheckpoint"]["input"]["optional"]["weight_dtype"][1]["options"]
+    assert weight_dtype == object_info["UNETLoader"]["input"]["required"]["weight_dtype"][0]
+    assert object_info["FastLightGenLoadPrunePlan"]["output"] == ["FASTLIGHTGEN_PRUNE_PLAN", "STRING"]
+    assert object_info["FastLightGenSavePrunePlan"]["output_node"]
 
 
 def test_workflows_are_served_as_templates(server):
@@ -136,6 +148,9 @@ def test_shipped_workflow_runs(server, object_info, name):
         assert len(grids) == 1 and len(frames) == FRAMES + 1
     else:
         assert len(frames) == FRAMES and all(f.shape == (SIZE, SIZE, 3) for f in frames)
+    if name == "fastlightgen_student_lora":
+        report = next(v for v in entry["outputs"].values() if "text" in v)["text"][0]
+        assert "Left out (blocks the student dropped): " in report and "33.3% of the LoRA's parameters" in report
     if name == "fastlightgen_toy_student_4step":
         import av
 
@@ -174,6 +189,73 @@ def _node(prompt: dict, class_type: str) -> dict:
     return next(v for v in prompt.values() if v["class_type"] == class_type)
 
 
+def _shipped(server, name: str) -> Path:
+    """The committed toy model file, or its random stand-in."""
+    path = comfyui_harness.REPO_DIR / "models" / "fastlightgen" / f"{name}.safetensors"
+    return path if path.exists() else server.models_dir / f"{name}.safetensors"
+
+
+def _teacher_plan_json() -> str:
+    """A plan for the toy teacher (12 blocks of width 256), as Stage I writes it."""
+    from fastlightgen.adapters import ModelFingerprint
+    from fastlightgen.plan import PrunePlan
+
+    return PrunePlan.from_blocks(ModelFingerprint("wan", 12, 256), [3, 5, 6, 7]).to_json()
+
+
+def _serves_a_good_prompt(server, object_info, seed: int) -> None:
+    """The server is up and a good prompt (the 4-step student, a fresh seed so it really runs) succeeds."""
+    assert server.is_alive() and server.system_stats()
+    prompt = _student_prompt(object_info)
+    _node(prompt, "FastLightGenSampler")["inputs"]["seed"] = seed
+    assert server.run_prompt(prompt, timeout=300)["status"]["status_str"] == "success"
+
+
+def test_comfyui_fp8_scaled_file_loads_and_samples(server, object_info):
+    """The student as ComfyUI ships Wan 14B (fp8_scaled), with its FastLightGen metadata, in the 4-step graph."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    source = _shipped(server, "toy_student")
+    with safe_open(str(source), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(source))
+    for key in [k for k, v in tensors.items() if k.endswith(".weight") and v.ndim == 2]:
+        scale = tensors[key].float().abs().amax() / 448
+        tensors[key] = (tensors[key].float() / scale).to(torch.float8_e4m3fn)
+        tensors[key[: -len("weight")] + "scale_weight"] = scale.reshape(())
+    tensors["scaled_fp8"] = torch.tensor([], dtype=torch.float8_e4m3fn)
+    save_file(tensors, str(server.models_dir / "toy_student_fp8_scaled.safetensors"), metadata=metadata)
+    for weight_dtype in ("default", "fp8_e4m3fn"):
+        prompt = _student_prompt(object_info)
+        _node(prompt, "FastLightGenLoadCheckpoint")["inputs"].update(
+            ckpt_name="toy_student_fp8_scaled.safetensors", weight_dtype=weight_dtype)
+        entry = server.run_prompt(prompt, timeout=300)
+        frames = _images(server, entry, "SaveImage")
+        assert len(frames) == FRAMES and all(f.std() > 0 for f in frames)
+
+
+def test_a_plan_made_in_one_graph_is_saved_and_loaded_in_another(server, object_info):
+    from fastlightgen.plan import PrunePlan
+
+    prompt = _prompt("fastlightgen_block_importance", object_info)
+    importance = next(k for k, v in prompt.items() if v["class_type"] == "FastLightGenBlockImportance")
+    prompt["910"] = {"class_type": "FastLightGenSavePrunePlan",
+                     "inputs": {"prune_plan": [importance, 1], "filename": "toy_teacher_70", "overwrite": True}}
+    entry = server.run_prompt(prompt, timeout=300)
+    path = Path(entry["outputs"]["910"]["text"][0].splitlines()[0].removeprefix("saved "))
+    assert path == server.models_dir / "plans" / "toy_teacher_70.json"
+    saved = PrunePlan.load(path)  # what train.stage2 --set stage2.plan=PATH reads
+    assert saved.fingerprint.num_blocks == 12 and len(saved.kept) == 8
+    for source in ({"plan_name": "toy_teacher_70.json", "plan_json": ""},
+                   {"plan_name": "(pasted JSON below)", "plan_json": path.read_text()}):
+        prompt = _prompt("fastlightgen_pruned_ksampler", object_info)
+        prompt["911"] = {"class_type": "FastLightGenLoadPrunePlan", "inputs": source}
+        _node(prompt, "FastLightGenApplyPrunePlan")["inputs"]["prune_plan"] = ["911", 0]
+        del prompt[importance]  # the plan now comes from the file: no Stage I run in this graph
+        assert server.run_prompt(prompt, timeout=300)["status"]["status_str"] == "success"
+
+
 def test_bad_inputs_fail_clearly_and_the_server_keeps_serving(server, object_info):
     from safetensors.torch import load_file, save_file
 
@@ -186,14 +268,13 @@ def test_bad_inputs_fail_clearly_and_the_server_keeps_serving(server, object_inf
     assert "run Stage I on this model" in _execution_error(server, prompt)
 
     # checkpoints with a gap in the block numbering, and of another family
-    teacher = comfyui_harness.REPO_DIR / "models" / "fastlightgen" / "toy_teacher.safetensors"
-    source = teacher if teacher.exists() else server.models_dir / "toy_teacher.safetensors"
-    tensors = load_file(str(source))
+    tensors = load_file(str(_shipped(server, "toy_teacher")))
     save_file({k: v for k, v in tensors.items() if not k.startswith("blocks.3.")},
               str(server.models_dir / "bad_gap.safetensors"))
     meta = CheckpointMeta(12, list(range(12)), family="flux")
     save_file(tensors, str(server.models_dir / "bad_family.safetensors"), metadata={METADATA_KEY: meta.to_json()})
-    for name, message in (("bad_gap.safetensors", "bad_gap.safetensors"), ("bad_family.safetensors", "unknown model family")):
+    for name, message in (("bad_gap.safetensors", "bad_gap.safetensors"),
+                          ("bad_family.safetensors", "unknown model family")):
         prompt = _student_prompt(object_info)
         _node(prompt, "FastLightGenLoadCheckpoint")["inputs"]["ckpt_name"] = name
         assert message in _execution_error(server, prompt)
@@ -223,6 +304,70 @@ def test_bad_inputs_fail_clearly_and_the_server_keeps_serving(server, object_inf
     _node(prompt, "FastLightGenSampler")["inputs"]["latent_image"] = ["902", 0]
     assert "LATENT batch is empty" in _execution_error(server, prompt)
 
+    # the stock Load LoRA on a student: the sampler refuses, and says which node to use
+    prompt = _student_prompt(object_info)
+    prompt["903"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": _node(prompt, "FastLightGenSampler")["inputs"]["model"],
+        "lora_name": "toy_teacher_demo_lora.safetensors", "strength_model": 1.0}}
+    _node(prompt, "FastLightGenSampler")["inputs"]["model"] = ["903", 0]
+    assert "'FastLightGen LoRA (pruned student)' instead" in _execution_error(server, prompt)
+
     # ... and the next good prompt still runs
-    assert server.is_alive()
-    assert server.run_prompt(_student_prompt(object_info), timeout=300)["status"]["status_str"] == "success"
+    _serves_a_good_prompt(server, object_info, seed=1)
+
+
+def test_nan_and_misfits_fail_clearly_and_the_server_keeps_serving(server, object_info):
+    """Each bad input gives its error before the expensive part, never a NaN 'success'; a good prompt runs after."""
+    from safetensors.torch import load_file, save_file
+
+    checks = []  # (prompt, expected text in the execution error)
+
+    # NaN betas pass ComfyUI's widget bounds (NaN is neither below min nor above max): the node refuses them
+    prompt = _prompt("fastlightgen_teacher_mix", object_info)
+    _node(prompt, "FastLightGenWellGuidedTeacher")["inputs"]["beta1"] = float("nan")
+    checks.append((prompt, "FastLightGen Well-Guided Teacher: beta1 is nan; every number must be finite"))
+    prompt = _prompt("fastlightgen_block_importance", object_info)
+    _node(prompt, "FastLightGenBlockImportance")["inputs"]["keep_ratio"] = float("nan")
+    checks.append((prompt, "FastLightGen Block Importance: keep_ratio is nan"))
+
+    # NaN produced during sampling (a checkpoint with NaN weights): an error, not a success with a NaN video
+    tensors = load_file(str(_shipped(server, "toy_student")))
+    tensors["head.head.bias"] = torch.full_like(tensors["head.head.bias"], float("nan"))
+    save_file(tensors, str(server.models_dir / "nan_student.safetensors"))
+    prompt = _student_prompt(object_info)
+    _node(prompt, "FastLightGenLoadCheckpoint")["inputs"]["ckpt_name"] = "nan_student.safetensors"
+    checks.append((prompt, "FastLightGen Sampler: sampling produced NaN or inf values"))
+
+    # a Wan 2.1 (16-channel) latent into the 48-channel TI2V model
+    save_file({"latent_tensor": torch.randn(1, 16, FRAMES, 8, 8), "latent_format_version_0": torch.tensor([])},
+              str(server.input_dir / "wan21.latent"))
+    prompt = _student_prompt(object_info)
+    prompt["920"] = {"class_type": "LoadLatent", "inputs": {"latent": "wan21.latent"}}
+    _node(prompt, "FastLightGenSampler")["inputs"]["latent_image"] = ["920", 0]
+    checks.append((prompt, "but this model takes Wan 2.2 TI2V latents (48 channels): use Wan22ImageToVideoLatent"))
+
+    # a shared plan with a NaN score, and a pasted text that is not a plan
+    plan = json.loads(_teacher_plan_json())
+    plan["scores"] = [float("nan")] + [1.0] * 11
+    for text, message in ((json.dumps(plan), "the prune plan's scores must be finite"),
+                          ("{kept: [0]", "plan_json is not JSON")):
+        prompt = _prompt("fastlightgen_pruned_ksampler", object_info)
+        prompt["921"] = {"class_type": "FastLightGenLoadPrunePlan",
+                         "inputs": {"plan_name": "(pasted JSON below)", "plan_json": text}}
+        _node(prompt, "FastLightGenApplyPrunePlan")["inputs"]["prune_plan"] = ["921", 0]
+        checks.append((prompt, message))
+
+    # fp8 scales ComfyUI would silently ignore (no scaled_fp8 marker)
+    tensors = load_file(str(_shipped(server, "toy_student")))
+    key = "blocks.0.ffn.0.weight"
+    tensors[key] = tensors[key].to(torch.float8_e4m3fn)
+    tensors["blocks.0.ffn.0.scale_weight"] = torch.tensor(1.0)
+    save_file(tensors, str(server.models_dir / "no_marker.safetensors"))
+    prompt = _student_prompt(object_info)
+    _node(prompt, "FastLightGenLoadCheckpoint")["inputs"]["ckpt_name"] = "no_marker.safetensors"
+    checks.append((prompt, "but no 'scaled_fp8' marker tensor"))
+
+    for seed, (prompt, message) in enumerate(checks, start=10):
+        assert message in _execution_error(server, prompt)
+        _serves_a_good_prompt(server, object_info, seed)
+

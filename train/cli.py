@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import argparse
+from typing import Sequence
 
-from .config import Config, add_config_args, config_from_args
+from .config import Config, ConfigError, add_config_args, config_from_args
 
 
-def parse(doc: str, argv: list[str] | None, training: bool = True) -> tuple[Config, argparse.Namespace]:
+def parse(doc: str, argv: list[str] | None, training: bool = True,
+          flags: Sequence[tuple[str, str]] = ()) -> tuple[Config, argparse.Namespace]:
+    """`flags`: an entry point's own on/off options, as (name, help)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
+    for name, text in flags:
+        parser.add_argument(name, action="store_true", help=text)
     if training:
         parser.add_argument("--resume", action="store_true",
                             help="continue from the newest complete checkpoint of this stage")
@@ -19,14 +24,16 @@ def parse(doc: str, argv: list[str] | None, training: bool = True) -> tuple[Conf
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
-    except ValueError as e:  # a bad setting: its message names it and the valid values, no traceback
+    except ConfigError as e:  # a bad setting: its message names it and the valid values, no traceback
         parser.error(str(e))
-    if cfg.dist.bf16 and not cfg.dist.deepspeed:
-        parser.error("dist.bf16 needs dist.deepspeed (the plain loop trains in fp32)")
     return cfg, args
 
 
 def dry_run(cfg: Config) -> None:
     from .memory import report
 
-    print(report(cfg))
+    try:
+        text = report(cfg)
+    except (OSError, ValueError) as err:  # no model.arch and no readable teacher config: say which, no traceback
+        raise SystemExit(f"--dry-run needs model.arch or the teacher's config.json / safetensors header: {err}")
+    print(text)

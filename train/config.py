@@ -18,15 +18,32 @@ import yaml
 
 from fastlightgen.flow import SIGMA_LAWS
 
+from .fingerprint import file_digest, json_digest
+from .ranges import problems
+
+
+class ConfigError(ValueError):
+    """A setting that is unknown, of the wrong type or out of its range; the message names it, its valid values
+    and a fix. The command line turns it into a usage error (exit status 2), before anything loads."""
+
 
 def one_of(*options: str) -> Any:
     """A string setting limited to `options` (the first is the default), checked when the config is read."""
     return field(default=options[0], metadata={"choices": options})
 
 
+def export_setting(**default: Any) -> Any:
+    """A setting read only when the weights are exported, left out of `Config.identity`: a resumed run may
+    change it (another output path, other candidates to choose from)."""
+    return field(metadata={"identity": False}, **default)
+
+
 @dataclass
 class ModelConfig:
     family: str = one_of("wan", "hunyuanvideo")
+    # the model's folder as Hugging Face distributes it (diffusers layout: model_index.json, transformer/, vae/,
+    # text_encoder/, tokenizer/); model.teacher and preprocess.vae / text_encoder / tokenizer override its parts
+    path: str = ""
     teacher: str = ""  # safetensors file (FastLightGen / original / diffusers Wan layout) or a diffusers folder
     arch: dict = field(default_factory=dict)  # diffusers config, used by --dry-run when the teacher is absent
     ti2v: bool = True  # first latent frame given clean (sigma 0) and carries no loss
@@ -68,14 +85,20 @@ class RunConfig:
 @dataclass
 class PreprocessConfig:
     encoder: str = one_of("toy", "wan")  # HunyuanVideo: no encoder here; write shards with text, text_mask, pooled
-    videos: str = ""  # folder of videos (any container PyAV reads)
-    captions: str = ""  # JSONL {"file", "caption"} or CSV file,caption
+    videos: str = ""  # folder of videos (any container PyAV reads); without `captions`, each with a same-name .txt
+    captions: str = ""  # or: JSONL / CSV / JSON list of records naming a video and its caption (train/dataset.py)
+    video_column: str = ""  # the records' video field; "": the first of file, path, video
+    caption_column: str = ""  # the records' caption field; "": the first of caption, cap, text, prompt
+    null_prompt: str = ""  # its encoding is the null conditioning of CFG, caption dropout and eq. 9
     out: str = "data/shards"
-    vae: str = ""  # diffusers AutoencoderKLWan folder (real models)
-    text_encoder: str = ""  # folder with the UMT5 encoder and tokenizer (real models)
-    frames: int = 6
-    height: int = 32
+    vae: str = ""  # overrides model.path/vae (real models)
+    text_encoder: str = ""  # overrides model.path/text_encoder
+    tokenizer: str = ""  # overrides model.path/tokenizer
+    frames: int = 6  # Wan: 4k+1
+    height: int = 32  # every video is scaled to cover height x width and center-cropped
     width: int = 32
+    frame_stride: int = 1  # every k-th source frame is used, or:
+    fps: float = 0.0  # the source resampled to this rate (0: frame_stride decides)
     shard_size: int = 64
     toy_samples: int = 256  # toy world: how many training videos to render when `videos` is empty
 
@@ -124,6 +147,25 @@ class Stage3Config:
 
 
 @dataclass
+class ToyTeacherConfig:
+    """`train.toy_teacher`: the toy world's teacher trained from scratch by flow matching (batch size, caption
+    dropout, warm-up, seed and gradient clipping come from data, run and dist)."""
+    # fields of fastlightgen.toy.teacher.ToyTeacherShape to change; empty: the shipped 12-block shape
+    shape: dict = field(default_factory=dict)
+    iterations: int = 1800
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    # uniform, then shift 5: the density of the sigmas the teacher's 50-step Euler sampler visits
+    sigma_law: str = field(default="uniform", metadata={"choices": SIGMA_LAWS})
+    sigma_shift: float = 5.0
+    ema_decay: float = 0.999  # the EMA of the weights is the exported teacher
+    # CFG scales scored on training prompts at export; the best becomes the recommended one. All above 1:
+    # the teacher is a CFG teacher, as in the paper (CFG 1 would halve every speed-up).
+    cfg_candidates: list = export_setting(default_factory=lambda: [2.0, 3.5, 5.0])
+    out: str = export_setting(default="")  # default run_dir/toy_teacher.safetensors
+
+
+@dataclass
 class ExportConfig:
     run: str = ""  # a stage run folder; default run_dir/stage3
     out: str = ""  # default run_dir/student.safetensors
@@ -141,6 +183,7 @@ class Config:
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     stage3: Stage3Config = field(default_factory=Stage3Config)
+    toy_teacher: ToyTeacherConfig = field(default_factory=ToyTeacherConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def to_dict(self) -> dict:
@@ -149,15 +192,44 @@ class Config:
     def stage_dir(self, stage: str) -> Path:
         return Path(self.run.run_dir) / stage
 
-    def identity(self, stage: str, world_size: int) -> dict:
-        """What a checkpoint must agree with to be resumed: not logging, nor the length of the run unless
-        its learning-rate schedule depends on it (a cosine decay extended mid-run would jump back up)."""
+    def validate(self) -> Config:
+        """Raises ConfigError naming every out-of-range setting (train/ranges.py); returns the config."""
+        found = problems(self)
+        if found:
+            raise ConfigError("; ".join(found))
+        return self
+
+    def identity(self, stage: str, world_size: int, whole_run: bool = False) -> dict:
+        """What a checkpoint must agree with to be resumed: every setting that changes the result and the
+        contents of the files the stage reads ("<setting> (contents)": teacher, shard index, plan, Stage II
+        weights), but not logging, checkpointing, speed or memory settings, nor the length of the run unless
+        its learning-rate schedule depends on it (a cosine decay extended mid-run would jump back up), nor
+        export settings. With `whole_run`, the length too: what a finished run's result depends on."""
+        from .models import MODEL_FILE, plan_path, teacher_path
+
         section = asdict(getattr(self, stage))
-        if section.get("lr_decay", "constant") == "constant":
+        for f in fields(getattr(self, stage)):
+            if not f.metadata.get("identity", True):
+                section.pop(f.name)
+        if not whole_run and section.get("lr_decay", "constant") == "constant":
             section.pop("iterations", None)
+        if stage in ("stage2", "stage3"):
+            section["plan (contents)"] = json_digest(plan_path(self, section["plan"]))
+        if stage == "stage3" and section["init"] != "teacher":
+            section["init (contents)"] = file_digest(section["init"] or self.stage_dir("stage2") / MODEL_FILE)
+        try:
+            teacher = file_digest(teacher_path(self))
+        except FileNotFoundError:  # toy_teacher reads none; the other stages refuse to start without one
+            teacher = None
+        model = {k: v for k, v in asdict(self.model).items() if k not in ("arch", "gradient_checkpointing")}
+        data = asdict(self.data)
+        if self.data.source == "shards":
+            data["shards (contents)"] = json_digest(Path(self.data.shards) / "index.json")
         run = {k: v for k, v in asdict(self.run).items() if k in ("seed", "warmup")}
-        return {"stage": stage, "world_size": world_size, "model": asdict(self.model), "data": asdict(self.data),
-                "run": run, stage: section, "bf16": self.dist.bf16, "deepspeed": self.dist.deepspeed}
+        dist = {k: v for k, v in asdict(self.dist).items() if k in ("deepspeed", "zero_stage", "cpu_adam", "bf16",
+                                                                   "grad_clip")}
+        return {"stage": stage, "world_size": world_size, "model": {**model, "teacher (contents)": teacher},
+                "data": data, "run": run, "dist": dist, stage: section}
 
 
 def identity_hash(identity: dict) -> str:
@@ -178,11 +250,14 @@ def identity_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 # ---- loading -------------------------------------------------------------------------------------
 
-def _build(cls, values: dict, where: str):
+def _build(cls, values: dict | None, where: str):
+    values = {} if values is None else values  # an empty YAML section
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where.rstrip('.') or 'the config'} must be a mapping of settings, got {values!r}")
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ValueError(f"unknown setting(s) {', '.join(where + k for k in unknown)}; "
+        raise ConfigError(f"unknown setting(s) {', '.join(where + k for k in unknown)}; "
                          f"valid in {where.rstrip('.') or 'the top level'}: {', '.join(known)}")
     kwargs = {}
     for name, value in values.items():
@@ -191,7 +266,7 @@ def _build(cls, values: dict, where: str):
             else _coerce(value, default, where + name)
         choices = known[name].metadata.get("choices")
         if choices and kwargs[name] not in choices:
-            raise ValueError(f"{where}{name} must be one of {', '.join(choices)}, got {kwargs[name]!r}")
+            raise ConfigError(f"{where}{name} must be one of {', '.join(choices)}, got {kwargs[name]!r}")
     return cls(**kwargs)
 
 
@@ -200,34 +275,40 @@ def _coerce(value: Any, default: Any, name: str) -> Any:
         return ""
     if isinstance(default, bool) or default is None or isinstance(default, (list, dict)):
         if isinstance(default, bool) and not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, got {value!r}")
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
         return value
-    if isinstance(default, float) and isinstance(value, (int, str)):
+    if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:  # YAML 1.1 reads "1e-6" (no dot) as a string
             return float(value)
         except ValueError:
-            raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not isinstance(value, type(default)):
-        raise ValueError(f"{name} must be a {type(default).__name__}, got {value!r}")
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if not isinstance(value, type(default)) or isinstance(value, bool):  # YAML's true is an int to Python
+        raise ConfigError(f"{name} must be a {type(default).__name__}, got {value!r}")
     return value
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise ValueError(f"--set takes section.key=value, got {text!r}")
+        raise ConfigError(f"--set takes section.key=value, got {text!r}")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    try:
+        return key.strip().split("."), yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key.strip()}: {raw!r} is not a YAML value ({err})") from None
 
 
 def config_from_dict(data: dict) -> Config:
-    return _build(Config, data, "")
+    return _build(Config, data, "").validate()
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     data: dict = {}
     if path:
-        text = Path(path).read_text()
-        data = (json.loads(text) if path.endswith(".json") else yaml.safe_load(text)) or {}
+        try:
+            text = Path(path).read_text()
+            data = (json.loads(text) if path.endswith(".json") else yaml.safe_load(text)) or {}
+        except (OSError, ValueError, yaml.YAMLError) as err:
+            raise ConfigError(f"config file {path}: {err}") from None
     for override in overrides:
         keys, value = parse_override(override)
         node = data

@@ -2,9 +2,11 @@
 
 Shards (written by `train.preprocess`) are safetensors files of `latents` (N, C, F, h, w) and `text`
 (N, L, D) (HunyuanVideo also `text_mask`, `pooled`), listed in `index.json` with each item's source
-file and caption, so a bad batch can be named.
-Caption dropout replaces the conditioning by the null one (zeros, the empty prompt of Wan and the toy
-encoder) so the unconditional prediction that CFG and eq. 9 need keeps being trained.
+file and caption, so a bad batch can be named. The index also names the null conditioning: the text
+encoder's encoding of the null prompt ("" unless configured), stored once beside the shards. Every
+batch carries it as `Batch.null` (eq. 9's vP(null), CFG), and caption dropout replaces a caption's
+conditioning by it, so the unconditional prediction that CFG and eq. 9 need keeps being trained on the
+very input they give it. The toy world's null is its encoder's "" too (all zeros there).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from fastlightgen.adapters import Conditioning
 
 from .config import Config
 
-SHARD_FORMAT = "fastlightgen.shards/1"
+SHARD_FORMAT = "fastlightgen.shards/2"  # /2: the null conditioning is stored
 
 
 @dataclass
@@ -42,13 +44,14 @@ class Batch:
 BatchFn = Callable[[torch.Generator, int], Batch]  # (generator, batch size) -> batch
 
 
-def _drop_captions(cond: Conditioning, generator: torch.Generator, p: float) -> Conditioning:
+def _drop_captions(cond: Conditioning, null: Conditioning, generator: torch.Generator, p: float) -> Conditioning:
+    """Each row's text conditioning replaced by the null one with probability p (image tokens kept)."""
     keep = torch.rand(cond.text.shape[0], generator=generator) >= p
-    null = cond.null_like()
 
     def choose(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
         return None if a is None else torch.where(keep.view(-1, *[1] * (a.ndim - 1)), a, b)
-    return Conditioning(choose(cond.text, null.text), cond.image, cond.text_mask, choose(cond.pooled, null.pooled))
+    return Conditioning(choose(cond.text, null.text), cond.image, choose(cond.text_mask, null.text_mask),
+                        choose(cond.pooled, null.pooled))
 
 
 def toy_batch(generator: torch.Generator, size: int) -> Batch:
@@ -57,8 +60,14 @@ def toy_batch(generator: torch.Generator, size: int) -> Batch:
 
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator).item())
     batch = make_batch("train", size, seed=seed)
-    cond = conditioning(batch.captions)
-    return Batch(batch_latents(batch), cond, cond.null_like(), f"toy train seed {seed}: {batch.captions}")
+    return Batch(batch_latents(batch), conditioning(batch.captions), conditioning([""] * size),
+                 f"toy train seed {seed}: {batch.captions}")
+
+
+def _conditioning(tensors: dict[str, torch.Tensor]) -> Conditioning:
+    """The conditioning among a shard's tensors, floats in fp32 (stored in bf16)."""
+    floats = lambda key: tensors[key].float() if key in tensors else None  # noqa: E731
+    return Conditioning(text=floats("text"), text_mask=tensors.get("text_mask"), pooled=floats("pooled"))
 
 
 class ShardSet:
@@ -68,11 +77,21 @@ class ShardSet:
         if not index_path.is_file():
             raise FileNotFoundError(f"{self.folder} holds no index.json; run `python -m train.preprocess` first")
         self.index = json.loads(index_path.read_text())
+        if self.index.get("format") == "fastlightgen.shards/1":
+            raise ValueError(f"{index_path}: written before the null prompt's encoding was stored with the shards; "
+                             f"run `python -m train.preprocess` again")
         if self.index.get("format") != SHARD_FORMAT:
             raise ValueError(f"{index_path}: not a FastLightGen shard index (format {self.index.get('format')!r})")
         self.items = [(s["file"], i, item) for s in self.index["shards"] for i, item in enumerate(s["items"])]
         if not self.items:
             raise ValueError(f"{self.folder}: the shard set is empty")
+        null_file = self.folder / self.index["null"]["file"]
+        null, first = load_file(str(null_file)), self.shard(self.items[0][0])
+        shapes = {k: tuple(v.shape[1:]) for k, v in null.items()}
+        if shapes != {k: tuple(v.shape[1:]) for k, v in first.items() if k != "latents"}:
+            raise ValueError(f"{null_file} holds {shapes}, unlike the conditioning of the shards; write both with "
+                             f"the same text encoder (`python -m train.preprocess`)")
+        self.null = _conditioning(null)
 
     @lru_cache(maxsize=2)
     def shard(self, name: str) -> dict[str, torch.Tensor]:
@@ -81,14 +100,9 @@ class ShardSet:
     def batch(self, generator: torch.Generator, size: int) -> Batch:
         picks = torch.randint(0, len(self.items), (size,), generator=generator).tolist()
         rows = [self.items[k] for k in picks]
-        first = self.shard(rows[0][0])
-
-        def get(key: str) -> torch.Tensor | None:
-            return torch.stack([self.shard(f)[key][i] for f, i, _ in rows]) if key in first else None
-        floats = lambda t: None if t is None else t.float()  # noqa: E731
-        cond = Conditioning(text=floats(get("text")), text_mask=get("text_mask"), pooled=floats(get("pooled")))
+        stacked = {k: torch.stack([self.shard(f)[k][i] for f, i, _ in rows]) for k in self.shard(rows[0][0])}
         desc = ", ".join(f"{f}[{i}] ({item['file']})" for f, i, item in rows)
-        return Batch(get("latents").float(), cond, cond.null_like(), desc)
+        return Batch(stacked["latents"].float(), _conditioning(stacked), self.null.repeat(size), desc)
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.index, sort_keys=True).encode()).hexdigest()[:16]
@@ -99,7 +113,7 @@ def batch_source(cfg: Config) -> BatchFn:
 
     def draw(generator: torch.Generator, size: int) -> Batch:
         batch = base(generator, size)
-        batch.cond = _drop_captions(batch.cond, generator, cfg.data.caption_dropout)
+        batch.cond = _drop_captions(batch.cond, batch.null, generator, cfg.data.caption_dropout)
         return batch
     return draw
 

@@ -6,6 +6,7 @@ Euler with CFG). The file is `fastlightgen.checkpoint` format: original/ComfyUI 
 renumbered 0..K-1, metadata with the kept original indices, the recommended denoising list and shift,
 and provenance (betas, alpha, iterations, data fingerprint). `export.diffusers_out` also writes a
 diffusers folder (the only output for HunyuanVideo, which the checkpoint format does not cover).
+API: `run(cfg)`; the model itself: `train.models.student_model`.
 """
 from __future__ import annotations
 
@@ -14,34 +15,22 @@ from pathlib import Path
 
 import torch
 
-from fastlightgen.adapters import adapt
-from fastlightgen.checkpoint import CheckpointMeta, Recommended, save_checkpoint
+from fastlightgen.checkpoint import CheckpointMeta, save_checkpoint
 from fastlightgen.io_utils import atomic_write_text
 from fastlightgen.plan import PrunePlan
+from fastlightgen.sampling import Sampling
 
 from .cli import parse
 from .config import Config
-from .models import MODEL_FILE, load_teacher, load_weights, read_run_info
-
-
-def student_model(cfg: Config, folder: Path, info: dict) -> torch.nn.Module:
-    """The physically pruned model of a finished stage, in fp32."""
-    plan = PrunePlan.from_dict(info["plan"])
-    if info["stage"] == "stage3":
-        model = type(load_teacher(cfg)).from_config(info["student_config"])
-        return load_weights(model, folder / MODEL_FILE)
-    if info["stage"] == "stage2":
-        return adapt(load_weights(load_teacher(cfg), folder / MODEL_FILE)).pruned_model(plan.kept)
-    raise ValueError(f"{folder}: cannot export a {info['stage']} run; export stage2 or stage3")
+from .models import read_run_info, student_model
 
 
 def metadata(model: torch.nn.Module, info: dict) -> CheckpointMeta:
     plan = PrunePlan.from_dict(info["plan"])
     if info["stage"] == "stage3":
-        steps = info["denoising_step_list"]
-        recommended = Recommended(steps=len(steps), denoising_step_list=steps, shift=info["shift"], cfg_scale=1.0)
+        recommended = Sampling.few_step(info["denoising_step_list"], info["shift"])
     else:
-        recommended = Recommended(steps=50, denoising_step_list=[], shift=5.0, cfg_scale=5.0)
+        recommended = Sampling()
     provenance = {"trainer": f"train.{info['stage']}", "iterations": info["steps"], "alpha": info["alpha"],
                   "betas": [info.get("beta1"), info.get("beta2")], "data": info["data"],
                   "plan_method": plan.method, "keep_ratio": plan.keep_ratio}
@@ -50,15 +39,17 @@ def metadata(model: torch.nn.Module, info: dict) -> CheckpointMeta:
                           recommended=recommended, provenance=provenance)
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg, _ = parse(__doc__, argv, training=False)
-    ex = cfg.export
+def run(cfg: Config) -> Path:
+    """Exports the run export.run (default run_dir/stage3); returns the checkpoint, or the diffusers folder
+    when the family has no checkpoint format."""
+    ex = cfg.validate().export
     folder = Path(ex.run) if ex.run else cfg.stage_dir("stage3")
     info = read_run_info(folder)
     model = student_model(cfg, folder, info)
     meta = metadata(model, info)
     dtype = getattr(torch, ex.dtype)
 
+    out = None
     if meta.family == "wan":
         out = Path(ex.out) if ex.out else Path(cfg.run.run_dir) / "student.safetensors"
         save_checkpoint(out, model, meta, dtype=dtype)
@@ -72,6 +63,12 @@ def main(argv: list[str] | None = None) -> None:
         meta_json = json.dumps(json.loads(meta.to_json()), indent=1)
         atomic_write_text(Path(ex.diffusers_out) / "fastlightgen.json", meta_json)
         print(f"wrote diffusers folder {ex.diffusers_out}")
+    return out or Path(ex.diffusers_out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, _ = parse(__doc__, argv, training=False)
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """The loop machinery every training stage shares: resume, steps, non-finite losses, checkpoints, logs.
 
-A stage supplies its units and a `step(step) -> metrics` function; `train` does the rest:
+A stage supplies its units (and any other resumable state, such as an EMA) and a `step(step) -> metrics`
+function; `train` does the rest:
 - resumes from the newest complete checkpoint of `run_dir/<stage>` (refusing one written for another
   config or world size, with the differing settings named),
 - runs the steps with a tqdm bar (loss, s/step) and a JSONL metrics log,
-- skips a step whose loss is non-finite (reported with the step and the batch) and stops after
-  `run.max_bad_steps` in a row, leaving the last good checkpoint as it was,
+- skips a step whose loss or gradients are non-finite (reported with the step and the batch) and stops after
+  `run.max_bad_steps` in a row, leaving the last good checkpoint as it was; stops at once if an applied
+  update made weights non-finite (it cannot be undone),
 - writes a checkpoint every `run.save_every` steps and at the end (staged, then renamed: atomic), none
-  while non-finite losses are streaking,
+  while non-finite steps are streaking and never one holding a non-finite weight,
 - plots the loss curves to a PNG.
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +29,7 @@ from fastlightgen.io_utils import atomic_write_text
 from .config import Config, identity_diff, identity_hash
 from .dist import Dist, step_generator
 from .state import STATE_FILE, TENSORS_FILE, commit_state, latest_state, load_state, staging_dir, write_state_files
-from .units import NonFiniteLoss, Unit
+from .units import NonFiniteStep, NonFiniteWeights, Resumable
 
 StepFn = Callable[[int], dict]
 
@@ -40,19 +42,24 @@ class TooManyBadSteps(RuntimeError):
     pass
 
 
+class PoisonedWeights(RuntimeError):
+    """An applied update made weights non-finite: the run stops, its checkpoints untouched."""
+
+
 @dataclass
 class Run:
     cfg: Config
     stage: str
     dist: Dist
+    identity: dict = field(init=False)
+
+    def __post_init__(self):
+        # taken once the stage has read its inputs: their digests as this run read them, not at a later save
+        self.identity = self.cfg.identity(self.stage, self.dist.world_size)
 
     @property
     def dir(self) -> Path:
         return self.cfg.stage_dir(self.stage)
-
-    @property
-    def identity(self) -> dict:
-        return self.cfg.identity(self.stage, self.dist.world_size)
 
     def generator(self, step: int, stream: str, shared: bool = False) -> torch.Generator:
         return step_generator(self.cfg.run.seed, stream, step, None if shared else self.dist.rank)
@@ -62,7 +69,11 @@ class Run:
             print(text, file=sys.stderr, flush=True)
 
     # ---- checkpoints ---------------------------------------------------------------------------
-    def save(self, step: int, units: list[Unit], extra: dict) -> Path:
+    def save(self, step: int, units: list[Resumable], extra: dict) -> Path:
+        bad = [unit.name for unit in units if not unit.all_finite()]
+        if self.dist.any(bool(bad)):
+            raise PoisonedWeights(f"{self.stage}: refusing to write the step {step} checkpoint: non-finite weights "
+                                  f"in {', '.join(bad) if bad else 'the units of another rank'}")
         tmp = self.dir / f".tmp_step_{step:07d}_shared"
         if self.dist.is_main:
             staging_dir(self.dir, step, "shared")
@@ -89,7 +100,7 @@ class Run:
                 f"({'; '.join(diff) or 'unknown identity'}; checkpoint value first). Resume with the same config "
                 f"and number of processes, or start a fresh run_dir")
 
-    def resume(self, units: list[Unit]) -> tuple[int, dict]:
+    def resume(self, units: list[Resumable]) -> tuple[int, dict]:
         """(start step, extra state) from the newest complete checkpoint, or (0, {})."""
         path = latest_state(self.dir)
         if path is None:
@@ -161,7 +172,7 @@ def learning_rate(base: float, step: int, warmup: int, decay: str = "constant", 
     return rate
 
 
-def train(run: Run, units: list[Unit], step_fn: StepFn, iterations: int, resume: bool) -> int:
+def train(run: Run, units: list[Resumable], step_fn: StepFn, iterations: int, resume: bool) -> int:
     """Runs steps [start, iterations) and returns the number of steps done in total."""
     from tqdm import tqdm
 
@@ -183,7 +194,11 @@ def train(run: Run, units: list[Unit], step_fn: StepFn, iterations: int, resume:
         try:
             metrics = step_fn(step)
             bad_in_row = 0
-        except NonFiniteLoss as err:
+        except NonFiniteWeights as err:
+            raise PoisonedWeights(
+                f"{run.stage}: step {step}: {err}; an applied update cannot be undone, so the run stops. Last good "
+                f"checkpoint: {last_good or 'none yet'} (untouched); resume it with a lower learning rate") from None
+        except NonFiniteStep as err:
             bad_in_row += 1
             if err.local or run.dist.is_main:  # the rank that saw it names its batch
                 where = f" (rank {run.dist.rank})" if run.dist.world_size > 1 else ""
@@ -191,7 +206,7 @@ def train(run: Run, units: list[Unit], step_fn: StepFn, iterations: int, resume:
             metrics = {"skipped": 1}
             if bad_in_row > run.cfg.run.max_bad_steps:
                 raise TooManyBadSteps(
-                    f"{run.stage}: {bad_in_row} consecutive non-finite losses (last at step {step}: {err}); "
+                    f"{run.stage}: {bad_in_row} consecutive non-finite steps (last at step {step}: {err}); "
                     f"stopping. Last good checkpoint: {last_good or 'none yet'} (untouched)") from None
         metrics["s_per_step"] = time.perf_counter() - tic
         if run.dist.device.type == "cuda":  # the run's high-water mark so far, per process

@@ -1,13 +1,16 @@
 """`--dry-run`: per-GPU memory of a config under ZeRO-3 at its planned world size, without loading weights.
 
-ZeRO-3 splits parameters, gradients and optimizer states evenly over the W ranks. Per GPU:
+The architecture comes from model.arch, else from the teacher's config.json (a diffusers folder) or its
+safetensors header (a file); the model is built once, on the meta device. ZeRO-3 splits parameters,
+gradients and optimizer states evenly over the W ranks. Per GPU:
   parameters  (every model the stage holds) * bytes / W
   gradients   (trainable parameters) * bytes / W
   optimizer   (trainable parameters) * 12 / W   (fp32 master copy + AdamW's two moments; on the CPU
               when dist.offload_optimizer is set)
   gathered    the largest block, whole, twice (the one running and the one prefetched)
 Activations are not counted (gradient checkpointing keeps them at about one block's).
-Stage III holds the student (the kept blocks, trainable), the frozen teacher and the fake score's LoRA.
+Stage III holds the student (the kept blocks, trainable), the frozen teacher and the fake score's LoRA,
+which sits on the kept blocks (on every block with stage3.plan_teacher=unpruned).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 from .config import Config
+from .models import model_class, teacher_config
 
 GIB = 1024 ** 3
 
@@ -25,53 +29,45 @@ GIB = 1024 ** 3
 class ParamCounts:
     total: int
     per_block: list[int]
+    lora_per_block: list[int]  # the fake score's LoRA at stage3.lora_rank, were it on that block
 
     @property
     def outside_blocks(self) -> int:
         return self.total - sum(self.per_block)
 
 
-def count_params(cfg: Config) -> ParamCounts:
-    from fastlightgen.adapters import adapt
-
-    model = meta_model(cfg)
-    blocks = adapt(model).blocks()
-    return ParamCounts(sum(p.numel() for p in model.parameters()),
-                       [sum(p.numel() for p in b.parameters()) for b in blocks])
-
-
 def meta_model(cfg: Config) -> nn.Module:
-    """The config's model without weights (from model.arch; the teacher itself when no arch is given)."""
-    if not cfg.model.arch:
-        from .models import load_teacher
-        return load_teacher(cfg)
-    from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
-
-    cls = {"wan": WanTransformer3DModel, "hunyuanvideo": HunyuanVideoTransformer3DModel}[cfg.model.family]
+    """The config's model on the meta device: no weight is read or allocated."""
+    config = cfg.model.arch or teacher_config(cfg)
     with torch.device("meta"):
-        return cls.from_config(cfg.model.arch)
+        return model_class(cfg.model.family).from_config(config)
 
 
-def _lora_params(cfg: Config, kept: int) -> int:
-    """Parameters of the fake score's LoRA on `kept` blocks (an upper bound: Stage III puts it on the kept
-    blocks after the first dropped one)."""
+def count_params(cfg: Config) -> ParamCounts:
     from fastlightgen.adapters import adapt
     from fastlightgen.lora import add_lora
 
-    blocks = adapt(meta_model(cfg)).blocks()[-kept:]
-    return sum(p.numel() for layer in add_lora(blocks, cfg.stage3.lora_rank, cfg.stage3.lora_alpha)
-               for p in (layer.lora_down.weight, layer.lora_up.weight))
+    model = meta_model(cfg)
+    blocks = adapt(model).blocks()
+    total = sum(p.numel() for p in model.parameters())
+    per_block = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    # counted after the base parameters: the LoRA layers are added to this throwaway meta model
+    lora = [sum(layer.lora_down.weight.numel() + layer.lora_up.weight.numel()
+                for layer in add_lora([b], cfg.stage3.lora_rank, cfg.stage3.lora_alpha)) for b in blocks]
+    return ParamCounts(total, per_block, lora)
 
 
-def estimate(cfg: Config) -> dict[str, dict[str, float]]:
-    counts = count_params(cfg)
+def estimate(cfg: Config, counts: ParamCounts | None = None) -> dict[str, dict[str, float]]:
+    counts = counts or count_params(cfg)
     w = max(1, cfg.dist.world_size) if cfg.dist.deepspeed else 1
     offload = cfg.dist.deepspeed and cfg.dist.offload_optimizer
     b = 2 if cfg.dist.bf16 else 4
     n = len(counts.per_block)
     kept = max(1, round(cfg.stage1.keep_ratio * n))
+    # the plan is not known before Stage I: count the largest blocks (an upper bound for uneven blocks)
     student = counts.outside_blocks + sum(sorted(counts.per_block)[-kept:])
-    lora = _lora_params(cfg, kept)
+    lora_blocks = kept if cfg.stage3.plan_teacher == "pruned" else n
+    lora = sum(sorted(counts.lora_per_block)[-lora_blocks:])
     gathered = 2 * max(counts.per_block) * b / GIB if cfg.dist.deepspeed else 0.0
 
     def stage(held: int, trainable: int) -> dict[str, float]:
@@ -89,7 +85,7 @@ def estimate(cfg: Config) -> dict[str, dict[str, float]]:
 
 def report(cfg: Config) -> str:
     counts = count_params(cfg)
-    rows = estimate(cfg)
+    rows = estimate(cfg, counts)
     d = cfg.dist
     where = "CPU (offloaded)" if d.deepspeed and d.offload_optimizer else "GPU"
     setup = f"world size {d.world_size}, {'bf16' if d.bf16 else 'fp32'}, ZeRO-{d.zero_stage}" if d.deepspeed \

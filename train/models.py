@@ -1,11 +1,14 @@
-"""Models of a run: the teacher from its file, a stage's consolidated weights, and the plan.
+"""Models of a run: the teacher from its file, a stage's consolidated weights, the plan, the finished student.
 
 A stage ends by writing `model.safetensors` (the whole model, diffusers layout) and `run.json` (stage,
-plan, config, steps, data fingerprint) into its folder; the next stage and `train.export` read them.
+plan, config, steps, data fingerprint) into its folder; the next stage, `train.export` and
+`research.reproduce` read them. `teacher_config` reads the teacher's architecture without its weights
+(`--dry-run`, the Stage II export).
 """
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import torch
@@ -21,22 +24,90 @@ MODEL_FILE = "model.safetensors"
 RUN_FILE = "run.json"
 
 
+def model_class(family: str) -> type[nn.Module]:
+    from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
+
+    return {"wan": WanTransformer3DModel, "hunyuanvideo": HunyuanVideoTransformer3DModel}[family]
+
+
+# each part of a model folder and the setting that overrides it
+PART_SETTINGS = {"transformer": "model.teacher", "vae": "preprocess.vae", "text_encoder": "preprocess.text_encoder",
+                 "tokenizer": "preprocess.tokenizer"}
+MODEL_LAYOUT = "model_index.json, transformer/, vae/, text_encoder/, tokenizer/"
+
+
+def model_part(cfg: Config, part: str) -> Path:
+    """Where `part` of the model is: its override setting (PART_SETTINGS), else model.path/<part>. Only paths are
+    checked here, nothing is read, so a bad setting is named before any model loads."""
+    setting = PART_SETTINGS[part]
+    section, key = setting.split(".")
+    override = getattr(getattr(cfg, section), key)
+    if override:
+        if not Path(override).exists():
+            raise FileNotFoundError(f"{setting} {override!r} does not exist; fix the path, or clear it to use "
+                                    f"model.path/{part}")
+        return Path(override)
+    if not cfg.model.path:
+        raise FileNotFoundError(f"no {part}: set model.path to the model's folder as downloaded ({MODEL_LAYOUT}) "
+                                f"or {setting} to the {part} alone")
+    root = Path(cfg.model.path)
+    if not (root / "model_index.json").is_file():
+        raise FileNotFoundError(f"model.path {root} holds no model_index.json: point it at the model's root folder, "
+                                f"the one holding {MODEL_LAYOUT}")
+    if not (root / part).is_dir():
+        raise FileNotFoundError(f"model.path {root} has no {part}/ subfolder: download the whole model folder, "
+                                f"or set {setting} to where the {part} is")
+    return root / part
+
+
+def teacher_path(cfg: Config) -> Path:
+    return model_part(cfg, "transformer")
+
+
 def load_teacher(cfg: Config) -> nn.Module:
-    """The diffusers model named by model.teacher, in fp32 train mode (DeepSpeed casts for bf16)."""
-    path = Path(cfg.model.teacher)
-    if not path.exists():
-        raise FileNotFoundError(f"model.teacher {path} does not exist; set --set model.teacher=PATH")
-    if cfg.model.family == "wan":
-        if path.is_dir():
-            from diffusers import WanTransformer3DModel
-            model = WanTransformer3DModel.from_pretrained(str(path))
-        else:
-            from fastlightgen.checkpoint import load_wan
-            model, _ = load_wan(path)
-    else:  # hunyuanvideo (the config admits no other family)
-        from diffusers import HunyuanVideoTransformer3DModel
-        model = HunyuanVideoTransformer3DModel.from_pretrained(str(path))
+    """The teacher (model.teacher, else model.path/transformer), in fp32 train mode (DeepSpeed casts for bf16)."""
+    path = teacher_path(cfg)
+    if cfg.model.family == "wan" and not path.is_dir():
+        from fastlightgen.checkpoint import load_wan
+        model, _ = load_wan(path)
+    else:
+        model = model_class(cfg.model.family).from_pretrained(str(path))
     return model.float().train()
+
+
+def teacher_config(cfg: Config) -> dict:
+    """The teacher's diffusers config from its folder's config.json or its file's safetensors header (shapes
+    and FastLightGen metadata): the architecture `load_teacher` would build, without reading a weight."""
+    path = teacher_path(cfg)
+    if path.is_dir():
+        return model_class(cfg.model.family).load_config(str(path))
+    if cfg.model.family != "wan":
+        raise ValueError(f"teacher {path}: a {cfg.model.family} teacher is a diffusers folder, not a file")
+    from fastlightgen.checkpoint import METADATA_KEY, CheckpointMeta
+    from fastlightgen.wan_config import DEFAULT_HEAD_DIM, infer_wan_config
+
+    header = _safetensors_header(path)
+    metadata = header.pop("__metadata__", None) or {}
+    head_dim = CheckpointMeta.from_json(metadata[METADATA_KEY]).head_dim if METADATA_KEY in metadata \
+        else DEFAULT_HEAD_DIM  # as `load_wan` decides it
+    shapes = {k: torch.empty(v["shape"], device="meta") for k, v in header.items()}
+    try:
+        return infer_wan_config(shapes, head_dim)
+    except ValueError as err:
+        raise ValueError(f"teacher {path}: {err}") from None
+
+
+def _safetensors_header(path: Path) -> dict:
+    """Tensor names, dtypes, shapes and `__metadata__` of a safetensors file, read from its first bytes only
+    (the tensor data may be absent)."""
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+        raw = f.read(length) if 0 < length <= 100_000_000 else b""
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{path}: not a safetensors file (no JSON header)") from None
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
@@ -49,6 +120,19 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     if missing or unexpected:
         raise ValueError(f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model
+
+
+def student_model(cfg: Config, folder: Path, info: dict) -> nn.Module:
+    """The physically pruned model of a finished Stage II or III run (`info`: its run.json), in fp32."""
+    from fastlightgen.adapters import adapt
+
+    cls = model_class(cfg.model.family)
+    if info["stage"] == "stage3":
+        return load_weights(cls.from_config(info["student_config"]), folder / MODEL_FILE)
+    if info["stage"] == "stage2":
+        model = load_weights(cls.from_config(teacher_config(cfg)), folder / MODEL_FILE)
+        return adapt(model).pruned_model(PrunePlan.from_dict(info["plan"]).kept)
+    raise ValueError(f"{folder}: a {info['stage']} run holds no student; use a stage2 or stage3 run")
 
 
 def save_stage_output(folder: Path, weights: dict[str, torch.Tensor], info: dict) -> Path:

@@ -3,7 +3,7 @@
 Scores every block by the Tweedie x0 error of the model with that block skipped, over stage1.samples
 batches of the dataset at stage1.timesteps noise levels, and keeps the top stage1.keep_ratio (plus
 stage1.protected). Writes plan.json, scores.csv and importance.png to run_dir/stage1. Inference only:
-it runs in one process (on one GPU for the real models).
+it runs in one process (on one GPU for the real models). API: `run(cfg)`.
 """
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ import torch
 from fastlightgen.adapters import adapt
 from fastlightgen.importance import ImportanceResult, block_importance, stage1_sigmas
 from fastlightgen.plan import PrunePlan
+from fastlightgen.plot import importance_figure
 
 from .cli import dry_run, parse
+from .config import Config
 from .data import batch_source
 from .dist import step_generator
 from .models import load_teacher, plan_path
@@ -33,33 +35,13 @@ def write_csv(path: Path, result: ImportanceResult, plan: PrunePlan) -> None:
             w.writerow([i, f"{s:.8g}", rank[i], int(i in plan.kept)])
 
 
-def plot_importance(path: Path, result: ImportanceResult, plan: PrunePlan) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(6, len(result.scores) * 0.25), 3.5))
-    colors = ["tab:blue" if i in plan.kept else "tab:gray" for i in range(len(result.scores))]
-    ax.bar(range(len(result.scores)), result.scores, color=colors)
-    ax.axhline(result.reference_error, color="k", lw=0.8, ls="--", label="full model")
-    ax.set_xlabel("block (gray: dropped)")
-    ax.set_ylabel("x0 error with the block skipped")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> None:
-    cfg, args = parse(__doc__, argv)
-    if args.dry_run:
-        return dry_run(cfg)
-    s1 = cfg.stage1
-
-    # models and data: the teacher and stage1.samples batches drawn like training batches
+def run(cfg: Config) -> Path:
+    """Scores the blocks and writes the plan; returns the plan's path."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit("Stage I is inference: run it as one process (python -m train.stage1)")
+    s1 = cfg.validate().stage1
+
+    # models and data: the teacher and stage1.samples batches drawn like training batches
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype(cfg)
     model = load_teacher(cfg).to(device).eval()
@@ -80,9 +62,17 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     plan.save(out)
     write_csv(out.parent / "scores.csv", result, plan)
-    plot_importance(out.parent / "importance.png", result, plan)
+    importance_figure(result, plan).savefig(out.parent / "importance.png")
     print(result.table())
     print(f"kept {plan.kept}, dropped {plan.dropped}; wrote {out}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, args = parse(__doc__, argv)
+    if args.dry_run:
+        return dry_run(cfg)
+    run(cfg)
 
 
 if __name__ == "__main__":

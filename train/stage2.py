@@ -5,64 +5,92 @@ Each step skips each of the plan's dropped blocks independently with probability
 stop-gradient unpruned path of the same weights (alpha = 1), plus flow matching on both paths when
 alpha < 1. Both passes share the blocks before the first skipped one; with alpha = 1 only the pruned
 branch records gradients. Writes run_dir/stage2/model.safetensors (all blocks) for Stage III.
+API: `run(cfg, resume)`.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
 import torch
 
 from fastlightgen.distill import sample_skip, stage2_loss
-from fastlightgen.flow import add_noise, pinned_first_frame_sigma, sample_training_sigma, velocity_target
+from fastlightgen.first_frame import frame_sigma
+from fastlightgen.flow import add_noise, sample_training_sigma, velocity_target
+from fastlightgen.plan import PrunePlan
 
 from .cli import dry_run, parse
-from .data import batch_source, data_fingerprint
+from .config import Config
+from .data import BatchFn, batch_source, data_fingerprint
 from .dist import init_dist
 from .loop import Run, learning_rate, train
-from .models import load_plan, load_teacher, plan_path, save_stage_output
-from .units import AdapterModule, compute_dtype, make_unit
+from .models import MODEL_FILE, load_plan, load_teacher, plan_path, save_stage_output
+from .state import hold_run_dir
+from .units import AdapterModule, Unit, compute_dtype, make_unit
+
+
+@dataclass
+class Stage2Models:
+    """What one Stage II step reads."""
+    cfg: Config
+    run: Run
+    unit: Unit  # the teacher's weights, trained in place
+    plan: PrunePlan  # which blocks may be skipped
+    draw_batch: BatchFn
+    dtype: torch.dtype
+
+
+def build(cfg: Config) -> Stage2Models:
+    dist = init_dist(cfg)
+    model = load_teacher(cfg)
+    plan = load_plan(cfg, cfg.stage2.plan, model)
+    s2 = cfg.stage2
+    unit = make_unit("model", AdapterModule(model, cfg.model.gradient_checkpointing), cfg, dist, s2.lr, s2.weight_decay)
+    dtype = compute_dtype(cfg)
+    return Stage2Models(cfg, Run(cfg, "stage2", dist), unit, plan, batch_source(cfg), dtype)
+
+
+def train_one_step(m: Stage2Models, i: int) -> dict:
+    cfg, s2, device = m.cfg, m.cfg.stage2, m.run.dist.device
+    skip = sample_skip(m.plan.dropped, s2.skip_prob, m.run.generator(i, "skip", shared=True))
+    g = m.run.generator(i, "batch")
+    batch = m.draw_batch(g, cfg.data.batch_size)
+    x0 = batch.x0
+    sigma = frame_sigma(sample_training_sigma(x0.shape[0], g, s2.sigma_shift, s2.sigma_law), x0, cfg.model.ti2v)
+    noise = torch.randn(x0.shape, generator=g)
+    batch = batch.to(device, m.dtype)
+    x_t = add_noise(x0, noise, sigma).to(device, m.dtype)
+    target = velocity_target(x0, noise).to(device)
+    loss, parts = m.unit(lambda a: stage2_loss(a, x_t, sigma.to(device), batch.cond, target, skip, s2.alpha,
+                                               cfg.model.ti2v))
+    m.unit.update(loss, batch.desc, learning_rate(s2.lr, i, cfg.run.warmup, s2.lr_decay, s2.iterations))
+    return {"loss": loss.item(), **parts, "skipped_blocks": len(skip)}
+
+
+def run(cfg: Config, resume: bool = False) -> Path:
+    """Trains Stage II (continuing the newest checkpoint with `resume`); returns its model.safetensors."""
+    cfg.validate()
+    with hold_run_dir(cfg.stage_dir("stage2")):
+        m = build(cfg)
+        steps = train(m.run, [m.unit], partial(train_one_step, m), cfg.stage2.iterations, resume)
+        # the whole model (pruned and unpruned paths share it) for Stage III and export
+        weights = m.unit.full_state_dict()
+        if m.run.dist.is_main:
+            save_stage_output(m.run.dir, weights, {
+                "stage": "stage2", "plan": m.plan.to_dict(), "plan_path": str(plan_path(cfg, cfg.stage2.plan)),
+                "steps": steps, "alpha": cfg.stage2.alpha, "skip_prob": cfg.stage2.skip_prob,
+                "data": data_fingerprint(cfg), "config": cfg.to_dict()})
+            m.run.say(f"wrote {m.run.dir / MODEL_FILE}")
+        m.run.dist.close()
+        return m.run.dir / MODEL_FILE
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg, args = parse(__doc__, argv)
     if args.dry_run:
         return dry_run(cfg)
-    s2 = cfg.stage2
-
-    # models: the teacher's weights, trained in place; the plan says which blocks may be skipped
-    dist = init_dist(cfg)
-    model = load_teacher(cfg)
-    plan = load_plan(cfg, s2.plan, model)
-    unit = make_unit("model", AdapterModule(model, cfg.model.gradient_checkpointing), cfg, dist, s2.lr, s2.weight_decay)
-    dtype = compute_dtype(cfg)
-    draw_batch = batch_source(cfg)
-    run = Run(cfg, "stage2", dist)
-
-    def step(i: int) -> dict:
-        skip = sample_skip(plan.dropped, s2.skip_prob, run.generator(i, "skip", shared=True))
-        g = run.generator(i, "batch")
-        batch = draw_batch(g, cfg.data.batch_size)
-        x0 = batch.x0
-        sigma = sample_training_sigma(x0.shape[0], g, s2.sigma_shift, s2.sigma_law)
-        if cfg.model.ti2v:
-            sigma = pinned_first_frame_sigma(sigma, x0.shape[2])
-        noise = torch.randn(x0.shape, generator=g)
-        batch = batch.to(dist.device, dtype)
-        x_t = add_noise(x0, noise, sigma).to(dist.device, dtype)
-        target = velocity_target(x0, noise).to(dist.device)
-        loss, parts = unit(lambda a: stage2_loss(a, x_t, sigma.to(dist.device), batch.cond, target, skip, s2.alpha,
-                                                 cfg.model.ti2v))
-        unit.update(loss, batch.desc, learning_rate(s2.lr, i, cfg.run.warmup, s2.lr_decay, s2.iterations))
-        return {"loss": loss.item(), **parts, "skipped_blocks": len(skip)}
-
-    steps = train(run, [unit], step, s2.iterations, args.resume)
-
-    # output: the whole model (pruned and unpruned paths share it) for Stage III and export
-    weights = unit.full_state_dict()
-    if dist.is_main:
-        out = save_stage_output(run.dir, weights, {
-            "stage": "stage2", "plan": plan.to_dict(), "plan_path": str(plan_path(cfg, s2.plan)), "steps": steps,
-            "alpha": s2.alpha, "skip_prob": s2.skip_prob, "data": data_fingerprint(cfg), "config": cfg.to_dict()})
-        run.say(f"wrote {out}")
-    dist.close()
+    run(cfg, args.resume)
 
 
 if __name__ == "__main__":

@@ -2,20 +2,68 @@
 
 A state is a folder `step_000123/` holding `tensors.safetensors` and `state.json`; it is written under a
 temporary name and renamed, so a folder that exists is complete. `latest_state` finds the newest one.
+A run folder belongs to one job at a time (`hold_run_dir`).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import socket
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from fastlightgen.io_utils import atomic_path
+
 STATE_FILE = "state.json"
 TENSORS_FILE = "tensors.safetensors"
+LOCK_FILE = ".lock"
+
+
+class RunDirBusy(SystemExit):
+    """Another job holds the run folder: two jobs writing one folder garble its log and checkpoints."""
+
+
+@contextmanager
+def hold_run_dir(folder: Path) -> Iterator[None]:
+    """Holds an exclusive lock on `folder` (flock on folder/.lock, released by the kernel however the job ends)
+    for the body, then removes what a killed save left behind. Taken by the job's main process (RANK 0): the
+    other ranks of the job write into the folder under its lock."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise RunDirBusy(f"{folder} is in use by another job ({holder}, lock {folder / LOCK_FILE}); wait for it "
+                             "to end, or set another run.run_dir") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        remove_leftovers(folder)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Staging folders and temporary files of saves that a kill interrupted (never a complete `step_*`)."""
+    for tmp in Path(folder).glob(".tmp_step_*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for tmp in Path(folder).glob(".*.tmp"):  # fastlightgen.io_utils.atomic_path
+        tmp.unlink(missing_ok=True)
 
 
 def flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -54,7 +102,9 @@ def staging_dir(run_dir: Path, step: int, tag: str) -> Path:
 
 
 def write_state_files(folder: Path, step: int, tensors: dict[str, torch.Tensor], info: dict) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(Path(folder) / TENSORS_FILE))
+    # atomic_path gives the file the umask's mode: safetensors alone writes 0600, unreadable to the group
+    with atomic_path(Path(folder) / TENSORS_FILE) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
     (Path(folder) / STATE_FILE).write_text(json.dumps({**info, "step": step}, indent=1))
 
 

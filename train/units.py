@@ -12,9 +12,11 @@ call. Blocks and embedders are called as modules and gather themselves.
 """
 from __future__ import annotations
 
+import copy
+import math
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 from torch import nn
@@ -26,14 +28,39 @@ from .dist import Dist
 from .state import flatten_optimizer, split_prefix, unflatten_optimizer, with_prefix
 
 
-class NonFiniteLoss(RuntimeError):
-    """Raised on every rank when some rank's loss is non-finite; `local` says whether it was this rank's."""
+class NonFiniteStep(RuntimeError):
+    """Raised on every rank when some rank's loss or gradients are non-finite: the update was not applied, so
+    the step can be skipped. `local` says whether this rank saw it."""
 
-    def __init__(self, unit: str, value: float, batch: str, local: bool):
-        what = f"non-finite {unit} loss ({value}) on batch {batch}" if local else \
-            f"non-finite {unit} loss on another rank"
-        super().__init__(what)
+    def __init__(self, unit: str, what: str, value: str, batch: str, local: bool):
+        super().__init__(f"non-finite {unit} {what} ({value}) on batch {batch}" if local else
+                         f"non-finite {unit} {what} on another rank")
         self.local = local
+
+
+class NonFiniteWeights(RuntimeError):
+    """Raised on every rank when an applied update left some rank's weights non-finite (a learning rate that
+    overflows the step): an update cannot be undone, so the run must stop."""
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """One host sync per device, however many tensors."""
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        flags.setdefault(t.device, []).append(torch.isfinite(t).all())
+    return all(bool(torch.stack(f).all()) for f in flags.values())
+
+
+class Resumable(Protocol):
+    """What a run checkpoints and resumes by name: a Unit, or other state such as an EMA of a unit's weights."""
+    name: str
+
+    def save(self, folder: Path) -> tuple[dict[str, torch.Tensor], dict]: ...
+
+    def load(self, folder: Path, tensors: dict[str, torch.Tensor], info: dict) -> None: ...
+
+    def all_finite(self) -> bool:
+        """Whether this rank's part of the state is finite: a checkpoint is never written otherwise."""
 
 
 class AdapterModule(nn.Module):
@@ -59,18 +86,45 @@ class Unit(ABC):
         return self.module(fn)
 
     def update(self, loss: torch.Tensor, batch: str, lr: float) -> None:
-        """Backward and optimizer step, or NonFiniteLoss (on every rank) with nothing changed."""
-        local = not torch.isfinite(loss.detach()).item()
-        if self.dist.any(local):  # every rank must skip the same step: ZeRO's collectives run in lockstep
+        """Backward and optimizer step, or NonFiniteStep (on every rank) with nothing changed: the loss or the
+        gradients are non-finite. NonFiniteWeights (on every rank) if the applied step made weights non-finite."""
+        # every rank must take the same branch: ZeRO's collectives run in lockstep
+        value = loss.item()
+        if self.dist.any(not math.isfinite(value)):
             self.skip()
-            raise NonFiniteLoss(self.name, loss.item(), batch, local)
-        self._backward_step(loss, lr)
+            raise NonFiniteStep(self.name, "loss", f"{value}", batch, not math.isfinite(value))
+        self._backward(loss)
+        norm = self._grad_norm()
+        if self.dist.any(not math.isfinite(norm)):
+            self.skip()
+            raise NonFiniteStep(self.name, "gradients", f"norm {norm}", batch, not math.isfinite(norm))
+        self._step(lr)
+        local = not self.all_finite()
+        if self.dist.any(local):
+            raise NonFiniteWeights(f"the update at learning rate {lr:g} made {self.name} weights non-finite"
+                                   + ("" if local else " on another rank"))
+
+    def all_finite(self) -> bool:
+        """Whether this rank's weights (its ZeRO-3 partition) are all finite."""
+        return all_finite(self._master_weights())
 
     def trainable_named(self) -> dict[str, nn.Parameter]:
         return {k: p for k, p in self.module.model.named_parameters() if p.requires_grad}
 
     @abstractmethod
-    def _backward_step(self, loss: torch.Tensor, lr: float) -> None: ...
+    def _backward(self, loss: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def _grad_norm(self) -> float:
+        """This rank's norm of the trainable gradients before clipping (inf or nan if any is non-finite)."""
+
+    @abstractmethod
+    def _step(self, lr: float) -> None:
+        """Clip the gradients, apply the optimizer step at `lr`, clear the gradients."""
+
+    @abstractmethod
+    def _master_weights(self) -> Iterable[torch.Tensor]:
+        """The trainable weights the optimizer updates (on this rank)."""
 
     @abstractmethod
     def skip(self) -> None:
@@ -93,15 +147,26 @@ class PlainUnit(Unit):
         super().__init__(name, module.to(dist.device), dist, grad_clip)
         self.optimizer = torch.optim.AdamW(list(self.trainable_named().values()), lr=lr, weight_decay=weight_decay)
 
-    def _backward_step(self, loss, lr):
+    def _backward(self, loss):
         loss.backward()
-        params = list(self.trainable_named().values())
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.trainable_named().values() if p.grad is not None]
+
+    def _grad_norm(self):
+        self._norm = torch.nn.utils.get_total_norm(self._grads())  # the step clips by it
+        return self._norm.item()
+
+    def _step(self, lr):
         if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            torch.nn.utils.clip_grads_with_norm_(self.trainable_named().values(), self.grad_clip, self._norm)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _master_weights(self):
+        return [p.detach() for p in self.trainable_named().values()]
 
     def skip(self):
         self.optimizer.zero_grad(set_to_none=True)
@@ -137,21 +202,41 @@ class DeepSpeedUnit(Unit):
         optimizer = None if cfg.dist.cpu_adam else torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         self.engine, *_ = deepspeed.initialize(model=module, model_parameters=params, optimizer=optimizer,
                                                config=ds_config)
-        if cfg.dist.zero_stage == 3:
-            for p in module.model.parameters(recurse=False):
-                deepspeed.zero.register_external_parameter(module, p)
+        for p in module.model.parameters(recurse=False):
+            deepspeed.zero.register_external_parameter(module, p)
 
     def __call__(self, fn):
         return self.engine(fn)
 
-    def _backward_step(self, loss, lr):
+    def _backward(self, loss):
+        self.engine.backward(loss)
+
+    def _grad_norm(self):
+        from deepspeed.utils import safe_get_local_grad
+
+        # this rank's partitions of the reduced fp32 gradients, held by ZeRO-3 between backward and step
+        return torch.nn.utils.get_total_norm([safe_get_local_grad(p) for p in self.trainable_named().values()]).item()
+
+    def _step(self, lr):
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
-        self.engine.backward(loss)
-        self.engine.step()
+        self.engine.step()  # clips to dist.grad_clip (DeepSpeed's gradient_clipping)
+
+    def _master_weights(self):
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        return [safe_get_local_fp32_param(p) for p in self.trainable_named().values()]
 
     def skip(self):
+        from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+        # After a backward ZeRO-3 holds the reduced gradients in its own partitions, to which the next backward
+        # adds (its micro step has advanced) and which a parameter unused by the next step would keep: zero them
+        # and restart its accumulation, as DeepSpeed itself does after an fp16 overflow.
         self.engine.zero_grad()
+        self.engine.optimizer.zero_grad(set_to_none=True)
+        for p in self.trainable_named().values():
+            safe_set_local_grad(p, torch.zeros_like(safe_get_local_grad(p)))
 
     def save(self, folder):
         # DeepSpeed's own per-rank files (ZeRO partitions of weights and optimizer states); frozen
@@ -179,6 +264,47 @@ class DeepSpeedUnit(Unit):
             persistent = set(model.state_dict())
             out.update({k: b.detach().cpu() for k, b in model.named_buffers() if k in persistent})
         return out
+
+
+class EMA:
+    """An exponential moving average of a plain unit's trainable weights, in a copy of its model.
+
+    The decay warms up as min(decay, (1 + step) / (10 + step)), so that a short run's average is not dominated
+    by the random initialisation. DeepSpeed units are refused: ZeRO-3 partitions the weights to average.
+    """
+
+    def __init__(self, name: str, unit: Unit, decay: float):
+        if not isinstance(unit, PlainUnit):
+            raise TypeError(f"an EMA of {unit.name} needs the plain loop (dist.deepspeed false)")
+        self.name, self.unit, self.decay = name, unit, decay
+        self.model = copy.deepcopy(unit.module.model).eval().requires_grad_(False)
+
+    def averaged(self) -> dict[str, torch.Tensor]:
+        """The averages of the unit's trainable weights, by the same names."""
+        params = dict(self.model.named_parameters())
+        return {k: params[k] for k in self.unit.trainable_named()}
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        live = self.unit.trainable_named()
+        for k, avg in self.averaged().items():
+            avg.lerp_(live[k], 1 - decay)
+
+    def save(self, folder):
+        return with_prefix({k: v.detach() for k, v in self.averaged().items()}, f"{self.name}.model."), {}
+
+    def all_finite(self):
+        return all_finite(self.averaged().values())
+
+    def load(self, folder, tensors, info):
+        weights = split_prefix(tensors, f"{self.name}.model.")
+        averaged = self.averaged()
+        if set(weights) != set(averaged):
+            raise ValueError(f"checkpoint {folder} holds other averaged tensors for {self.name} than this model")
+        with torch.no_grad():
+            for k, avg in averaged.items():
+                avg.copy_(weights[k])
 
 
 def compute_dtype(cfg: Config) -> torch.dtype:

@@ -1,8 +1,9 @@
 """The model-adapter seam: a DiT seen as  g2 . B_{N-1} . ... . B_0 . g1  (paper eq. 2).
 
 An adapter splits a model's forward into `begin` (g1: embeddings), `run_block` (one block of the
-ordered list) and `end` (g2: output head), so that skipping blocks, sharing a common prefix between
-two skip-sets and Stage I's prefix reuse are written once here, for every family.
+ordered list) and `end` (g2: output head), so that skipping blocks, eq. 9's batched passes and Stage I's
+prefix reuse are written once here, for every family; `run_blocks` is what training's shared-prefix engine
+(`fastlightgen.distill.run_branches`) builds on.
 Nothing here copies weights or mutates the wrapped model.
 """
 from __future__ import annotations
@@ -44,7 +45,8 @@ class Conditioning:
     pooled: torch.Tensor | None = None  # HunyuanVideo pooled text projection
 
     def null_like(self) -> "Conditioning":
-        """Zeroed text (the toy encoder's and Wan's empty-prompt convention); keeps image tokens."""
+        """Zeroed text, keeping image tokens: the toy encoder's encoding of "" only. A real text encoder's null
+        is its encoding of the null prompt (train.preprocess stores it with the shards)."""
         return replace(self, text=torch.zeros_like(self.text),
                        pooled=None if self.pooled is None else torch.zeros_like(self.pooled))
 
@@ -149,18 +151,6 @@ class DiTAdapter(ABC):
         return self.end(self.run_blocks(state, 0, self.num_blocks, skip))
 
     __call__ = forward
-
-    def forward_pair(self, x: torch.Tensor, sigma, cond: Conditioning, skip_a: Iterable[int] | None,
-                     skip_b: Iterable[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two skip-sets in one call: blocks before the first index where the sets differ run once."""
-        a, b = self.check_skip(skip_a), self.check_skip(skip_b)
-        differ = sorted(a ^ b)
-        fork = differ[0] if differ else self.num_blocks
-        state = self.run_blocks(self.begin(x, self._sigma(sigma, x), cond), 0, fork, a)
-        out_a = self.end(self.run_blocks(state, fork, self.num_blocks, a))
-        if not differ:
-            return out_a, out_a
-        return out_a, self.end(self.run_blocks(state, fork, self.num_blocks, b))
 
     def take_rows(self, state: BlockState, rows: slice) -> BlockState:
         """The state of a sub-batch, to continue only some rows of a batched pass."""

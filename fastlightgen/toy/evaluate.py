@@ -40,6 +40,15 @@ Scores:
 Summaries: adherence = mean(color, shape, direction); overall = mean of the nine scores above.
 Like VBench, smoothness and the subject scores do not penalize a static video; read them with
 dynamic_degree.
+
+The verdict view ranks answers, where the VBench-like view above only describes them. In TI2V the first
+frame and the caption fix the answer, so a video is compared with it, and a factor it gets wrong cannot be
+bought back by crisp pixels:
+  fidelity  clamp(1 - RMS(x - g) / 0.25, 0, 1), g = the clean render of the factors (the unique answer);
+  correct   1 if every gate passes, else 0: the detected color and shape are the stated ones, the object
+            is present in at least half the frames and moves within 45 degrees of the stated direction,
+            at a speed within a third of the stated one;
+  faithful  correct * fidelity: the primary score of a video.
 """
 from __future__ import annotations
 
@@ -60,6 +69,7 @@ from fastlightgen.toy.world import (
     color_rgb,
     direction_vector,
     palette,
+    render,
     render_at,
     render_background,
     shape_alpha,
@@ -69,7 +79,8 @@ DIMENSIONS: tuple[str, ...] = (
     "color", "shape", "direction", "i2v_subject", "subject_consistency",
     "motion_smoothness", "dynamic_degree", "imaging_quality", "temporal_flicker",
 )
-COLUMNS: tuple[str, ...] = DIMENSIONS + ("adherence", "overall")
+VERDICT: tuple[str, ...] = ("fidelity", "correct", "faithful")
+COLUMNS: tuple[str, ...] = DIMENSIONS + ("adherence", "overall") + VERDICT
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,10 @@ class EvalSpec:
     patch_half: int = 9  # px; covers the largest support extent (the triangle's apex, 9 px)
     quality_error_scale: float = 0.25  # RMS error (range 2) at which imaging quality reaches 0
     flicker_scale: float = 0.2  # mean abs background change at which temporal flicker reaches 0
+    fidelity_error_scale: float = 0.25  # RMS error against the true render at which fidelity reaches 0
+    direction_tolerance: float = math.cos(math.pi / 4)  # a motion within 45 degrees goes the stated way
+    speed_tolerance: float = 1 / 3  # of the stated speed: half or double speed fails
+    min_presence: float = 0.5  # of frames: an object that vanishes has not gone anywhere
 
 
 EVAL = EvalSpec()
@@ -266,7 +281,23 @@ def _scores(video: torch.Tensor, factors: Factors) -> dict[str, float]:
     }
     scores["adherence"] = (scores["color"] + scores["shape"] + scores["direction"]) / 3
     scores["overall"] = sum(scores[d] for d in DIMENSIONS) / len(DIMENSIONS)
-    return scores
+    return {**scores, **_verdict(video, factors, est)}
+
+
+def gates(est: ObjectEstimate, factors: Factors) -> dict[str, bool]:
+    """Each stated factor the video must get right for its answer to count."""
+    moved = est.velocity.norm().item()
+    heading = (est.velocity @ direction_vector(factors.direction)).item() / moved if moved > 0 else -1.0
+    return {"color": est.color == factors.color, "shape": est.shape == factors.shape,
+            "direction": est.presence >= EVAL.min_presence and heading >= EVAL.direction_tolerance,
+            "speed": abs(moved - TOY_WORLD.speed) <= EVAL.speed_tolerance * TOY_WORLD.speed}
+
+
+def _verdict(video: torch.Tensor, factors: Factors, est: ObjectEstimate) -> dict[str, float]:
+    error = (video - render(factors)).pow(2).mean().sqrt().item()
+    fidelity = _clamp01(1 - error / EVAL.fidelity_error_scale)
+    correct = float(all(gates(est, factors).values()))
+    return {"fidelity": fidelity, "correct": correct, "faithful": correct * fidelity}
 
 
 @dataclass

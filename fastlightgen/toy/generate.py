@@ -6,13 +6,13 @@ Noise comes from one generator per call, so a (seed, prompts) pair always yields
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
 
 from ..adapters import DiTAdapter
 from ..guidance import well_guided_velocity
-from ..sampling import FewStepSampling, TeacherSampling, sample_euler, sample_euler_cfg, sample_few_step
+from ..sampling import FEW_STEP, Sampling, sample_euler, sample_euler_cfg, sample_few_step
 from .codec import decode_video
 from .prompts import Prompts
 from .teacher import conditioning
@@ -24,7 +24,7 @@ def _noise(prompts: Prompts, seed: int) -> tuple[torch.Tensor, torch.Generator]:
 
 
 def generate_teacher(adapter: DiTAdapter, prompts: Prompts, seed: int,
-                     config: TeacherSampling = TeacherSampling(), skip: Iterable[int] = ()) -> torch.Tensor:
+                     config: Sampling = Sampling(), skip: Iterable[int] = ()) -> torch.Tensor:
     """Videos (B, 3, F, H, W) from the multi-step Euler CFG sampler."""
     noise, _ = _noise(prompts, seed)
     cond = conditioning(prompts.captions)
@@ -33,7 +33,7 @@ def generate_teacher(adapter: DiTAdapter, prompts: Prompts, seed: int,
     return decode_video(latents)
 
 
-def generate_well_guided(adapter: DiTAdapter, prompts: Prompts, seed: int, config: TeacherSampling,
+def generate_well_guided(adapter: DiTAdapter, prompts: Prompts, seed: int, config: Sampling,
                          pruned_skip: Iterable[int], beta1: float, beta2: float) -> torch.Tensor:
     """Videos from multi-step Euler on eq. 9's teacher mix (a preview of what Stage III's real score wants)."""
     noise, _ = _noise(prompts, seed)
@@ -44,11 +44,10 @@ def generate_well_guided(adapter: DiTAdapter, prompts: Prompts, seed: int, confi
     return decode_video(latents)
 
 
-def generate_few_step(adapter: DiTAdapter, prompts: Prompts, seed: int,
-                      config: FewStepSampling = FewStepSampling(), skip: Iterable[int] = (),
-                      sigmas: Sequence[float] | None = None) -> torch.Tensor:
+def generate_few_step(adapter: DiTAdapter, prompts: Prompts, seed: int, config: Sampling = FEW_STEP,
+                      skip: Iterable[int] = ()) -> torch.Tensor:
     """Videos (B, 3, F, H, W) from the few-step (CFG-free) sampler."""
     noise, g = _noise(prompts, seed)
     latents = sample_few_step(adapter, noise, conditioning(prompts.captions), config, skip=skip, generator=g,
-                              first_frame=prompts.first_frames(), sigmas=sigmas)
+                              first_frame=prompts.first_frames())
     return decode_video(latents)

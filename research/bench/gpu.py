@@ -10,8 +10,9 @@ kernel selection) and peak GPU memory per process, next to `--dry-run`'s estimat
 The plan drops the middle blocks (Stage I's U-shape at the config's keep ratio); Stage III starts from
 the teacher (`stage3.init=teacher`, the same models and cost as from Stage II), so the two stages are
 measured independently. The `sampling` stage times one video of the teacher (50-step Euler with CFG:
-100 evaluations of every block) against the student (the pruned model, 4 steps) in one process, the
-transformer alone (text encoding and VAE decoding are the same for both and not counted).
+100 evaluations of every block) against the student (the pruned model, 4 steps) in one process, in
+alternating rounds (`research.timing`), the transformer alone (text encoding and VAE decoding are the
+same for both and not counted).
 Needs CUDA GPUs, DeepSpeed, diffusers and accelerate.
 """
 from __future__ import annotations
@@ -23,15 +24,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from train.config import Config, load_config
 from train.memory import estimate, meta_model
-from train.preprocess import write_index, write_shard
+from train.preprocess import write_index, write_null, write_shard
+
+from ..timing import seconds_per_call
 
 # Wan VAEs by latent channels: (temporal, spatial) compression. 2.1: 16 channels at 4x8x8; 2.2 TI2V: 48 at 4x16x16.
 WAN_VAE_STRIDE = {16: (4, 8), 48: (4, 16)}
@@ -56,8 +57,9 @@ def random_shards(cfg: Config, folder: Path, samples: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     text = torch.randn(samples, TEXT_TOKENS, cfg.model.arch["text_dim"])
     name = write_shard(folder, 0, torch.randn(latent_shape(cfg, samples)), text)
+    null = write_null(folder, {"text": torch.randn(1, TEXT_TOKENS, cfg.model.arch["text_dim"])}, "")
     write_index(folder, [{"file": name, "items": [{"file": f"random_{i}", "caption": ""} for i in range(samples)]}],
-                encoder="random")
+                null, encoder="random")
 
 
 def middle_plan(cfg: Config, out: Path) -> list[int]:
@@ -72,23 +74,13 @@ def middle_plan(cfg: Config, out: Path) -> list[int]:
     return plan.dropped
 
 
-def seconds(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def sampling_speedup(cfg: Config, teacher_dir: Path, plan_path: Path, repeats: int) -> dict:
     """Seconds per video: the teacher's 50-step Euler with CFG vs the student's 4 steps on the pruned model."""
     from diffusers import WanTransformer3DModel
 
     from fastlightgen.adapters import Conditioning, adapt
     from fastlightgen.plan import PrunePlan
-    from fastlightgen.sampling import FewStepSampling, TeacherSampling, sample_euler_cfg, sample_few_step
+    from fastlightgen.sampling import FEW_STEP, Sampling, sample_euler_cfg, sample_few_step
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -99,15 +91,16 @@ def sampling_speedup(cfg: Config, teacher_dir: Path, plan_path: Path, repeats: i
     noise = torch.randn(latent_shape(cfg, 1), generator=g).to(device, dtype)
     cond = Conditioning(text=torch.randn(1, TEXT_TOKENS, cfg.model.arch["text_dim"], generator=g).to(device, dtype))
     first = noise[:, :, :1] if cfg.model.ti2v else None
-    teacher_cfg, few = TeacherSampling(), FewStepSampling()
+    teacher_cfg, few = Sampling(), FEW_STEP
 
     def student_video():
         sample_few_step(student, noise, cond, few, generator=torch.Generator().manual_seed(1), first_frame=first)
-    student_video()  # warm-up: kernel selection and the allocator's first growth
-    student_s = statistics.median(seconds(student_video, device) for _ in range(repeats))
-    teacher_s = seconds(lambda: sample_euler_cfg(teacher, noise, cond, cond.null_like(), teacher_cfg,
-                                                 first_frame=first), device)
-    block_evals = (teacher_cfg.steps * 2 * teacher.num_blocks, len(few.denoising_step_list) * len(kept))
+
+    def teacher_video():
+        sample_euler_cfg(teacher, noise, cond, cond.null_like(), teacher_cfg, first_frame=first)
+    student_s, teacher_s = seconds_per_call(student_video, teacher_video, rounds=repeats, round_seconds=0.0,
+                                            device=device)
+    block_evals = (teacher_cfg.nfe * teacher.num_blocks, few.nfe * len(kept))
     return {"teacher_s_per_video": teacher_s, "student_s_per_video": student_s, "speedup": teacher_s / student_s,
             "block_evaluation_ratio": block_evals[0] / block_evals[1]}
 

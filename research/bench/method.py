@@ -2,7 +2,8 @@
 
 Prints, on a randomly initialised Wan 2.2 TI2V-shaped model (48 latent channels, 4096-wide text):
 - Stage I with prefix reuse vs the naive N+1 full passes (target <= 0.55x),
-- the shared-prefix pair call vs two separate calls,
+- Stage II's forward as training runs it (`distill.run_branches`: the pruned branch with gradients and the
+  unpruned one without, sharing the blocks before the first skipped one) vs two separate passes,
 - parameters of a physically pruned model keeping 70% of the blocks vs the full one (target <= 0.72x).
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from fastlightgen.adapters import Conditioning, adapt
+from fastlightgen.distill import Branch, run_branches
 from fastlightgen.importance import block_importance, stage1_sigmas
 from fastlightgen.plan import PrunePlan
 
@@ -58,11 +60,15 @@ def main(argv: list[str] | None = None) -> None:
 
     plan = PrunePlan.from_scores(adapter.fingerprint(), [abs(i - n / 2) for i in range(n)], keep_ratio=0.7)
     sigma = torch.tensor([0.5])
-    with torch.no_grad():
-        pair, two = seconds_per_call(lambda: adapter.forward_pair(x0, sigma, cond, plan.skip, ()),
-                                     lambda: (adapter(x0, sigma, cond, skip=plan.skip), adapter(x0, sigma, cond)),
-                                     rounds=args.repeats, round_seconds=0.0)
-    rows.append((f"pair call / two calls (drop {plan.dropped})", pair / two, None))
+
+    def separate() -> None:
+        adapter(x0, sigma, cond, skip=plan.skip)
+        with torch.no_grad():
+            adapter(x0, sigma, cond)
+    shared, two = seconds_per_call(
+        lambda: run_branches(adapter, x0, sigma, cond, [Branch(plan.skip, grad=True), Branch(frozenset())]),
+        separate, rounds=args.repeats, round_seconds=0.0)
+    rows.append((f"Stage II forward: shared prefix / two passes (drop {plan.dropped})", shared / two, None))
 
     full = sum(p.numel() for p in adapter.model.parameters())
     pruned = sum(p.numel() for p in adapter.pruned_model(plan.kept).parameters())
