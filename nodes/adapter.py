@@ -30,6 +30,7 @@ from fastlightgen.student_adapter import Adapter, AdapterError, check_base, read
 
 from .dit import fingerprint
 from .student import approve_patches, mark_student
+from .validate import check_finite
 
 ADAPTER_FOLDER = "fastlightgen_adapters"
 LOG = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ class ApplyStudentAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, adapter_name: str, strength: float = 1.0) -> io.NodeOutput:
+        check_finite("FastLightGen Apply Student Adapter", strength=strength)
         path = folder_paths.get_full_path(ADAPTER_FOLDER, adapter_name)
         if path is None:
             raise ValueError(f"adapter {adapter_name!r} is not in models/{ADAPTER_FOLDER}; put it there")

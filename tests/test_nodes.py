@@ -301,7 +301,8 @@ def test_every_float_input_of_every_node_refuses_nan_first(pack):
                                                                "number must be finite")):
                     node.execute(**{**kwargs, name: bad})
             checked.append(f"{schema.node_id}.{name}")
-    assert sorted(checked) == ["FastLightGenBlockImportance.keep_ratio", "FastLightGenFewStepSigmas.shift",
+    assert sorted(checked) == ["FastLightGenApplyStudentAdapter.strength",
+                               "FastLightGenBlockImportance.keep_ratio", "FastLightGenFewStepSigmas.shift",
                                "FastLightGenPrunePlan.keep_ratio", "FastLightGenStudentLoRA.strength_model",
                                "FastLightGenWellGuidedTeacher.beta1", "FastLightGenWellGuidedTeacher.beta2"]
 

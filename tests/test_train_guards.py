@@ -26,7 +26,7 @@ from train.dist import Dist
 from train.loop import CheckpointMismatch, PoisonedWeights, Run, TooManyBadSteps
 from train.ranges import RANGES
 from train.state import LOCK_FILE, RunDirBusy, latest_state
-from train.units import AdapterModule, make_unit
+from train.units import AdapterModule, make_trainable
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_an_update_that_poisons_the_weights_stops_the_run_and_leaves_the_last_go
 def test_a_checkpoint_is_never_written_from_non_finite_weights(tmp_path):
     cfg = load_config(None, [f"run.run_dir={tmp_path}"])
     dist = Dist(0, 1, 0, torch.device("cpu"), False)
-    unit = make_unit("model", AdapterModule(build_toy_teacher(TINY)), cfg, dist, lr=1e-4)
+    unit = make_trainable("model", AdapterModule(build_toy_teacher(TINY)), cfg, dist, lr=1e-4)
     run = Run(cfg, "stage2", dist)
     run.save(1, [unit], {})
     with torch.no_grad():

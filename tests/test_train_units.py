@@ -1,4 +1,4 @@
-"""Unit tests of the training math (fastlightgen.distill, fastlightgen.lora) and the config, on tiny models."""
+"""Trainable tests of the training math (fastlightgen.distill, fastlightgen.lora) and the config, on tiny models."""
 from __future__ import annotations
 
 import pytest

@@ -64,7 +64,7 @@ class Run:
     def generator(self, step: int, stream: str, shared: bool = False) -> torch.Generator:
         return step_generator(self.cfg.run.seed, stream, step, None if shared else self.dist.rank)
 
-    def say(self, text: str) -> None:
+    def print_on_main(self, text: str) -> None:
         if self.dist.is_main:
             print(text, file=sys.stderr, flush=True)
 
@@ -110,7 +110,7 @@ class Run:
         tensors = load_state(path)[0] if (path / TENSORS_FILE).is_file() else {}
         for unit in units:
             unit.load(path, tensors, info["units"][unit.name])
-        self.say(f"resumed {self.stage} from {path} at step {info['step']}")
+        self.print_on_main(f"resumed {self.stage} from {path} at step {info['step']}")
         return info["step"], info
 
     def refuse_existing(self) -> None:

@@ -27,7 +27,7 @@ from .dist import init_dist
 from .loop import Run, learning_rate, train
 from .models import MODEL_FILE, load_plan, load_teacher, plan_path, save_stage_output
 from .state import hold_run_dir
-from .units import AdapterModule, Unit, compute_dtype, make_unit
+from .units import AdapterModule, Trainable, compute_dtype, make_trainable
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Stage2Models:
     """What one Stage II step reads."""
     cfg: Config
     run: Run
-    unit: Unit  # the teacher's weights, trained in place
+    unit: Trainable  # the teacher's weights, trained in place
     plan: PrunePlan  # which blocks may be skipped
     draw_batch: BatchFn
     dtype: torch.dtype
@@ -46,7 +46,8 @@ def build(cfg: Config) -> Stage2Models:
     model = load_teacher(cfg)
     plan = load_plan(cfg, cfg.stage2.plan, model)
     s2 = cfg.stage2
-    unit = make_unit("model", AdapterModule(model, cfg.model.gradient_checkpointing), cfg, dist, s2.lr, s2.weight_decay)
+    unit = make_trainable("model", AdapterModule(model, cfg.model.gradient_checkpointing), cfg, dist, s2.lr,
+                          s2.weight_decay)
     dtype = compute_dtype(cfg)
     return Stage2Models(cfg, Run(cfg, "stage2", dist), unit, plan, batch_source(cfg), dtype)
 
@@ -81,7 +82,7 @@ def run(cfg: Config, resume: bool = False) -> Path:
                 "stage": "stage2", "plan": m.plan.to_dict(), "plan_path": str(plan_path(cfg, cfg.stage2.plan)),
                 "steps": steps, "alpha": cfg.stage2.alpha, "skip_prob": cfg.stage2.skip_prob,
                 "data": data_fingerprint(cfg), "config": cfg.to_dict()})
-            m.run.say(f"wrote {m.run.dir / MODEL_FILE}")
+            m.run.print_on_main(f"wrote {m.run.dir / MODEL_FILE}")
         m.run.dist.close()
         return m.run.dir / MODEL_FILE
 

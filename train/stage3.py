@@ -42,7 +42,7 @@ from .dist import init_dist, step_generator
 from .loop import Run, learning_rate, train
 from .models import MODEL_FILE, load_plan, load_teacher, load_weights, plan_path, save_stage_output
 from .state import hold_run_dir
-from .units import AdapterModule, Unit, compute_dtype, make_unit
+from .units import AdapterModule, Trainable, compute_dtype, make_trainable
 
 
 @dataclass
@@ -50,8 +50,8 @@ class Stage3Models:
     """What one Stage III iteration reads."""
     cfg: Config
     run: Run
-    generator: Unit  # the physically pruned student
-    fake: Unit  # the frozen teacher weights; only the fake score's LoRA trains
+    generator: Trainable  # the physically pruned student
+    fake: Trainable  # the frozen teacher weights; only the fake score's LoRA trains
     lora_model: nn.Module  # fake's model, whose LoRA the scores switch on and off
     skip: frozenset[int]  # the blocks both scores skip: the plan's dropped ones, none for the unpruned teacher
     plan: PrunePlan
@@ -89,8 +89,8 @@ def build(cfg: Config) -> Stage3Models:
     for p in lora_parameters(teacher):
         p.requires_grad_(True)
     ckpt = cfg.model.gradient_checkpointing
-    generator = make_unit("generator", AdapterModule(student, ckpt), cfg, dist, s3.lr)
-    fake = make_unit("fake", AdapterModule(teacher, ckpt), cfg, dist, s3.fake_lr)
+    generator = make_trainable("generator", AdapterModule(student, ckpt), cfg, dist, s3.lr)
+    fake = make_trainable("fake", AdapterModule(teacher, ckpt), cfg, dist, s3.fake_lr)
     return Stage3Models(
         cfg, Run(cfg, "stage3", dist), generator, fake, fake.module.model, skip, plan,
         TeacherMix(s3.beta1, s3.beta2, s3.beta1_below, s3.beta1_above, s3.beta2_jitter),
@@ -168,7 +168,7 @@ def run(cfg: Config, resume: bool = False) -> Path:
                 "beta2": s3.beta2, "plan_teacher": s3.plan_teacher, "denoising_step_list": s3.denoising_step_list,
                 "shift": s3.shift, "student_config": dict(m.generator.module.model.config),
                 "data": data_fingerprint(cfg), "config": cfg.to_dict()})
-            m.run.say(f"wrote {m.run.dir / MODEL_FILE}")
+            m.run.print_on_main(f"wrote {m.run.dir / MODEL_FILE}")
         m.run.dist.close()
         return m.run.dir / MODEL_FILE
 

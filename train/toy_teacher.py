@@ -37,7 +37,7 @@ from .data import batch_source, data_fingerprint
 from .dist import init_dist
 from .loop import Run, learning_rate, log_path, train
 from .state import hold_run_dir
-from .units import EMA, AdapterModule, make_unit
+from .units import EMA, AdapterModule, make_trainable
 
 STAGE = "toy_teacher"
 TRAINER = "train.toy_teacher"
@@ -100,7 +100,8 @@ def train_and_export(cfg: Config, resume: bool, export_only: bool) -> Path:
     # models: a fresh teacher (seeded by run.seed), trained in place, and the EMA of its weights
     dist = init_dist(cfg)
     model = build_toy_teacher(teacher_shape(cfg), seed=cfg.run.seed).train()
-    unit = make_unit("model", AdapterModule(model, cfg.model.gradient_checkpointing), cfg, dist, tt.lr, tt.weight_decay)
+    unit = make_trainable("model", AdapterModule(model, cfg.model.gradient_checkpointing), cfg, dist, tt.lr,
+                          tt.weight_decay)
     ema = EMA("ema", unit, tt.ema_decay)
     training = Run(cfg, STAGE, dist)
 
@@ -128,7 +129,7 @@ def train_and_export(cfg: Config, resume: bool, export_only: bool) -> Path:
         steps = train(training, [unit, ema], step, tt.iterations, resume)
 
     out = export(cfg, training, ema.model, steps)
-    training.say(f"wrote {out}")
+    training.print_on_main(f"wrote {out}")
     dist.close()
     return out
 

@@ -1,6 +1,6 @@
-"""A trainable unit: a model wrapped for ZeRO-3 plus its optimizer, as a plain torch loop or a DeepSpeed engine.
+"""A Trainable: one model wrapped for ZeRO-3 plus its optimizer, as a plain torch loop or a DeepSpeed engine.
 
-Stage II has one unit (the dynamically pruned model); Stage III has two (the generator and the fake
+Stage II has one (the dynamically pruned model); Stage III has two (the generator and the fake
 score's LoRA), each with its own optimizer so the fake score can take several steps per generator step.
 The loop only sees `forward`, `update`, `skip`, checkpoint save/load and the consolidated weights.
 
@@ -52,7 +52,7 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
 
 
 class Resumable(Protocol):
-    """What a run checkpoints and resumes by name: a Unit, or other state such as an EMA of a unit's weights."""
+    """What a run checkpoints and resumes by name: a Trainable, or other state such as an EMA of its weights."""
     name: str
 
     def save(self, folder: Path) -> tuple[dict[str, torch.Tensor], dict]: ...
@@ -76,8 +76,8 @@ class AdapterModule(nn.Module):
         return fn(self.adapter)
 
 
-class Unit(ABC):
-    """One model and its optimizer. Subclasses: PlainUnit (torch), DeepSpeedUnit (ZeRO)."""
+class Trainable(ABC):
+    """One model and its optimizer. Subclasses: PlainTrainable (torch), DeepSpeedTrainable (ZeRO)."""
 
     def __init__(self, name: str, module: AdapterModule, dist: Dist, grad_clip: float):
         self.name, self.module, self.dist, self.grad_clip = name, module, dist, grad_clip
@@ -142,7 +142,7 @@ class Unit(ABC):
         """The whole model's weights on the main rank."""
 
 
-class PlainUnit(Unit):
+class PlainTrainable(Trainable):
     def __init__(self, name, module, dist, grad_clip, lr: float, weight_decay: float):
         super().__init__(name, module.to(dist.device), dist, grad_clip)
         self.optimizer = torch.optim.AdamW(list(self.trainable_named().values()), lr=lr, weight_decay=weight_decay)
@@ -192,7 +192,7 @@ class PlainUnit(Unit):
         return {k: v.detach().cpu() for k, v in self.module.model.state_dict().items()}
 
 
-class DeepSpeedUnit(Unit):
+class DeepSpeedTrainable(Trainable):
     def __init__(self, name, module, dist, grad_clip, lr: float, weight_decay: float, cfg: Config):
         import deepspeed
 
@@ -273,8 +273,8 @@ class EMA:
     by the random initialisation. DeepSpeed units are refused: ZeRO-3 partitions the weights to average.
     """
 
-    def __init__(self, name: str, unit: Unit, decay: float):
-        if not isinstance(unit, PlainUnit):
+    def __init__(self, name: str, unit: Trainable, decay: float):
+        if not isinstance(unit, PlainTrainable):
             raise TypeError(f"an EMA of {unit.name} needs the plain loop (dist.deepspeed false)")
         self.name, self.unit, self.decay = name, unit, decay
         self.model = copy.deepcopy(unit.module.model).eval().requires_grad_(False)
@@ -329,8 +329,8 @@ def deepspeed_config(cfg: Config, lr: float, weight_decay: float) -> dict:
     return out
 
 
-def make_unit(name: str, module: AdapterModule, cfg: Config, dist: Dist, lr: float,
-              weight_decay: float = 0.0) -> Unit:
+def make_trainable(name: str, module: AdapterModule, cfg: Config, dist: Dist, lr: float,
+                   weight_decay: float = 0.0) -> Trainable:
     if dist.deepspeed:
-        return DeepSpeedUnit(name, module, dist, cfg.dist.grad_clip, lr, weight_decay, cfg)
-    return PlainUnit(name, module, dist, cfg.dist.grad_clip, lr, weight_decay)
+        return DeepSpeedTrainable(name, module, dist, cfg.dist.grad_clip, lr, weight_decay, cfg)
+    return PlainTrainable(name, module, dist, cfg.dist.grad_clip, lr, weight_decay)
