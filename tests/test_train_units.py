@@ -1,6 +1,9 @@
 """Trainable tests of the training math (fastlightgen.distill, fastlightgen.lora) and the config, on tiny models."""
 from __future__ import annotations
 
+from itertools import pairwise
+from pathlib import Path
+
 import pytest
 import torch
 from tiny_models import tiny_wan, wan_inputs
@@ -183,3 +186,59 @@ def test_teacher_config_of_a_diffusers_folder_builds_the_teacher_shapes(tmp_path
     with torch.device("meta"):
         rebuilt = model_class("wan").from_config(teacher_config(cfg))
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+# ---- --dry-run memory estimate ------------------------------------------------------------------
+
+MEMORY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "wan2.1-t2v-1.3b.yaml"
+
+
+@pytest.fixture(scope="module")
+def wan21_counts():
+    from train.memory import count_params
+    return count_params(load_config(str(MEMORY_CONFIG), []))
+
+
+def test_activations_grow_linearly_with_batch_size_and_frames(wan21_counts):
+    from train.memory import estimate
+
+    def act(*sets: str) -> list[float]:
+        rows = estimate(load_config(str(MEMORY_CONFIG), list(sets)), wan21_counts)
+        return [rows[s]["activations"] for s in ("stage1", "stage2", "stage3")]
+
+    by_batch = [act(f"data.batch_size={b}") for b in (1, 2, 3, 4)]
+    by_frames = [act(f"preprocess.frames={4 * k + 1}") for k in (20, 21, 22, 23)]  # one latent frame per step
+    for series in (by_batch, by_frames):
+        for stage in range(3):
+            values = [row[stage] for row in series]
+            steps = [b - a for a, b in pairwise(values)]
+            assert values[0] > 0 and all(s > 0 for s in steps)
+            assert steps == pytest.approx([steps[0]] * len(steps), rel=1e-9)
+    assert by_batch[1] == pytest.approx([2 * a for a in by_batch[0]], rel=1e-9)
+
+
+def test_activations_count_block_inputs_and_one_recomputed_block(wan21_counts):
+    from train.memory import GIB, activations, tokens
+
+    cfg = load_config(str(MEMORY_CONFIG), [])
+    t = tokens(cfg, wan21_counts)
+    assert t == 21 * (480 // 16) * (832 // 16)  # (81 - 1) / 4 + 1 latent frames, VAE stride 8 x patch 2
+    d, f, n = wan21_counts.width, wan21_counts.ffn, len(wan21_counts.per_block)
+    assert (d, f, n) == (1536, 8960, 30)
+    full = t * (13 * d + 2 * f) * 2
+    assert activations(cfg, wan21_counts)["stage2"] == pytest.approx((n * t * d * 2 + full) / GIB)
+
+
+def test_host_ram_is_the_offloaded_optimizer_of_one_node(wan21_counts):
+    from train.memory import GIB, GPUS_PER_NODE, estimate
+
+    for world in (4, 16):
+        rows = estimate(load_config(str(MEMORY_CONFIG), [f"dist.world_size={world}"]), wan21_counts)
+        per_node = min(world, GPUS_PER_NODE)
+        assert rows["stage2"]["host_ram_per_node"] == pytest.approx(
+            12 * wan21_counts.total / world * per_node / GIB, rel=1e-12)
+        assert rows["stage3"]["host_ram_per_node"] == pytest.approx(rows["stage3"]["optimizer"] * per_node)
+        r = rows["stage2"]
+        assert r["gpu_total"] == pytest.approx(r["parameters"] + r["gradients"] + r["gathered"] + r["activations"])
+    on_gpu = estimate(load_config(str(MEMORY_CONFIG), ["dist.offload_optimizer=false"]), wan21_counts)
+    assert on_gpu["stage2"]["host_ram_per_node"] == 0.0

@@ -7,13 +7,16 @@ encoder's encoding of the null prompt ("" unless configured), stored once beside
 batch carries it as `Batch.null` (eq. 9's vP(null), CFG), and caption dropout replaces a caption's
 conditioning by it, so the unconditional prediction that CFG and eq. 9 need keeps being trained on the
 very input they give it. The toy world's null is its encoder's "" too (all zeros there).
+A batch reads from the shard files only its rows' bytes (located by the files' headers), never whole files.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
+import struct
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -70,6 +73,20 @@ def _conditioning(tensors: dict[str, torch.Tensor]) -> Conditioning:
     return Conditioning(text=floats("text"), text_mask=tensors.get("text_mask"), pooled=floats("pooled"))
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
+    """The tensors of a safetensors file as (dtype, shape, offset of the first byte in the file)."""
+    with open(path, "rb", buffering=0) as f:  # unbuffered: the header's bytes alone are read
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return {k: (_DTYPES[v["dtype"]], tuple(v["shape"]), 8 + length + v["data_offsets"][0]) for k, v in header.items()}
+
+
 class ShardSet:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -82,25 +99,41 @@ class ShardSet:
                              f"run `python -m train.preprocess` again")
         if self.index.get("format") != SHARD_FORMAT:
             raise ValueError(f"{index_path}: not a FastLightGen shard index (format {self.index.get('format')!r})")
+        self.headers: dict[str, dict[str, tuple[torch.dtype, tuple[int, ...], int]]] = {}
         self.items = [(s["file"], i, item) for s in self.index["shards"] for i, item in enumerate(s["items"])]
         if not self.items:
             raise ValueError(f"{self.folder}: the shard set is empty")
         null_file = self.folder / self.index["null"]["file"]
         null, first = load_file(str(null_file)), self.shard(self.items[0][0])
         shapes = {k: tuple(v.shape[1:]) for k, v in null.items()}
-        if shapes != {k: tuple(v.shape[1:]) for k, v in first.items() if k != "latents"}:
+        if shapes != {k: shape[1:] for k, (_, shape, _) in first.items() if k != "latents"}:
             raise ValueError(f"{null_file} holds {shapes}, unlike the conditioning of the shards; write both with "
                              f"the same text encoder (`python -m train.preprocess`)")
         self.null = _conditioning(null)
 
-    @lru_cache(maxsize=2)
-    def shard(self, name: str) -> dict[str, torch.Tensor]:
-        return load_file(str(self.folder / name))
+    def shard(self, name: str) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
+        """Each tensor of shard `name` as (dtype, shape, file offset of its bytes), from the safetensors header."""
+        if name not in self.headers:
+            self.headers[name] = _header(self.folder / name)
+        return self.headers[name]
+
+    def row(self, name: str, key: str, i: int) -> torch.Tensor:
+        """Row i of tensor `key` in shard `name`: its bytes alone read from the file (one pread)."""
+        dtype, shape, start = self.shard(name)[key]
+        size = math.prod(shape[1:]) * dtype.itemsize
+        fd = os.open(self.folder / name, os.O_RDONLY)
+        try:
+            data = bytearray(os.pread(fd, size, start + i * size))
+        finally:
+            os.close(fd)
+        if len(data) != size:
+            raise ValueError(f"{self.folder / name}: {key}[{i}] ends past the end of the file")
+        return torch.frombuffer(data, dtype=dtype).reshape(shape[1:]) if size else torch.empty(shape[1:], dtype=dtype)
 
     def batch(self, generator: torch.Generator, size: int) -> Batch:
         picks = torch.randint(0, len(self.items), (size,), generator=generator).tolist()
         rows = [self.items[k] for k in picks]
-        stacked = {k: torch.stack([self.shard(f)[k][i] for f, i, _ in rows]) for k in self.shard(rows[0][0])}
+        stacked = {k: torch.stack([self.row(f, k, i) for f, i, _ in rows]) for k in self.shard(rows[0][0])}
         desc = ", ".join(f"{f}[{i}] ({item['file']})" for f, i, item in rows)
         return Batch(stacked["latents"].float(), _conditioning(stacked), self.null.repeat(size), desc)
 

@@ -6,11 +6,33 @@ gradients and optimizer states evenly over the W ranks. Per GPU:
   parameters  (every model the stage holds) * bytes / W
   gradients   (trainable parameters) * bytes / W
   optimizer   (trainable parameters) * 12 / W   (fp32 master copy + AdamW's two moments; on the CPU
-              when dist.offload_optimizer is set)
+              when dist.offload_optimizer is set, then counted as host RAM per node instead:
+              12 * trainable / W * GPUS_PER_NODE)
   gathered    the largest block, whole, twice (the one running and the one prefetched)
-Activations are not counted (gradient checkpointing keeps them at about one block's).
-Stage III holds the student (the kept blocks, trainable), the frozen teacher and the fake score's LoRA,
-which sits on the kept blocks (on every block with stage3.plan_teacher=unpruned).
+  activations B (data.batch_size) samples of T tokens, width D, FFN width F, at `bytes` (bf16: 2):
+              T = latent frames / patch_t * latent height / patch_h * latent width / patch_w, the latent
+              shape from preprocess.frames / height / width and the codec's strides (video_strides);
+              a block input ("checkpoint")  = B * T * D * bytes, kept per block that runs with gradients
+              (with model.gradient_checkpointing; without it a block keeps its full activations);
+              one block's full activations = B * T * (13 D + 2 F) * bytes, the tensors autograd saves
+              when the block is recomputed: self-attention 7 D (norm in/out, q, k, v, attention out,
+              projection out), cross-attention 4 D (norm, q, attention out, projection out), FFN 2 D + 2 F
+              (norm, hidden, activation, out). Attention is assumed fused (flash / SDPA): no T x T scores.
+              The text tokens, the timestep embeddings and the latents themselves are left out (small).
+  Per stage (n blocks, k kept by the plan):
+    stage1  inference, no gradients: one block's full activations
+    stage2  the pruned path with gradients keeps a checkpoint per block it runs (n at worst: nothing
+            skipped); with stage2.alpha < 1 the unpruned path too, the two sharing the blocks before the
+            first skipped one (2n - 1 at worst: they part at block 0); + one block's full activations
+    stage3  the larger of the generator update (backward simulation without gradients, then the student's
+            k checkpoints held while the teacher's guided pass runs three predictions batched: 3 blocks'
+            full activations) and the fake-score update (a checkpoint per LoRA block + one block's full
+            activations)
+The plan is not known before Stage I: the student counts the largest blocks (an upper bound for uneven
+blocks). Stage III holds the student (the kept blocks, trainable), the frozen teacher and the fake score's
+LoRA, which sits on the kept blocks (on every block with stage3.plan_teacher=unpruned).
+The verdict compares the largest stage's GPU total with 80 GB = 80e9 bytes (74.5 GiB; an H100 80GB shows
+79.6 GiB, the rest is left for the CUDA context and the allocator's fragmentation).
 """
 from __future__ import annotations
 
@@ -23,6 +45,10 @@ from .config import Config
 from .models import model_class, teacher_config
 
 GIB = 1024 ** 3
+LIMIT_GIB = 80e9 / GIB  # the paper's "< 80 GB per GPU" (H100 80GB)
+GPUS_PER_NODE = 8  # the paper's nodes (8 x H100); the config names only the world size
+# the full activations of one block per token, in units of (width, FFN width): see the module docstring
+FULL_PER_TOKEN = (13, 2)
 
 
 @dataclass
@@ -30,6 +56,10 @@ class ParamCounts:
     total: int
     per_block: list[int]
     lora_per_block: list[int]  # the fake score's LoRA at stage3.lora_rank, were it on that block
+    width: int = 0  # the blocks' hidden size (heads x head dim)
+    ffn: int = 0  # the FFN's hidden size
+    patch: tuple[int, int, int] = (1, 1, 1)  # (t, h, w)
+    in_channels: int = 0
 
     @property
     def outside_blocks(self) -> int:
@@ -43,6 +73,18 @@ def meta_model(cfg: Config) -> nn.Module:
         return model_class(cfg.model.family).from_config(config)
 
 
+def block_shape(config) -> dict:
+    """width, ffn, patch (t, h, w) and in_channels from a Wan or HunyuanVideo diffusers config."""
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    ffn = config.get("ffn_dim") or int(config.get("mlp_ratio", 4.0) * width)
+    patch = config["patch_size"]
+    if isinstance(patch, (list, tuple)):  # Wan: (t, h, w)
+        patch = tuple(int(x) for x in patch)
+    else:  # HunyuanVideo: patch_size (spatial) and patch_size_t
+        patch = (int(config.get("patch_size_t", 1)), int(patch), int(patch))
+    return {"width": int(width), "ffn": int(ffn), "patch": patch, "in_channels": int(config["in_channels"])}
+
+
 def count_params(cfg: Config) -> ParamCounts:
     from fastlightgen.adapters import adapt
     from fastlightgen.lora import add_lora
@@ -54,13 +96,47 @@ def count_params(cfg: Config) -> ParamCounts:
     # counted after the base parameters: the LoRA layers are added to this throwaway meta model
     lora = [sum(layer.lora_down.weight.numel() + layer.lora_up.weight.numel()
                 for layer in add_lora([b], cfg.stage3.lora_rank, cfg.stage3.lora_alpha)) for b in blocks]
-    return ParamCounts(total, per_block, lora)
+    return ParamCounts(total, per_block, lora, **block_shape(model.config))
+
+
+def video_strides(cfg: Config, counts: ParamCounts) -> tuple[int, int]:
+    """(temporal, spatial) compression of the codec the shards are encoded with."""
+    if cfg.model.family == "hunyuanvideo":
+        return 4, 8  # diffusers AutoencoderKLHunyuanVideo: temporal_compression_ratio 4, spatial 8 (3 downsamples)
+    if cfg.preprocess.encoder == "toy":
+        from fastlightgen.toy.codec import PATCH
+        return 1, PATCH  # as train/preprocess.py's shape check: frames kept, PATCH x PATCH pixels per latent
+    # diffusers AutoencoderKLWan: Wan 2.1's VAE (16 latent channels) 4 x 8, Wan 2.2's (48 channels) 4 x 16
+    return 4, (16 if counts.in_channels == 48 else 8)
+
+
+def tokens(cfg: Config, counts: ParamCounts) -> int:
+    """Transformer tokens of one sample of the preprocess video shape."""
+    temporal, spatial = video_strides(cfg, counts)
+    p = cfg.preprocess
+    pt, ph, pw = counts.patch
+    return ((p.frames - 1) // temporal + 1) // pt * (p.height // spatial // ph) * (p.width // spatial // pw)
+
+
+def activations(cfg: Config, counts: ParamCounts) -> dict[str, float]:
+    """Activation GiB per GPU of each stage (the module docstring has the formula and its assumptions)."""
+    b = 2 if cfg.dist.bf16 else 4
+    per_sample = tokens(cfg, counts) * cfg.data.batch_size * b
+    full = per_sample * (FULL_PER_TOKEN[0] * counts.width + FULL_PER_TOKEN[1] * counts.ffn)
+    kept_block = per_sample * counts.width if cfg.model.gradient_checkpointing else full
+    n = len(counts.per_block)
+    kept = max(1, round(cfg.stage1.keep_ratio * n))
+    lora_blocks = kept if cfg.stage3.plan_teacher == "pruned" else n
+    stage2_blocks = n if cfg.stage2.alpha >= 1.0 else 2 * n - 1
+    stage3 = max(kept * kept_block + 3 * full, lora_blocks * kept_block + full)
+    return {"stage1": full / GIB, "stage2": (stage2_blocks * kept_block + full) / GIB, "stage3": stage3 / GIB}
 
 
 def estimate(cfg: Config, counts: ParamCounts | None = None) -> dict[str, dict[str, float]]:
     counts = counts or count_params(cfg)
     w = max(1, cfg.dist.world_size) if cfg.dist.deepspeed else 1
     offload = cfg.dist.deepspeed and cfg.dist.offload_optimizer
+    per_node = min(w, GPUS_PER_NODE)
     b = 2 if cfg.dist.bf16 else 4
     n = len(counts.per_block)
     kept = max(1, round(cfg.stage1.keep_ratio * n))
@@ -69,33 +145,52 @@ def estimate(cfg: Config, counts: ParamCounts | None = None) -> dict[str, dict[s
     lora_blocks = kept if cfg.stage3.plan_teacher == "pruned" else n
     lora = sum(sorted(counts.lora_per_block)[-lora_blocks:])
     gathered = 2 * max(counts.per_block) * b / GIB if cfg.dist.deepspeed else 0.0
+    act = activations(cfg, counts)
 
-    def stage(held: int, trainable: int) -> dict[str, float]:
+    def stage(name: str, held: int, trainable: int) -> dict[str, float]:
         row = {"parameters": held * b / w / GIB, "gradients": trainable * b / w / GIB,
-               "optimizer": trainable * 12 / w / GIB, "gathered": gathered}
-        on_gpu = ["parameters", "gradients", "gathered"] + ([] if offload else ["optimizer"])
+               "optimizer": trainable * 12 / w / GIB, "gathered": gathered, "activations": act[name]}
+        on_gpu = ["parameters", "gradients", "gathered", "activations"] + ([] if offload else ["optimizer"])
         row["gpu_total"] = sum(row[k] for k in on_gpu)
+        row["host_ram_per_node"] = row["optimizer"] * per_node if offload else 0.0
         return row
 
-    return {"stage1": {"parameters": counts.total * b / GIB, "gradients": 0.0, "optimizer": 0.0, "gathered": 0.0,
-                       "gpu_total": counts.total * b / GIB},
-            "stage2": stage(counts.total, counts.total),
-            "stage3": stage(counts.total + student + lora, student + lora)}
+    stage1 = {"parameters": counts.total * b / GIB, "gradients": 0.0, "optimizer": 0.0, "gathered": 0.0,
+              "activations": act["stage1"], "host_ram_per_node": 0.0}
+    stage1["gpu_total"] = stage1["parameters"] + stage1["activations"]
+    return {"stage1": stage1, "stage2": stage("stage2", counts.total, counts.total),
+            "stage3": stage("stage3", counts.total + student + lora, student + lora)}
+
+
+def verdict(rows: dict[str, dict[str, float]]) -> str:
+    peak = max(r["gpu_total"] for r in rows.values())
+    return f"fits in 80 GB per GPU: {'yes' if peak < LIMIT_GIB else 'no'} (estimate {peak:.1f} GiB)"
 
 
 def report(cfg: Config) -> str:
     counts = count_params(cfg)
     rows = estimate(cfg, counts)
     d = cfg.dist
-    where = "CPU (offloaded)" if d.deepspeed and d.offload_optimizer else "GPU"
+    offload = d.deepspeed and d.offload_optimizer
+    where = "CPU (offloaded)" if offload else "GPU"
     setup = f"world size {d.world_size}, {'bf16' if d.bf16 else 'fp32'}, ZeRO-{d.zero_stage}" if d.deepspeed \
         else "one plain process (no DeepSpeed: nothing sharded), fp32"
-    lines = [f"{cfg.model.family}: {counts.total / 1e9:.3f} B parameters in {len(counts.per_block)} blocks; "
-             f"{setup}, optimizer states on {where}; Stage III student keeps {cfg.stage1.keep_ratio:.0%} of the blocks",
-             f"{'GiB per GPU':<8} | {'parameters':>10} | {'gradients':>9} | {'optimizer':>9} | {'gathered':>8} | "
-             f"{'GPU total':>9}"]
+    p = cfg.preprocess
+    ckpt = "on" if cfg.model.gradient_checkpointing else "off"
+    head = (f"{cfg.model.family}: {counts.total / 1e9:.3f} B parameters in {len(counts.per_block)} blocks; "
+            f"{setup}, optimizer states on {where}; Stage III student keeps {cfg.stage1.keep_ratio:.0%} of the blocks")
+    shape = (f"activations: {p.frames} x {p.height} x {p.width} video -> {tokens(cfg, counts)} tokens of width "
+             f"{counts.width} (FFN {counts.ffn}), batch {cfg.data.batch_size} per GPU, gradient checkpointing {ckpt}")
+    columns = (f"{'GiB per GPU':<8} | {'parameters':>10} | {'gradients':>9} | {'optimizer':>9} | {'gathered':>8} | "
+               f"{'activations':>11} | {'GPU total':>9} | {'host RAM/node':>13}")
+    lines = [head, shape, columns]
     for name, r in rows.items():
         lines.append(f"{name:<11} | {r['parameters']:>10.2f} | {r['gradients']:>9.2f} | {r['optimizer']:>9.2f} | "
-                     f"{r['gathered']:>8.2f} | {r['gpu_total']:>9.2f}")
-    lines.append("(stage1 runs unsharded on one GPU; activations are not included)")
+                     f"{r['gathered']:>8.2f} | {r['activations']:>11.2f} | {r['gpu_total']:>9.2f} | "
+                     f"{r['host_ram_per_node']:>13.2f}")
+    notes = "stage1 runs unsharded on one GPU"
+    if offload:
+        notes += (f"; host RAM/node: the offloaded fp32 master weights + AdamW moments of "
+                  f"{min(max(1, d.world_size), GPUS_PER_NODE)} ranks per node")
+    lines += [f"({notes}; activations: train/memory.py's formula, an estimate)", verdict(rows)]
     return "\n".join(lines)
