@@ -102,3 +102,14 @@ def pack_package(comfy_in_process):
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+@pytest.fixture
+def one_thread():
+    # Bit-exact comparisons with subprocesses run at OMP_NUM_THREADS=1 need the same reduction order.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

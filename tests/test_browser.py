@@ -81,19 +81,24 @@ def _start_chromium(profile: Path) -> tuple[subprocess.Popen, str]:
     return proc, page["webSocketDebuggerUrl"]
 
 
+async def _open_editor(ws, server_url: str) -> DevTools:
+    tools = DevTools(ws)
+    await tools.call("Page.enable")
+    await tools.call("Page.navigate", url=server_url)
+    deadline = time.monotonic() + 180
+    while not await tools.evaluate(UI_READY):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the ComfyUI editor did not start in 180 s")
+        await asyncio.sleep(1.0)
+    return tools
+
+
 async def _check_workflows(ws_url: str, server_url: str, shots: Path) -> dict[str, dict]:
     import aiohttp
 
     results = {}
     async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
-        tools = DevTools(ws)
-        await tools.call("Page.enable")
-        await tools.call("Page.navigate", url=server_url)
-        deadline = time.monotonic() + 180
-        while not await tools.evaluate(UI_READY):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the ComfyUI editor did not start in 180 s")
-            await asyncio.sleep(1.0)
+        tools = await _open_editor(ws, server_url)
         for name in WORKFLOWS:
             results[name] = json.loads(await tools.evaluate(LOAD_AND_CHECK % name, timeout=120))
             await tools.evaluate(CLOSE_DIALOGS)
@@ -138,14 +143,7 @@ async def _open_help(ws_url: str, server_url: str) -> dict:
     import aiohttp
 
     async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
-        tools = DevTools(ws)
-        await tools.call("Page.enable")
-        await tools.call("Page.navigate", url=server_url)
-        deadline = time.monotonic() + 180
-        while not await tools.evaluate(UI_READY):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the ComfyUI editor did not start in 180 s")
-            await asyncio.sleep(1.0)
+        tools = await _open_editor(ws, server_url)
         return json.loads(await tools.evaluate(OPEN_HELP % HELP_NODE, timeout=60))
 
 

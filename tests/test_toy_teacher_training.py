@@ -40,14 +40,6 @@ def without_config(provenance: dict) -> dict:
     return {k: v for k, v in provenance.items() if k != "config"}
 
 
-@pytest.fixture
-def one_thread():
-    # Bit-exact comparisons with the subprocess (OMP_NUM_THREADS=1) need the same reduction order.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, one_thread):
     killed = tmp_path / "killed"

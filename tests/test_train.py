@@ -55,14 +55,6 @@ def tiny(tmp_path_factory):
     return make_tiny_teacher(tmp_path_factory.mktemp("tiny"))
 
 
-@pytest.fixture
-def one_thread():
-    # Bit-exact comparisons with the subprocesses (OMP_NUM_THREADS=1) need the same reduction order.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.mark.parametrize("entry", ["preprocess", "stage1", "stage2", "stage3", "export"])
 def test_help(entry, capsys):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .config import Config, ConfigError, add_config_args, config_from_args
 
@@ -37,3 +37,11 @@ def dry_run(cfg: Config) -> None:
     except (OSError, ValueError) as err:  # no model.arch and no readable teacher config: say which, no traceback
         raise SystemExit(f"--dry-run needs model.arch or the teacher's config.json / safetensors header: {err}")
     print(text)
+
+
+def stage_main(doc: str, argv: list[str] | None, run: Callable[[Config, bool], object]) -> None:
+    """A training stage's command line: parse, then either --dry-run's estimate or the run."""
+    cfg, args = parse(doc, argv)
+    if args.dry_run:
+        return dry_run(cfg)
+    run(cfg, args.resume)

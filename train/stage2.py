@@ -20,7 +20,7 @@ from fastlightgen.first_frame import frame_sigma
 from fastlightgen.flow import add_noise, sample_training_sigma, velocity_target
 from fastlightgen.plan import PrunePlan
 
-from .cli import dry_run, parse
+from .cli import stage_main
 from .config import Config
 from .data import BatchFn, batch_source, data_fingerprint
 from .dist import init_dist
@@ -88,10 +88,7 @@ def run(cfg: Config, resume: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, args = parse(__doc__, argv)
-    if args.dry_run:
-        return dry_run(cfg)
-    run(cfg, args.resume)
+    stage_main(__doc__, argv, run)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from fastlightgen.lora import add_lora, lora_enabled, lora_parameters
 from fastlightgen.plan import PrunePlan
 from fastlightgen.sampling import Sampling, Velocity, predict_x0
 
-from .cli import dry_run, parse
+from .cli import stage_main
 from .config import Config
 from .data import Batch, BatchFn, batch_source, data_fingerprint
 from .dist import init_dist, step_generator
@@ -174,10 +174,7 @@ def run(cfg: Config, resume: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, args = parse(__doc__, argv)
-    if args.dry_run:
-        return dry_run(cfg)
-    run(cfg, args.resume)
+    stage_main(__doc__, argv, run)
 
 
 if __name__ == "__main__":
