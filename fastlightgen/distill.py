@@ -1,7 +1,8 @@
 """Loss math of Stages II and III (paper eq. 5-9), written once over the adapter interface.
 
 Stage II (eq. 5-7): the pruned path vP (a random subset of the plan's dropped blocks skipped) learns
-    alpha * ||vP - SG(vU)||^2 + (1 - alpha) * (||vP - target||^2 + ||vU - target||^2).
+    alpha * ||vP - SG(vU)||^2 + (1 - alpha) * (||vP - target||^2 + ||vU - target||^2),
+    SG(vU) from the same weights or given (from a frozen copy or an EMA of them).
 Stage III (eq. 8-9): DMD2-style distribution matching. The few-step student's x0 is pushed along
     (x0_fake - x0_real), the difference of the fake and the well-guided real score's Tweedie x0.
 
@@ -94,15 +95,23 @@ def sample_skip(dropped: Sequence[int], p: float, generator: torch.Generator) ->
 
 
 def stage2_loss(adapter: DiTAdapter, x_t: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
-                target: torch.Tensor, skip: frozenset[int], alpha: float,
-                skip_first_frame: bool) -> tuple[torch.Tensor, dict[str, float]]:
-    """Eq. 7 = eq. 6 (distillation, weight alpha) + eq. 5 (flow matching on both paths, weight 1 - alpha)."""
+                target: torch.Tensor, skip: frozenset[int], alpha: float, skip_first_frame: bool,
+                unpruned_target: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Eq. 7 = eq. 6 (distillation, weight alpha) + eq. 5 (flow matching on both paths, weight 1 - alpha).
+
+    The distillation target SG(vU) is the unpruned path of `adapter` itself, sharing the pruned pass's prefix
+    (the paper's form), or `unpruned_target`: vU already computed without gradients from other weights (a
+    frozen copy, an EMA). Flow matching (alpha < 1) always trains the unpruned path of `adapter`.
+    """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     needs_unpruned_grad = alpha < 1.0
-    v_pruned, v_unpruned = run_branches(adapter, x_t, sigma, cond,
-                                        [Branch(skip, grad=True), Branch(frozenset(), grad=needs_unpruned_grad)])
-    distill = mse(v_pruned, v_unpruned.detach(), skip_first_frame)
+    branches = [Branch(skip, grad=True)]
+    if unpruned_target is None or needs_unpruned_grad:
+        branches.append(Branch(frozenset(), grad=needs_unpruned_grad))
+    v_pruned, *v_rest = run_branches(adapter, x_t, sigma, cond, branches)
+    v_unpruned = v_rest[0] if v_rest else None
+    distill = mse(v_pruned, v_unpruned.detach() if unpruned_target is None else unpruned_target, skip_first_frame)
     loss = alpha * distill
     parts = {"distill": distill.item()}
     if needs_unpruned_grad:

@@ -6,7 +6,11 @@ outside the blocks): `diffusion_model.blocks.N.self_attn.q.lora_A.weight` (rank 
 is small (norms, modulation, 1-D, Conv3d) or a rank-r pair would not be smaller than the delta; `.diff_b` for
 biases. A delta that is exactly zero is not stored. The header's `__metadata__["fastlightgen_adapter"]` holds
 JSON `AdapterMeta`: the plan (kept original blocks, original block count), recommended `Sampling`, the rank
-setting, and the base fingerprint (family, block count, width) with a sampled-weights signature.
+or energy setting with the rank each linear layer kept (`ranks`), and the base fingerprint (family, block
+count, width) with a sampled-weights signature.
+Rank per layer: a fixed `rank`, or with `energy` E the smallest r whose singular values hold share E of the
+delta's squared singular values (its squared Frobenius norm); either way a layer whose rank-r factors would
+not be smaller than the delta is stored whole.
 
 Applying: `fastlightgen.lora_remap.remap_lora` renumbers the keys onto the student's blocks, the same
 mechanism that moves style LoRAs; ComfyUI applies the result with its own weight patching (nodes/adapter.py),
@@ -58,6 +62,8 @@ class AdapterMeta:
     signature: dict[str, list[float]] = field(default_factory=dict)  # original key -> sampled base values
     recommended: Sampling = FEW_STEP
     provenance: dict[str, Any] = field(default_factory=dict)
+    # linear layer (module of the tensor keys, original numbering) -> rank kept; 0: its delta is stored whole
+    ranks: dict[str, int] = field(default_factory=dict)
     format: str = ADAPTER_FORMAT
 
     @property
@@ -135,8 +141,23 @@ def check_base(meta: AdapterMeta, base: ModelFingerprint, weights: Callable[[str
 
 # ---- making an adapter --------------------------------------------------------------------------
 
+def check_setting(rank: int, energy: float | None) -> None:
+    """Refuse a rank or energy setting that makes no adapter (before any model or file is read)."""
+    if rank < 0:
+        raise AdapterError(f"adapter rank must be >= 0 (0 = whole deltas), got {rank}")
+    if energy is None:
+        return
+    if not 0 < energy <= 1:  # also NaN
+        raise AdapterError(f"adapter energy must be a share in (0, 1] (0.99: each layer keeps the fewest singular "
+                           f"values holding 99% of its delta's squared norm; 1: the exact student), got {energy!r}")
+    if rank:
+        raise AdapterError(f"give an adapter rank ({rank}) or an energy ({energy}), not both: the energy chooses "
+                           "each layer's rank")
+
+
 def layer_rank(singular: torch.Tensor, rank: int, energy: float | None) -> int:
-    """Rank kept for one delta: the setting, or the fewest singular values holding `energy` of the norm."""
+    """Rank kept for one delta from its singular values: the setting (0: all), or with `energy` the smallest r
+    whose r largest squared singular values hold share `energy` of their sum."""
     if energy is not None:
         power = singular.double().pow(2)
         total = power.sum()
@@ -169,10 +190,7 @@ def make_adapter(teacher: torch.nn.Module, student: torch.nn.Module, kept_blocks
                  energy: float | None = None, recommended: Sampling = FEW_STEP, dtype: torch.dtype = torch.bfloat16,
                  provenance: dict | None = None) -> Adapter:
     """The adapter turning diffusers Wan `teacher` into `student` (physically pruned, keeping `kept_blocks`)."""
-    if rank < 0:
-        raise AdapterError(f"adapter rank must be >= 0 (0 = whole deltas), got {rank}")
-    if energy is not None and not 0 < energy <= 1:
-        raise AdapterError(f"adapter energy must be in (0, 1], got {energy}")
+    check_setting(rank, energy)
     kept = list(kept_blocks)
     fp = adapt(teacher).fingerprint()
     if len(kept) != len(student.blocks):
@@ -194,8 +212,36 @@ def make_adapter(teacher: torch.nn.Module, student: torch.nn.Module, kept_blocks
         tensors.update(delta_tensors(delta.cpu(), PREFIX + module, leaf, rank, energy, dtype))
     teacher_sd = diffusers_to_original(teacher.state_dict())
     meta = AdapterMeta(fp, kept, rank, energy, teacher.config.attention_head_dim,
-                       signature(lambda k: teacher_sd[k], fp.num_blocks), recommended, dict(provenance or {}))
+                       signature(lambda k: teacher_sd[k], fp.num_blocks), recommended, dict(provenance or {}),
+                       layer_ranks(tensors))
     return Adapter(meta, tensors)
+
+
+def layer_ranks(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Linear layer -> rank kept (0: stored whole, `.diff` of a matrix), from an adapter's tensors."""
+    out = {}
+    for key, t in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            out[key[:-len(".lora_A.weight")]] = t.shape[0]
+        elif key.endswith(".diff") and t.ndim == 2:
+            out[key[:-len(".diff")]] = 0
+    return dict(sorted(out.items()))
+
+
+def ranks_summary(ranks: Mapping[str, int]) -> str:
+    """`AdapterMeta.ranks` in a few words: how many layers are low-rank (rank range, median) and how many whole."""
+    low = sorted(r for r in ranks.values() if r)
+    whole = len(ranks) - len(low)
+    if not low:
+        return f"all {whole} linear layers whole"
+    return f"{len(low)} linear layers low-rank (ranks {low[0]}..{low[-1]}, median {low[len(low) // 2]}), {whole} whole"
+
+
+def describe_ranks(meta: AdapterMeta) -> str:
+    """The setting and the ranks the linear layers kept, in one line."""
+    setting = (f"energy {meta.energy}" if meta.energy is not None else
+               f"rank {meta.rank}" if meta.rank else "whole deltas")
+    return f"{setting}: {ranks_summary(meta.ranks)}"
 
 
 def save_adapter(path: str | Path, adapter: Adapter) -> Path:

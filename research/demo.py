@@ -1,11 +1,12 @@
 """`python -m research.demo`: the main job on the embedded default (the toy world, CPU, a few minutes).
 
 Generates the held-out prompts of the toy world (combinations of color, shape and direction never seen in
-training; the first frame is given, TI2V) with the toy teacher (50-step Euler with CFG) and, when it has
-been trained, the 4-step pruned student, each at several noise seeds; writes the first seed's videos as mp4
-and a report: each model's scores over all videos, the student's per-video paired difference to the teacher
-with its 95% bootstrap interval and verdict (research/stats.py; the margin is fixed there), the sanity
-table (research/sanity.py) and the cost per video of each model: wall clock (one video per call, the two
+training, with free speeds and color changes) in both modes the model serves, TI2V (the first frame given) and
+T2V (the caption alone), with the toy teacher (50-step Euler with CFG) and, when it has been trained, the
+4-step pruned student, each at several noise seeds; writes the first seed's videos as mp4 and a report, per
+mode: each model's scores over all videos, the student's per-video paired difference to the teacher with its
+95% bootstrap interval and verdict (research/stats.py; the margin is fixed there) and the sanity table
+(research/sanity.py); and the cost per video of each model: wall clock (one TI2V video per call, the two
 models timed in alternating rounds, the best of 10) and FLOPs (the same on every machine).
 """
 from __future__ import annotations
@@ -44,6 +45,11 @@ def load_fp32(path: Path):
     return adapt(model.float()), meta
 
 
+MODES = ("TI2V", "T2V")
+SUMMARY_COLUMNS = ("faithful", "correct", "gate_color", "gate_shape", "gate_direction", "gate_speed", "fidelity",
+                   "overall")
+
+
 def score_model(name: str, generate: SeededGenerate, prompts: Prompts, seeds: list[int], out_dir: Path) -> EvalTable:
     """Generates every prompt at every seed and scores the videos; writes the first seed's as mp4."""
     labels, rows = [], []
@@ -51,21 +57,24 @@ def score_model(name: str, generate: SeededGenerate, prompts: Prompts, seeds: li
         videos = generate(prompts, seed)
         if seed == seeds[0]:
             for i, (video, label) in enumerate(zip(videos, prompts.captions)):
-                write_mp4(out_dir / name / f"{i:02d}_{label.replace(' ', '_')}.mp4", video, upscale=8)
-        table = evaluate_batch(videos, list(prompts.factors))
+                write_mp4(out_dir / prompts.mode / name / f"{i:02d}_{label.replace(' ', '_')}.mp4", video, upscale=8)
+        table = evaluate_batch(videos, list(prompts.factors), t2v=prompts.t2v)
         labels += [f"seed {seed}: {label}" for label in table.labels]
         rows += table.rows
     return EvalTable(labels, rows)
 
 
-def summary_markdown(tables: dict[str, EvalTable], costs: dict[str, tuple[float, float]]) -> str:
-    columns = ("faithful", "correct", "fidelity", "overall", "adherence")
-    lines = ["| model | " + " | ".join(columns) + " | s / video | GFLOP / video |", "|---" * (len(columns) + 3) + "|"]
+def summary_markdown(tables: dict[str, EvalTable]) -> str:
+    lines = ["| model | " + " | ".join(SUMMARY_COLUMNS) + " |", "|---" * (len(SUMMARY_COLUMNS) + 1) + "|"]
     for name, table in tables.items():
         mean, std = table.mean(), table.std()
-        seconds, flops = costs[name]
-        lines.append(f"| {name} | " + " | ".join(f"{mean[c]:.3f} ± {std[c]:.3f}" for c in columns)
-                     + f" | {seconds:.3f} | {flops / 1e9:.2f} |")
+        lines.append(f"| {name} | " + " | ".join(f"{mean[c]:.3f} ± {std[c]:.3f}" for c in SUMMARY_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def cost_markdown(costs: dict[str, tuple[float, float]]) -> str:
+    lines = ["| model | s / video | GFLOP / video |", "|---|---|---|"]
+    lines += [f"| {name} | {seconds:.3f} | {flops / 1e9:.2f} |" for name, (seconds, flops) in costs.items()]
     return "\n".join(lines)
 
 
@@ -79,10 +88,53 @@ def comparison_markdown(student: EvalTable, teacher: EvalTable, prompts: Prompts
     return "\n".join(lines)
 
 
+def mode_section(models: dict[str, SeededGenerate], prompts: Prompts, seeds: list[int], out_dir: Path,
+                 student_source: Path) -> str:
+    """One mode's part of the report: scores, the paired comparison, the sanity table, the per-video tables."""
+    mode = prompts.mode
+    tables = {name: score_model(name, generate, prompts, seeds, out_dir) for name, generate in models.items()}
+    teacher_table, *student_table = tables.values()
+    parts = [f"## {mode}: scores over {len(teacher_table.rows)} videos (mean ± std)\n\n{summary_markdown(tables)}\n"]
+    if student_table:
+        parts.append(f"### {mode}: the student against the teacher, paired per video\n\n"
+                     f"{comparison_markdown(student_table[0], teacher_table, prompts, seeds)}\n")
+    else:
+        parts.append(f"(no student at {student_source}: train one with the pipeline in train/README.md)\n")
+    parts.append(f"### {mode}: sanity table (the same prompts, seed {seeds[0]})\n\n"
+                 f"{sanity_markdown(sanity_rows(prompts, teacher_table, seeds[0]))}\n")
+    parts += [f"### {mode}: {name}, per video\n\n{table.to_markdown(per_video=True)}\n"
+              for name, table in tables.items()]
+    return "\n".join(parts)
+
+
 def one_video(generate: Generate, prompts: Prompts) -> Callable[[], torch.Tensor]:
     """A call that makes the first prompt's video: what `timing` measures of a model."""
     one = prompts.first()
     return lambda: generate(one)
+
+
+def models_to_compare(args: argparse.Namespace) -> dict[str, SeededGenerate]:
+    """The teacher at its recommended sampling (or the overrides) and, when its file exists, the student."""
+    teacher, meta = load_fp32(args.teacher)
+    overrides = {k: v for k, v in (("steps", args.steps), ("cfg_scale", args.cfg)) if v}
+    teacher_cfg = replace(meta.recommended if meta else Sampling(), **overrides)
+    models: dict[str, SeededGenerate] = {
+        f"teacher ({teacher_cfg.steps}-step Euler, CFG {teacher_cfg.cfg_scale})":
+            lambda batch, seed: generate_teacher(teacher, batch, seed, teacher_cfg)}
+    if args.student_adapter is not None:
+        from fastlightgen.student_adapter import apply_adapter, read_adapter
+
+        adapter = read_adapter(args.student_adapter)
+        student, smeta = adapt(apply_adapter(teacher.model, adapter).float()), adapter.meta
+    elif args.student.is_file():
+        student, smeta = load_fp32(args.student)
+    if (args.student_adapter or args.student).is_file():
+        few = smeta.recommended
+        origin = ", from adapter" if args.student_adapter else ""
+        models[f"student ({len(few.denoising_step_list)}-step, {len(smeta.kept_blocks)}/"
+               f"{smeta.original_num_blocks} blocks{origin})"] = lambda batch, seed: generate_few_step(student, batch,
+                                                                                                     seed, few)
+    return models
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,45 +157,19 @@ def main(argv: list[str] | None = None) -> None:
     if len(seeds) < 2 and source.is_file():
         p.error("--seeds: a paired comparison needs at least two noise seeds")
 
-    prompts = split_prompts(args.split, args.per_combination, 0, args.limit)
-    teacher, meta = load_fp32(args.teacher)
-    overrides = {k: v for k, v in (("steps", args.steps), ("cfg_scale", args.cfg)) if v}
-    teacher_cfg = replace(meta.recommended if meta else Sampling(), **overrides)
-    models: dict[str, SeededGenerate] = {
-        f"teacher ({teacher_cfg.steps}-step Euler, CFG {teacher_cfg.cfg_scale})":
-            lambda batch, seed: generate_teacher(teacher, batch, seed, teacher_cfg)}
-    if args.student_adapter is not None:
-        from fastlightgen.student_adapter import apply_adapter, read_adapter
-
-        adapter = read_adapter(args.student_adapter)
-        student, smeta = adapt(apply_adapter(teacher.model, adapter).float()), adapter.meta
-    elif args.student.is_file():
-        student, smeta = load_fp32(args.student)
-    if source.is_file():
-        few = smeta.recommended
-        origin = ", from adapter" if args.student_adapter else ""
-        models[f"student ({len(few.denoising_step_list)}-step, {len(smeta.kept_blocks)}/"
-               f"{smeta.original_num_blocks} blocks{origin})"] = lambda batch, seed: generate_few_step(student, batch,
-                                                                                                     seed, few)
-    tables = {name: score_model(name, generate, prompts, seeds, args.out) for name, generate in models.items()}
-    calls = [one_video(lambda batch, g=generate: g(batch, seeds[0]), prompts) for generate in models.values()]
+    prompts = {mode: split_prompts(args.split, args.per_combination, 0, args.limit, t2v=mode == "T2V")
+               for mode in MODES}
+    models = models_to_compare(args)
+    sections = [mode_section(models, prompts[mode], seeds, args.out, source) for mode in MODES]
+    calls = [one_video(lambda batch, g=generate: g(batch, seeds[0]), prompts["TI2V"]) for generate in models.values()]
     times = seconds_per_call(*calls)  # the models in alternating rounds
     costs = {name: (t, flops_per_call(call)) for name, t, call in zip(models, times, calls)}
-
-    teacher_table, *student_table = tables.values()
-    sections = [f"## Scores over {len(teacher_table.rows)} videos (mean ± std)\n\n{summary_markdown(tables, costs)}\n"]
-    if student_table:
-        sections.append(f"## The student against the teacher, paired per video\n\n"
-                        f"{comparison_markdown(student_table[0], teacher_table, prompts, seeds)}\n\n"
-                        f"Speed-up: {times[0] / times[1]:.1f}x in wall clock, "
-                        f"{costs[list(models)[0]][1] / costs[list(models)[1]][1]:.1f}x in FLOPs.\n")
-    else:
-        sections.append(f"(no student at {args.student}: train one with the pipeline in train/README.md)\n")
-    sections.append(f"## Sanity table (the same prompts and seeds)\n\n"
-                    f"{sanity_markdown(sanity_rows(prompts, teacher_table, seeds[0]))}\n")
-    sections += [f"## {name}, per video\n\n{table.to_markdown(per_video=True)}\n" for name, table in tables.items()]
-    report = (f"# FastLightGen toy-world demo\n\n{len(prompts.factors)} {args.split} prompts x noise seeds "
-              f"{args.seeds}; {torch.get_num_threads()} CPU threads.\n\n" + "\n".join(sections))
+    sections.append(f"## Cost per video (one TI2V video per call)\n\n{cost_markdown(costs)}\n")
+    if len(models) > 1:
+        flops = [f for _, f in costs.values()]
+        sections[-1] += f"\nSpeed-up: {times[0] / times[1]:.1f}x in wall clock, {flops[0] / flops[1]:.1f}x in FLOPs.\n"
+    report = (f"# FastLightGen toy-world demo\n\n{len(prompts['TI2V'].factors)} {args.split} prompts per mode x "
+              f"noise seeds {args.seeds}; {torch.get_num_threads()} CPU threads.\n\n" + "\n".join(sections))
     atomic_write_text(args.out / "report.md", report)
     print(report)
     print(f"videos (seed {seeds[0]}) and report in {args.out}/")

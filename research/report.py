@@ -1,8 +1,11 @@
 """What `research.reproduce` measures about one model, and how a table of such measurements is written.
 
-A `Measured` is one model sampled on the report's prompts: the evaluator's table over its videos, its
-parameters as a fraction of the teacher's, its cost class (blocks, steps, network evaluations per video) and,
-once `Costs` has measured that class, its wall-clock seconds and FLOPs per video.
+A `Measured` is one model sampled on the report's prompts: every held-out prompt in both modes (TI2V, T2V) at
+every noise seed, scored by the evaluator (`Samples`, in a fixed order, so two models' videos pair up one for
+one); its parameters as a fraction of the teacher's; its cost class (blocks, steps, network evaluations per
+video) and, once `Costs` has measured that class, its wall-clock seconds and FLOPs per video. Two models are
+compared by `paired`: the per-video differences of their primary score, with a 95% bootstrap interval over
+(mode, combination) clusters (research/stats.py).
 """
 from __future__ import annotations
 
@@ -15,16 +18,63 @@ import torch
 from torch import nn
 
 from fastlightgen.adapters import DiTAdapter, adapt
-from fastlightgen.toy.evaluate import EvalTable, evaluate_batch
+from fastlightgen.toy.evaluate import GATES, EvalTable, evaluate_batch
 from fastlightgen.toy.prompts import Prompts
 
-from .demo import one_video
+from .demo import MODES, one_video
+from .stats import EQUIVALENCE_MARGIN, Interval, paired_interval
 from .timing import flops_per_call, seconds_per_call
 
-SHOWN = ("color", "shape", "direction", "i2v_subject", "subject_consistency", "motion_smoothness",
-         "dynamic_degree", "imaging_quality", "temporal_flicker")
-SHORT = {"i2v_subject": "i2v subj", "subject_consistency": "subj cons", "motion_smoothness": "smooth",
-         "dynamic_degree": "dynamic", "imaging_quality": "imaging", "temporal_flicker": "flicker"}
+PRIMARY = "faithful"  # the score every comparison and claim of the report is made on
+VideoKey = tuple[str, int, int]  # (mode, noise seed, prompt index): which video a score belongs to
+SAMPLE_VIDEOS = 2  # videos kept per mode (the first seed's first prompts), for the report's mp4 samples
+
+
+@dataclass(frozen=True)
+class Samples:
+    """A model's scored videos: the prompts of each mode (in MODES order) at each noise seed, in that order."""
+
+    table: EvalTable
+    keys: tuple[VideoKey, ...]
+    clusters: tuple[tuple, ...]  # (mode, combination) of each video: what the bootstrap resamples first
+    videos: dict[str, torch.Tensor]  # mode -> the first SAMPLE_VIDEOS videos of the first seed
+
+    def scores(self, column: str = PRIMARY, mode: str | None = None) -> list[float]:
+        return [row[column] for key, row in zip(self.keys, self.table.rows) if mode in (None, key[0])]
+
+    def mean(self, column: str = PRIMARY, mode: str | None = None) -> float:
+        return float(torch.tensor(self.scores(column, mode), dtype=torch.float64).mean())
+
+    def subset(self, mode: str, seed: int | None = None) -> EvalTable:
+        """The rows of one mode (and seed), in prompt order."""
+        picked = [i for i, (m, s, _) in enumerate(self.keys) if m == mode and seed in (None, s)]
+        return EvalTable([self.table.labels[i] for i in picked], [self.table.rows[i] for i in picked])
+
+
+SeededGenerate = Callable[[Prompts, int], torch.Tensor]  # videos (B, 3, F, H, W) of the prompts at a noise seed
+
+
+def sample(generate: SeededGenerate, prompts: Sequence[Prompts], seeds: Sequence[int]) -> Samples:
+    """Every prompt set at every seed, one batched call each, scored against its factors (in its mode)."""
+    labels, rows, keys, clusters, videos = [], [], [], [], {}
+    for batch in prompts:
+        for seed in seeds:
+            generated = generate(batch, seed)
+            if seed == seeds[0]:
+                videos[batch.mode] = generated[:SAMPLE_VIDEOS].clone()
+            table = evaluate_batch(generated, list(batch.factors), t2v=batch.t2v)
+            labels += [f"{batch.mode} seed {seed}: {label}" for label in table.labels]
+            rows += table.rows
+            keys += [(batch.mode, seed, i) for i in range(len(batch.factors))]
+            clusters += [(batch.mode, f.combination) for f in batch.factors]
+    return Samples(EvalTable(labels, rows), tuple(keys), tuple(clusters), videos)
+
+
+def paired_samples(a: Samples, b: Samples, column: str = PRIMARY) -> Interval:
+    """Mean of a - b over the same videos, with its 95% interval (clusters: mode and combination)."""
+    if a.keys != b.keys:
+        raise ValueError("the two models were not measured on the same videos (prompts, seeds, modes)")
+    return paired_interval(a.scores(column), b.scores(column), a.clusters)
 
 
 @dataclass(frozen=True)
@@ -45,21 +95,23 @@ class Cost:
 @dataclass
 class Measured:
     label: str
-    table: EvalTable
+    samples: Samples
     params: float  # fraction of the teacher's parameters
     cost_class: CostClass
     timer: Callable[[], object]  # generates one video, as a user makes them, for `Costs`
-    videos: torch.Tensor | None = None
     settings: tuple[str, ...] = ()  # the ablated values this row was trained with, in the table's extra columns
     cost: Cost | None = None  # set by `Costs.of`
 
+    def mean(self, column: str = PRIMARY, mode: str | None = None) -> float:
+        return self.samples.mean(column, mode)
+
     @property
-    def overall(self) -> float:
-        return self.table.mean()["overall"]
+    def faithful(self) -> float:
+        return self.mean(PRIMARY)
 
     @property
     def spread(self) -> float:
-        return self.table.std()["overall"]
+        return float(torch.tensor(self.samples.scores(PRIMARY), dtype=torch.float64).std(correction=0))
 
     @property
     def seconds(self) -> float:
@@ -67,27 +119,53 @@ class Measured:
             raise ValueError(f"{self.label!r} has no cost yet: pass its row through Costs.of")
         return self.cost.seconds
 
-    def numbers(self) -> dict[str, float]:
-        return {**self.table.mean(), "overall_std": self.spread, "seconds_per_video": self.seconds,
-                "gflops_per_video": self.cost.flops / 1e9, "params": self.params, "blocks": self.cost_class.blocks,
-                "steps": self.cost_class.steps, "nfe": self.cost_class.nfe}
+    def numbers(self, reference: Measured | None = None) -> dict[str, object]:
+        """The means over every video (and the primary score per mode), costs, and the paired interval
+        against `reference` (unless this row is the reference)."""
+        out: dict[str, object] = {**self.samples.table.mean(), "videos": len(self.samples.keys),
+                                  f"{PRIMARY}_std": self.spread,
+                                  **{f"{PRIMARY}_{mode}": self.mean(PRIMARY, mode) for mode in MODES},
+                                  "seconds_per_video": self.seconds, "gflops_per_video": self.cost.flops / 1e9,
+                                  "params": self.params, "blocks": self.cost_class.blocks,
+                                  "steps": self.cost_class.steps, "nfe": self.cost_class.nfe}
+        if reference is not None and not same_model(self, reference):
+            interval = paired(self, reference)
+            out[f"{PRIMARY}_minus_reference"] = {"mean": interval.mean, "low": interval.low, "high": interval.high,
+                                                 "verdict": interval.verdict()}
+        return out
+
+
+def paired(a: Measured, b: Measured, column: str = PRIMARY) -> Interval:
+    """a - b per video on the same videos, with its 95% bootstrap interval."""
+    return paired_samples(a.samples, b.samples, column)
+
+
+def same_model(a: Measured, b: Measured) -> bool:
+    """One measurement shown under two labels (a model reused by a later table)."""
+    return a.samples is b.samples
+
+
+def comparison(a: Measured, b: Measured, column: str = PRIMARY) -> str:
+    """'a - b = mean [low, high]: verdict', the form of every claim in the report."""
+    interval = paired(a, b, column)
+    return f"{interval}: {interval.verdict()}"
 
 
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-Generate = Callable[[DiTAdapter, Prompts], torch.Tensor]  # videos (B, 3, F, H, W) of the prompts
+Generate = Callable[[DiTAdapter, Prompts, int], torch.Tensor]  # videos (B, 3, F, H, W) of the prompts at a seed
 
 
-def measure(label: str, model: nn.Module, generate: Generate, prompts: Prompts, teacher_params: int, steps: int,
-            nfe: int, keep_videos: bool = False) -> Measured:
-    """Quality over all `prompts`; the cost is measured per cost class, by `Costs`."""
+def measure(label: str, model: nn.Module, generate: Generate, prompts: Sequence[Prompts], seeds: Sequence[int],
+            teacher_params: int, steps: int, nfe: int) -> Measured:
+    """Quality over every prompt set at every seed; the cost (one video of the first prompt set at the first
+    seed: TI2V) is measured per cost class, by `Costs`."""
     adapter = adapt(model.float().eval())
-    videos = generate(adapter, prompts)
-    table = evaluate_batch(videos, list(prompts.factors))
-    return Measured(label, table, parameter_count(model) / teacher_params, CostClass(adapter.num_blocks, steps, nfe),
-                    one_video(lambda batch: generate(adapter, batch), prompts), videos if keep_videos else None)
+    samples = sample(lambda batch, seed: generate(adapter, batch, seed), prompts, seeds)
+    return Measured(label, samples, parameter_count(model) / teacher_params, CostClass(adapter.num_blocks, steps, nfe),
+                    one_video(lambda batch: generate(adapter, batch, seeds[0]), prompts[0]))
 
 
 class Costs:
@@ -114,20 +192,30 @@ class Costs:
         return [replace(row, cost=self.known[row.cost_class]) for row in rows]
 
 
-def markdown_table(rows: Sequence[Measured], reference: Measured | None, extra: Sequence[str] = ()) -> str:
-    """One row per model: its settings under the `extra` headers, the evaluator's dimensions, overall
-    +- std over the videos, time per video and speed-up over `reference` (same run)."""
-    head = ["method", *extra, "params", "steps (NFE)", *(SHORT.get(c, c) for c in SHOWN), "overall ± std",
-            "s / video", "speed-up", "GFLOP / video", "FLOP ratio"]
+GATE_HEADS = tuple(g.replace("gate_", "gate ") for g in GATES)
+
+
+def markdown_table(rows: Sequence[Measured], reference: Measured, extra: Sequence[str] = ()) -> str:
+    """One row per model: its settings under the `extra` headers; the primary score per mode and over both
+    (± std over the videos), the share of correct videos, each gate's pass rate and the VBench-like overall;
+    cost and speed-up over `reference` (the teacher, same run); and the paired difference to it on the primary
+    score with its 95% interval and verdict."""
+    head = ["method", *extra, "params", "steps (NFE)", *(f"{PRIMARY} {mode}" for mode in MODES), f"{PRIMARY} ± std",
+            "correct", *GATE_HEADS, "overall", "s / video", "speed-up", "GFLOP / video", "FLOP ratio",
+            f"{PRIMARY} − teacher [95% CI]", f"verdict (±{EQUIVALENCE_MARGIN})"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for row in rows:
-        mean = row.table.mean()
-        speed, flop_ratio = (f"{reference.seconds / row.seconds:.1f}x",
-                             f"{reference.cost.flops / row.cost.flops:.1f}x") if reference else ("–", "–")
+        if same_model(row, reference):
+            against = ("–", "–")
+        else:
+            interval = paired(row, reference)
+            against = (str(interval), interval.verdict())
         settings = row.settings or ("–",) * len(extra)
         cells = [row.label, *settings, f"{row.params:.0%}", f"{row.cost_class.steps} ({row.cost_class.nfe})",
-                 *(f"{mean[c]:.3f}" for c in SHOWN), f"**{row.overall:.3f}** ± {row.spread:.3f}",
-                 f"{row.seconds:.3f}", speed, f"{row.cost.flops / 1e9:.2f}", flop_ratio]
+                 *(f"{row.mean(PRIMARY, mode):.3f}" for mode in MODES), f"**{row.faithful:.3f}** ± {row.spread:.3f}",
+                 *(f"{row.mean(c):.3f}" for c in ("correct", *GATES, "overall")),
+                 f"{row.seconds:.3f}", f"{reference.seconds / row.seconds:.1f}x", f"{row.cost.flops / 1e9:.2f}",
+                 f"{reference.cost.flops / row.cost.flops:.1f}x", *against]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -149,7 +237,7 @@ def _flatten(values) -> list[float]:
 
 
 def contour_plot(path: Path, steps: Sequence[int], kept: Sequence[float], scores: list[list[float]],
-                 title: str) -> None:
+                 title: str, score: str = PRIMARY) -> None:
     """Fig. 1: average score over (sampling steps, kept parameters); scores[i][j] is kept[i] at steps[j]."""
     import matplotlib
 
@@ -173,7 +261,7 @@ def contour_plot(path: Path, steps: Sequence[int], kept: Sequence[float], scores
     ax.set_xlabel("sampling steps (log scale; the last column is Euler with CFG)")
     ax.set_ylabel("kept parameters (%)")
     ax.set_title(title)
-    fig.colorbar(filled, label="evaluator overall")
+    fig.colorbar(filled, label=f"evaluator: {score}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -49,7 +49,7 @@ class Workflow:
 def _first_frame(key: str = "latent", **widgets: Any) -> Node:
     return Node(key, "FastLightGenToyFirstFrameLatent",
                 {"color": "red", "shape": "circle", "direction": "right", "background": "plain", "seed": 3,
-                 "caption": "", "batch_size": 1, **widgets})
+                 "caption": "", "batch_size": 1, "speed": "quickly", "turning": "none", "mode": "TI2V", **widgets})
 
 
 def _teacher_plan() -> list[Node]:
@@ -74,9 +74,10 @@ def _prompts(first_frame: str = "latent") -> list[Node]:
 WORKFLOWS = [
     Workflow("fastlightgen_toy_student_4step",
              "# FastLightGen: 4-step TI2V with the toy student\nFirst frame + caption -> 4 steps, CFG off. "
-             "The loader returns the schedule the checkpoint recommends.", [
+             "The loader returns the schedule the checkpoint recommends. Set `mode` on the First-Frame Latent "
+             "to T2V to generate from the caption alone.", [
                  Node("student", "FastLightGenLoadCheckpoint", {"ckpt_name": STUDENT}),
-                 _first_frame(),
+                 _first_frame(turning="blue"),
                  Node("positive", "FastLightGenToyTextEncode", links={"prompt": ("latent", 1)}),
                  Node("sampler", "FastLightGenSampler", {"seed": 0},
                       {"model": ("student", 0), "positive": ("positive", 0), "latent_image": ("latent", 0),
@@ -184,7 +185,8 @@ WORKFLOWS = [
              "Wan 2.2 TI2V-5B in models/fastlightgen, umt5_xxl_fp8_e4m3fn_scaled.safetensors in "
              "models/text_encoders, wan2.2_vae.safetensors in models/vae and a start image in input/. "
              "Same graph as the toy one with the stock UMT5, Wan VAE and Wan22ImageToVideoLatent.", [
-                 Node("student", "FastLightGenLoadCheckpoint", {"ckpt_name": "wan2.2_ti2v_5B_fastlightgen.safetensors"}),
+                 Node("student", "FastLightGenLoadCheckpoint",
+                      {"ckpt_name": "wan2.2_ti2v_5B_fastlightgen.safetensors"}),
                  Node("clip", "CLIPLoader", {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
                                              "device": "default"}),
                  Node("vae", "VAELoader", {"vae_name": "wan2.2_vae.safetensors"}),

@@ -30,7 +30,9 @@ def test_demo_writes_videos_and_table(tmp_path):
     assert "teacher (3-step Euler, CFG 2.0)" in report and "| mean (n=24) |" in report
     assert "no student" in report and re.search(r"\| [0-9.]+ \| [0-9.]+ \|\n", report)  # s and GFLOP per video
     assert "Sanity table" in report and "ordering **" in report
-    assert len(list((tmp_path / "out").rglob("*.mp4"))) == 12  # the first seed's videos
+    for mode in ("TI2V", "T2V"):  # the first seed's videos, per mode
+        assert len(list((tmp_path / "out" / mode).rglob("*.mp4"))) == 12
+    assert "## TI2V: scores" in report and "## T2V: scores" in report
 
 
 def test_demo_compares_a_student_with_its_interval(tmp_path):
@@ -42,5 +44,5 @@ def test_demo_compares_a_student_with_its_interval(tmp_path):
                "--seeds", "0,1", "--limit", "4"])
     report = (tmp_path / "out" / "report.md").read_text()
     rows = re.findall(r"\| (faithful|overall) \| ([+-][0-9.]+) \[([+-][0-9.]+), ([+-][0-9.]+)\] \| ([a-z, ]+) \|", report)
-    assert [r[0] for r in rows] == ["faithful", "overall"]
+    assert [r[0] for r in rows] == ["faithful", "overall"] * 2  # TI2V, then T2V
     assert all(float(low) <= float(mean) <= float(high) for _, mean, low, high, _ in rows)

@@ -240,9 +240,81 @@ def test_toy_nodes_round_trip(pack, toy_inputs):
     frames = pack["toy"].ToyDecode.execute(latent).args[0]
     assert frames.shape == (world.TOY_WORLD.frames, 32, 32, 3)
     assert torch.allclose(frames[0], toy_inputs["first_frame"][0], atol=1e-5)
+    # the inputs added later default to what the node did before them: quickly, no color change, TI2V
+    assert toy_inputs["caption"] == "a blue square moving up quickly on a textured background"
     by_caption = pack["toy"].ToyFirstFrameLatent.execute("red", "circle", "right", "plain", 5,
                                                          toy_inputs["caption"], 1).args
     assert torch.equal(by_caption[0]["samples"], latent["samples"]) and by_caption[1] == toy_inputs["caption"]
+    inputs = {i.id: i for i in pack["toy"].ToyFirstFrameLatent.GET_SCHEMA().inputs}
+    assert list(inputs)[-3:] == ["speed", "turning", "mode"]  # last: saved widget values keep their places
+    assert all(inputs[name].optional for name in ("speed", "turning", "mode"))  # saved API prompts validate
+
+
+def test_toy_first_frame_latent_speed_turning_and_t2v(pack):
+    from fastlightgen.toy import codec, world
+
+    node = pack["toy"].ToyFirstFrameLatent
+    caption = "a green triangle moving down slowly and turning magenta on a plain background"
+    latent, said, first = node.execute("green", "triangle", "down", "plain", 2, "", 1, "slowly", "magenta").args
+    assert said == caption
+    video = codec.decode_video(codec.from_comfy_latent(latent["samples"]))
+    assert torch.allclose(video[0, :, 0], first[0].permute(2, 0, 1) * 2 - 1, atol=1e-5)
+    by_caption = node.execute("red", "circle", "right", "textured", 2, caption, 1, "quickly", "none").args
+    assert torch.equal(by_caption[0]["samples"], latent["samples"]) and by_caption[1] == caption
+    factors = pack["toy"].toy_factors("green", "triangle", "down", "plain", 2, "slowly", "magenta")
+    assert factors.speed == "slowly" and factors.end_color == "magenta"
+    for seed in range(20):  # the object stays inside the frame at either speed
+        for speed in world.SPEEDS:
+            f = pack["toy"].toy_factors("red", "square", "right", "textured", seed, speed)
+            left, right, _, _ = world.shape_extent("square")
+            xs = world.trajectory(f)[:, 0]
+            assert xs.min() >= left and xs.max() <= world.TOY_WORLD.width - right and f.texture is not None
+
+    t2v, said, first = node.execute("blue", "circle", "left", "plain", 0, "", 3, "quickly", "yellow", "T2V").args
+    assert said == "a blue circle moving left quickly and turning yellow on a plain background"
+    w = world.TOY_WORLD
+    assert set(t2v) == {"samples"}  # no noise_mask: every frame is generated
+    assert t2v["samples"].shape == (3, codec.LATENT_CHANNELS, w.frames, w.height // 4, w.width // 4)
+    assert not t2v["samples"].any()
+    assert first.shape == (1, w.height, w.width, 3)  # the reference frame is still there
+    with pytest.raises(ValueError, match="mode must be one of"):
+        node.execute("blue", "circle", "left", "plain", 0, "", 1, "quickly", "none", "I2V")
+    with pytest.raises(ValueError, match="turning is 'blue', the object's own color"):
+        node.execute("blue", "circle", "left", "plain", 0, "", 1, "quickly", "blue")
+
+
+def test_toy_captions_name_speed_and_color_change(pack):
+    from fastlightgen.toy import world
+
+    parse = pack["toy"].factors_from_caption
+    assert parse("a red circle moving right quickly and turning blue on a plain background") == {
+        "color": "red", "shape": "circle", "direction": "right", "speed": "quickly", "background": "plain",
+        "turning": "blue"}
+    assert parse("A Cyan square, moving up SLOWLY on a textured background.") == {
+        "color": "cyan", "shape": "square", "direction": "up", "speed": "slowly", "background": "textured",
+        "turning": "none"}
+    for seed in range(40):  # every caption the world writes reads back as its factors
+        f = world.sample_factors(seed)
+        assert parse(world.caption(f)) == {"color": f.color, "shape": f.shape, "direction": f.direction,
+                                           "speed": f.speed, "background": f.background,
+                                           "turning": f.end_color or "none"}
+    example = re.escape("e.g. 'a red circle moving right quickly and turning blue on a plain background'")
+    bad = {
+        "a red circle moving right on a plain background": r"must name exactly one speed of \['slowly', 'quickly'\], "
+                                                            r"but names none",
+        "a red circle moving right slowly quickly on a plain background": "exactly one speed",
+        "a circle moving right quickly on a plain background": "must name exactly one object color .* but names none",
+        "a red green circle moving right quickly on a plain background": r"names \['red', 'green'\]",
+        "a red circle moving right quickly and turning on a plain background": "must follow 'turning' with the color",
+        "a red circle moving right quickly on a plain background and turning": "must follow 'turning' with the",
+        "a red circle moving right quickly and turning red on a plain background": "its own color",
+        "a red circle turning blue moving right quickly and turning green on a plain background": "more than once",
+        "a red moving right quickly on a plain background": "exactly one shape",
+    }
+    for caption, message in bad.items():
+        with pytest.raises(ValueError, match=message) as err:
+            parse(caption)
+        assert re.search(example, str(err.value)), str(err.value)
 
 
 # ---------------------------------------------------------------- loader and bad inputs

@@ -291,13 +291,37 @@ def test_frame_count_and_size_are_checked_before_any_model_loads(wan21, tmp_path
         check(wan21, **{"preprocess.width": 60})
     with pytest.raises(ValueError, match=r"preprocess.frames 6: .* takes 4k\+1 frames .*; use 5 or 9"):
         check(wan22, **{"preprocess.frames": 6})
-    with pytest.raises(ValueError, match="preprocess.frame_stride must be 1 or more"):
+    with pytest.raises(ValueError, match="preprocess.frame_stride must be an integer >= 1"):
         check(wan21, **{"preprocess.frame_stride": 0})
     with pytest.raises(ValueError, match="preprocess.fps 16.0: set a positive rate with frame_stride 1"):
         check(wan21, **{"preprocess.fps": 16, "preprocess.frame_stride": 2})
     with pytest.raises(ValueError, match=r"preprocess.width 20 is not a multiple of 8 \(the spatial stride 4 of the "
                                          r"toy codec"):
         read_inputs(load_config(None, ["preprocess.width=20"]))
+
+
+@pytest.mark.parametrize(("setting", "value"), [
+    ("preprocess.frames", "0"), ("preprocess.height", "-32"), ("preprocess.width", "0"),
+    ("preprocess.frame_stride", "0"), ("preprocess.fps", "-1"), ("preprocess.fps", "nan"),
+    ("preprocess.fps", "inf"), ("preprocess.shard_size", "0"), ("preprocess.toy_samples", "0"),
+    ("preprocess.frames", "true")])
+def test_preprocess_values_are_checked_like_every_section(setting, value, tmp_path, capsys):
+    """A usage error when the config is read (by every entry point), and the same check for a config built in
+    code: nothing is written."""
+    import yaml
+
+    from train import preprocess
+    from train.config import ConfigError
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        preprocess.main(["--set", f"preprocess.out={out}", "--set", f"{setting}={value}"])
+    assert stop.value.code == 2 and f"error: {setting} must be " in capsys.readouterr().err
+    cfg = load_config(None, [f"preprocess.out={out}"])
+    setattr(cfg.preprocess, setting.split(".")[1], yaml.safe_load(value))
+    with pytest.raises(ConfigError, match=f"^{setting} must be .*, got "):
+        preprocess.run(cfg)
+    assert not out.exists()
 
 
 # ---- end to end ------------------------------------------------------------------------------------

@@ -16,8 +16,11 @@ from fastlightgen.student_adapter import (
     AdapterError,
     adapter_bytes,
     apply_adapter,
+    delta_tensors,
+    describe_ranks,
     layer_rank,
     make_adapter,
+    module_delta,
     read_adapter,
     save_adapter,
 )
@@ -80,6 +83,79 @@ def test_energy_picks_the_rank_per_layer(pair):
     assert layer_rank(torch.tensor([3.0, 1.0, 0.0]), 0, 1.0) == 2
 
 
+def _with_singular_values(singular: list[float], rows: int = 64, cols: int = 48) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(rows, len(singular), generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(cols, len(singular), generator=gen, dtype=torch.float64))
+    return (u * torch.tensor(singular, dtype=torch.float64)) @ v.T
+
+
+def test_the_energy_rule_keeps_the_smallest_rank_holding_the_share():
+    # squared singular values 64, 16, 16, 4 of 100: the first r hold 0.64, 0.80, 0.96, 1.00
+    singular = torch.tensor([8.0, 4.0, 4.0, 2.0])
+    for energy, rank in ((0.5, 1), (0.64, 1), (0.65, 2), (0.8, 2), (0.9, 3), (0.96, 3), (0.97, 4), (1.0, 4)):
+        assert layer_rank(singular, 0, energy) == rank, energy
+    delta = _with_singular_values([8.0, 4.0, 4.0, 2.0]).float()
+    for energy, rank in ((0.5, 1), (0.7, 2), (0.9, 3), (0.99, 4)):
+        got = delta_tensors(delta, "m", "weight", 0, energy, torch.float32)
+        assert got["m.lora_A.weight"].shape == (rank, 48) and got["m.lora_B.weight"].shape == (64, rank), energy
+    # energy 1 keeps the float32 SVD's rounding-level tail too (or the whole delta): the delta itself
+    rebuilt, _ = module_delta({k[2:]: v for k, v in delta_tensors(delta, "m", "weight", 0, 1.0, torch.float32).items()})
+    assert (rebuilt - delta).abs().max() < 1e-5
+    # capped: a full-rank delta whose kept rank would not make smaller factors is stored whole
+    full = _with_singular_values([1.0] * 40, 40, 40).float()
+    assert set(delta_tensors(full, "m", "weight", 0, 0.9, torch.float32)) == {"m.diff"}
+
+
+def test_energy_one_rebuilds_the_student_exactly(pair, tmp_path):
+    teacher, student = pair
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        path = save_adapter(tmp_path / "a.safetensors", make_adapter(teacher, student, KEPT, energy=1.0, dtype=dtype))
+        assert _max_diff(apply_adapter(teacher, read_adapter(path)), student) < tol
+
+
+def test_the_metadata_records_the_energy_and_each_layers_rank(pair, tmp_path):
+    teacher, student = pair
+    path = save_adapter(tmp_path / "a.safetensors", make_adapter(teacher, student, KEPT, energy=0.999999,
+                                                                 dtype=torch.float32))
+    adapter = read_adapter(path)
+    meta, tensors = adapter.meta, adapter.tensors
+    assert meta.energy == 0.999999 and meta.rank == 0
+    assert meta.ranks["diffusion_model.blocks.0.ffn.2"] == DELTA_RANK
+    lowrank = {k[:-len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")}
+    assert lowrank and lowrank == {k for k, r in meta.ranks.items() if r}
+    assert all(tensors[f"{k}.lora_A.weight"].shape[0] == r for k, r in meta.ranks.items() if r)
+    assert all(tensors[f"{k}.diff"].ndim == 2 for k, r in meta.ranks.items() if not r)
+    assert not any(k.startswith("diffusion_model.blocks.1.") for k in meta.ranks)
+    assert "energy 0.999999: " in describe_ranks(meta) and f"ranks {DELTA_RANK}..{DELTA_RANK}" in describe_ranks(meta)
+    fixed = make_adapter(teacher, student, KEPT, rank=4, dtype=torch.float32).meta
+    assert fixed.energy is None and set(fixed.ranks.values()) <= {0, DELTA_RANK, 4}
+
+
+@pytest.mark.parametrize("energy", [0.0, -0.5, 1.5, float("nan"), float("inf")])
+def test_a_bad_energy_is_refused_before_any_file_is_read(pair, tmp_path, energy):
+    from train import export_adapter
+
+    teacher, student = pair
+    missing = {"student": tmp_path / "no_student.safetensors", "teacher": tmp_path / "no_teacher.safetensors"}
+    with pytest.raises(AdapterError, match=r"energy must be a share in \(0, 1\]"):
+        export_adapter.from_files(missing["student"], missing["teacher"], tmp_path / "a.safetensors", energy=energy)
+    with pytest.raises(AdapterError, match=r"energy must be a share in \(0, 1\]"):
+        make_adapter(teacher, student, KEPT, energy=energy)
+    for where in (["--student", str(missing["student"]), "--teacher", str(missing["teacher"]), "--out",
+                   str(tmp_path / "a.safetensors")], ["-c", str(tmp_path / "no_config.yaml")]):
+        with pytest.raises(SystemExit, match=r"error: adapter energy must be a share in \(0, 1\]"):
+            export_adapter.main([*where, "--energy", str(energy)])
+    assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_a_rank_and_an_energy_together_are_refused(tmp_path):
+    from train import export_adapter
+
+    with pytest.raises(SystemExit, match="rank .8. or an energy .0.9., not both"):
+        export_adapter.main(["-c", str(tmp_path / "no_config.yaml"), "--rank", "8", "--energy", "0.9"])
+
+
 def test_file_size_formula_matches_the_file(pair):
     teacher, student = pair
     adapter = make_adapter(teacher, student, KEPT, rank=4, dtype=torch.bfloat16)
@@ -139,6 +215,11 @@ def test_export_adapter_entry_point(pair, tmp_path):
                          "--rank", "2", "--dtype", "float32", "--out", str(tmp_path / "a.safetensors")])
     adapter = read_adapter(tmp_path / "a.safetensors")
     assert adapter.meta.kept_blocks == KEPT and adapter.meta.rank == 2
+    assert _max_diff(apply_adapter(teacher, adapter), student) < 1e-4
+    export_adapter.main(["--student", str(tmp_path / "s.safetensors"), "--teacher", str(tmp_path / "t.safetensors"),
+                         "--energy", "0.999999", "--dtype", "float32", "--out", str(tmp_path / "e.safetensors")])
+    adapter = read_adapter(tmp_path / "e.safetensors")
+    assert adapter.meta.energy == 0.999999 and set(adapter.meta.ranks.values()) <= {0, DELTA_RANK}
     assert _max_diff(apply_adapter(teacher, adapter), student) < 1e-4
     with pytest.raises(SystemExit, match="no FastLightGen metadata"):
         save_file({k: v.contiguous() for k, v in diffusers_to_original(student.state_dict()).items()},

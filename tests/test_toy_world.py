@@ -8,17 +8,20 @@ import pytest
 import torch
 
 from fastlightgen.toy import codec, text
-from fastlightgen.toy.evaluate import COLUMNS, evaluate_batch, evaluate_video
+from fastlightgen.toy.evaluate import COLUMNS, GATES, evaluate_batch, evaluate_video
 from fastlightgen.toy.world import (
     BACKGROUNDS,
     COLOR_NAMES,
     DIRECTIONS,
     SHAPES,
+    SPEEDS,
     TOY_WORLD,
     Factors,
     all_combinations,
     caption,
+    color_rgb,
     dataset,
+    frame_colors,
     heldout_combinations,
     make_batch,
     render,
@@ -36,6 +39,8 @@ def sample() -> list[tuple[torch.Tensor, str, Factors]]:
     items = list(dataset("train", 18, seed=7)) + list(dataset("heldout", 6, seed=7))
     seen = {(f.shape, f.background) for _, _, f in items}
     assert seen == set(itertools.product(SHAPES, BACKGROUNDS)), "sample must cover every shape on both backgrounds"
+    assert {(f.speed, f.end_color is None) for _, _, f in items} == set(itertools.product(SPEEDS, (False, True))), \
+        "sample must cover both speeds, with and without a color change"
     return items
 
 
@@ -59,17 +64,19 @@ def test_render_shape_range_and_backgrounds():
     assert video.shape == (3, TOY_WORLD.frames, TOY_WORLD.height, TOY_WORLD.width)
     assert video.min() >= -1 and video.max() <= 1
     plain = render_background(dataclasses.replace(factors, background="plain", texture=None))
-    textured = render_background(sample_factors(next(s for s in range(50) if sample_factors(s).background == "textured")))
+    textured_seed = next(s for s in range(50) if sample_factors(s).background == "textured")
+    textured = render_background(sample_factors(textured_seed))
     assert torch.all(plain == TOY_WORLD.background_level)
     assert textured.std() > 0.02
     assert (textured - TOY_WORLD.background_level).abs().max() <= TOY_WORLD.texture_amplitude + 1e-6
 
 
-def test_object_moves_at_constant_speed_and_stays_inside_the_frame():
+def test_object_moves_at_its_stated_speed_and_stays_inside_the_frame():
     for seed in range(200):
         f = sample_factors(seed)
         steps = trajectory(f).diff(dim=0)
-        expected = torch.tensor(DIRECTIONS[f.direction]) * TOY_WORLD.speed
+        expected = torch.tensor(DIRECTIONS[f.direction]) * SPEEDS[f.speed]
+        assert f.pixels_per_frame == SPEEDS[f.speed]
         assert torch.allclose(steps, expected.expand_as(steps))
         # Fully inside: no coverage is clipped, so the coverage mass equals that of the same
         # sub-pixel phase rendered around the frame centre.
@@ -81,7 +88,36 @@ def test_object_moves_at_constant_speed_and_stays_inside_the_frame():
 
 def test_caption_states_every_factor():
     f = Factors("red", "square", "left", "plain", (16.0, 16.0))
-    assert caption(f) == "a red square moving left on a plain background"
+    assert caption(f) == "a red square moving left quickly on a plain background"
+    f = Factors("red", "circle", "right", "plain", (16.0, 16.0), speed="slowly", end_color="blue")
+    assert caption(f) == "a red circle moving right slowly and turning blue on a plain background"
+    f = dataclasses.replace(f, speed="quickly")
+    assert caption(f) == "a red circle moving right quickly and turning blue on a plain background"
+
+
+def test_speeds_and_color_changes_are_sampled_per_video():
+    drawn = [sample_factors(seed) for seed in range(400)]
+    assert {f.speed for f in drawn} == set(SPEEDS)
+    changes = [f for f in drawn if f.end_color is not None]
+    assert 0.4 < len(changes) / len(drawn) < 0.6
+    assert all(f.end_color in COLOR_NAMES and f.end_color != f.color for f in changes)
+    assert {f.background for f in (sample_factors(s, backgrounds=("plain",)) for s in range(50))} == {"plain"}
+
+
+def test_the_object_shows_its_end_color_from_the_change_frame_on():
+    change = TOY_WORLD.change_frame
+    assert torch.equal(frame_colors("red", None), color_rgb("red").expand(TOY_WORLD.frames, 3))
+    colors = frame_colors("red", "blue")
+    assert torch.equal(colors[:change], color_rgb("red").expand(change, 3))
+    assert torch.equal(colors[change:], color_rgb("blue").expand(TOY_WORLD.frames - change, 3))
+    texture = next(t for t in (sample_factors(s).texture for s in range(50)) if t is not None)
+    f = Factors("red", "square", "down", "textured", (16.0, 8.0), texture, speed="slowly", end_color="blue")
+    video = render(f)
+    for frame, (x, y) in enumerate(trajectory(f).tolist()):
+        # The square's centre pixel is fully covered: exactly the frame's color.
+        assert torch.equal(video[:, frame, int(y), int(x)], colors[frame])
+    unchanged = render(dataclasses.replace(f, end_color=None))
+    assert torch.equal(video[:, :change], unchanged[:, :change]) and not torch.equal(video, unchanged)
 
 
 def test_split_is_disjoint_and_training_covers_every_factor_value_and_pair():
@@ -168,11 +204,14 @@ def test_text_vectors_are_pinned_not_salted():
 # ---------------------------------------------------------------- evaluator
 
 def test_clean_renders_score_high(sample):
+    # The sample holds both speeds and stated color changes: neither costs a clean render anything.
     table = evaluate_batch(*_stack(sample))
     for row in table.rows:
         for column in ("color", "shape", "direction", "imaging_quality"):
             assert row[column] >= 0.9, (column, row)
         assert row["dynamic_degree"] >= 0.9 and row["temporal_flicker"] >= 0.9
+        assert row["i2v_subject"] >= 0.95 and row["subject_consistency"] >= 0.95, row
+        assert all(row[gate] == 1.0 for gate in GATES) and row["fidelity"] == 1.0, row
 
 
 def test_pure_noise_scores_low(sample):
@@ -186,19 +225,27 @@ def test_pure_noise_scores_low(sample):
 def test_frozen_first_frame_has_no_motion(sample):
     videos, factors = _stack(sample)
     frozen = videos[:, :, :1].expand_as(videos)
-    for row in evaluate_batch(frozen, factors).rows:
+    for row, f in zip(evaluate_batch(frozen, factors).rows, factors):
         assert row["dynamic_degree"] < 0.05 and row["direction"] < 0.05
-        assert row["color"] >= 0.9 and row["i2v_subject"] >= 0.9
+        assert row["gate_direction"] == row["gate_speed"] == 0.0
+        assert row["i2v_subject"] >= 0.9
+        if f.end_color is None:
+            assert row["color"] >= 0.9 and row["gate_color"] == 1.0
+        else:  # the stated change is missing: half the color credit, and the color gate fails
+            assert 0.45 <= row["color"] <= 0.55 and row["gate_color"] == 0.0
 
 
-def test_wrong_color_shape_or_direction_scores_zero_on_that_factor_only():
-    f = sample_factors(21, train_combinations())
-    wrong_color = COLOR_NAMES[(COLOR_NAMES.index(f.color) + 1) % len(COLOR_NAMES)]
+@pytest.mark.parametrize("end_color", [None, "cyan"])
+def test_wrong_color_shape_or_direction_scores_zero_on_that_factor_only(end_color):
+    f = dataclasses.replace(sample_factors(21, train_combinations()), end_color=end_color)
+    assert f.color != end_color
+    # Neither the stated color nor the stated end color, held throughout: both segments wrong.
+    wrong_color = next(c for c in COLOR_NAMES if c not in (f.color, end_color))
     wrong_shape = SHAPES[(SHAPES.index(f.shape) + 1) % len(SHAPES)]
     cases = {
         "color": render_at(f, f.shape, wrong_color, trajectory(f)),
-        "shape": render_at(f, wrong_shape, f.color, trajectory(f)),
-        "direction": render_at(f, f.shape, f.color, trajectory(f).flip(0)),
+        "shape": render_at(f, wrong_shape, f.color, trajectory(f), end_color),
+        "direction": render_at(f, f.shape, f.color, trajectory(f).flip(0), end_color),
     }
     for broken, video in cases.items():
         scores = evaluate_video(video, f)
@@ -233,6 +280,7 @@ def test_eval_table_summaries_and_markdown(sample):
     table = evaluate_batch(videos, factors)
     assert len(table.rows) == 3 and set(table.rows[0]) == set(COLUMNS)
     assert all(0.0 <= v <= 1.0 for row in table.rows for v in row.values())
+    assert all(row[gate] in (0.0, 1.0) for row in table.rows for gate in GATES)
     overall = [row["overall"] for row in table.rows]
     assert table.mean()["overall"] == pytest.approx(sum(overall) / 3)
     assert table.std()["overall"] == pytest.approx(torch.tensor(overall, dtype=torch.float64).std(correction=0).item())

@@ -396,3 +396,36 @@ def test_shard_draw_reads_only_its_rows(tmp_path):
         assert torch.equal(batch.cond.text[0], shards[name]["text"][row].float())
         assert torch.equal(batch.cond.text_mask[0], shards[name]["text_mask"][row])
         assert f"{name}[{row}]" in batch.desc
+
+
+@pytest.mark.parametrize("dropout, ti2v, expected", [(0.0, True, {True}), (1.0, True, {False}),
+                                                     (0.5, True, {True, False}), (1.0, False, {False})])
+def test_first_frame_dropout_makes_t2v_batches(dropout, ti2v, expected):
+    from train.config import load_config
+    from train.data import batch_source
+
+    cfg = load_config(None, [f"data.first_frame_dropout={dropout}", f"model.ti2v={ti2v}", "data.batch_size=1"])
+    draw = batch_source(cfg)
+    modes = [draw(torch.Generator().manual_seed(i), 1).ti2v for i in range(16)]
+    assert set(modes) == expected
+    assert modes == [draw(torch.Generator().manual_seed(i), 1).ti2v for i in range(16)]  # a function of the seed
+
+
+@pytest.mark.parametrize("stage", ["toy_teacher", "stage2", "stage3"])
+def test_every_trainer_follows_the_batch_first_frame_rule(stage, tiny, tmp_path, monkeypatch):
+    """A T2V batch (first frame dropped) is trained with the plain flow rule: frame 0 noised and in the loss."""
+    import importlib
+
+    from fastlightgen import distill
+
+    module = importlib.import_module(f"train.{stage}")
+    rules = []
+    real_loss_frames = distill.loss_frames  # every training loss takes its frames through this rule
+    monkeypatch.setattr(distill, "loss_frames", lambda x, ti2v: rules.append(ti2v) or real_loss_frames(x, ti2v))
+    teacher, plan = tiny
+    settings = {"data.first_frame_dropout": 1.0, "toy_teacher.iterations": 1, "toy_teacher.cfg_candidates": "[2.0]",
+                "toy_teacher.shape": "{num_layers: 2, attention_head_dim: 16, ffn_dim: 64}",
+                "toy_teacher.out": tmp_path / "t.safetensors", "stage3.init": "teacher", "stage2.iterations": 1,
+                "stage3.iterations": 1, "stage3.fake_updates": 1}
+    module.main(train_args(teacher, plan, tmp_path / "run", **settings))
+    assert rules and not any(rules)

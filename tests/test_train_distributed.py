@@ -73,6 +73,21 @@ def test_stage2_zero3_two_processes_matches_single_and_resumes(tiny, tmp_path):
         stage2.main(train_args(teacher, plan, tmp_path / "zero3", **{"stage2.iterations": 4}) + ["--resume"])
 
 
+def test_stage2_zero3_frozen_target_is_a_whole_copy_on_every_rank(tiny, tmp_path):
+    """stage2.target=frozen under ZeRO-3: the copy is taken before DeepSpeed partitions the trained weights and
+    runs as a plain module on each rank; with alpha < 1 the live unpruned path trains beside it."""
+    from train import stage2
+
+    teacher, plan = tiny
+    settings = {"stage2.target": "frozen", "stage2.alpha": 0.5, "stage2.iterations": 2}
+    stage2.main(train_args(teacher, plan, tmp_path / "single", **settings))
+    torchrun("train.stage2", train_args(teacher, plan, tmp_path / "zero3", **ZERO3, **settings))
+    single, zero3 = metrics(tmp_path / "single" / "stage2"), metrics(tmp_path / "zero3" / "stage2")
+    assert [r["step"] for r in zero3] == [1, 2] and all(r["fm_unpruned"] > 0 for r in zero3)
+    assert zero3[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-5)
+    assert zero3[0]["distill"] == pytest.approx(single[0]["distill"], rel=1e-5)
+
+
 def test_stage3_zero3_two_processes_matches_single(tiny, tmp_path):
     from train import stage2, stage3
 

@@ -220,7 +220,8 @@ BAD = [
     ("stage3.denoising_step_list", "[]"), ("stage3.denoising_step_list", "[999.5]"),
     ("stage3.dmd_sigma_range", "[0.9, 0.1]"), ("stage2.skip_prob", "1.5"), ("stage2.alpha", "-0.5"),
     ("run.warmup", "-1"), ("run.max_bad_steps", "0"), ("stage3.lora_rank", "0"), ("dist.grad_clip", "nan"),
-    ("dist.bf16", "true"), ("run.seed", "true"),
+    ("dist.bf16", "true"), ("run.seed", "true"), ("stage2.target", "teacher"), ("stage2.target_ema_decay", "1"),
+    ("stage2.lr_decay", "linear"),
 ]
 ENTRY = {"stage1": "stage1", "stage3": "stage3", "toy_teacher": "toy_teacher"}
 

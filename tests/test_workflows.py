@@ -160,6 +160,30 @@ def test_shipped_workflow_runs(server, object_info, name):
             assert sum(1 for _ in container.decode(video=0)) == FRAMES
 
 
+def test_toy_student_t2v_and_prompts_saved_before_speed_turning_and_mode(server, object_info):
+    prompt = _student_prompt(object_info)
+    latent_id = next(k for k, v in prompt.items() if v["class_type"] == "FastLightGenToyFirstFrameLatent")
+    latent = prompt[latent_id]["inputs"]
+    assert (latent["speed"], latent["turning"], latent["mode"]) == ("quickly", "blue", "TI2V")
+    prompt["930"] = {"class_type": "PreviewAny", "inputs": {"source": [latent_id, 1]}}  # the caption it made
+
+    # T2V: no first frame, the factors come from the caption alone
+    caption = "a green square moving up slowly and turning cyan on a plain background"
+    latent.update(mode="T2V", caption=caption)
+    entry = server.run_prompt(prompt, timeout=300)
+    assert entry["outputs"]["930"]["text"][0] == caption
+    frames = _images(server, entry, "SaveImage")
+    assert len(frames) == FRAMES and all(f.shape == (SIZE, SIZE, 3) and f.std() > 0 for f in frames)
+
+    # an API prompt saved before speed, turning and mode existed still validates and runs with their defaults
+    for name in ("speed", "turning", "mode"):
+        del latent[name]
+    latent["caption"] = ""
+    entry = server.run_prompt(prompt, timeout=300)
+    assert entry["outputs"]["930"]["text"][0] == "a red circle moving right quickly on a plain background"
+    assert len(_images(server, entry, "SaveImage")) == FRAMES
+
+
 # ---------------------------------------------------------------- bad inputs
 
 

@@ -1,7 +1,9 @@
-"""Tiny configs of the real diffusers model classes, shared by the library tests."""
+"""Tiny configs of the real diffusers model classes, shared by the library tests, and tiny random model folders
+in the layouts Hugging Face distributes (Wan, HunyuanVideo) with tokenizers trained here (no download)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
@@ -118,4 +120,89 @@ def tiny_wan_folder(root, version: str = "2.1", layers: int = 2, seed: int = 0):
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=transformer,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
     pipe.save_pretrained(str(root))
+    return pipe
+
+
+# Llama 3's split of text into words (its tokenizer.json's pre-tokenizer), applied before the byte-level BPE
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+TINY_CAPTIONS = ["a red circle moves left", "a blue square jumps over the green line",
+                 "the camera pans slowly across a quiet street at night"]
+
+
+def tiny_llama_tokenizer():
+    """A Llama 3-style tokenizer (byte-level BPE, <|begin_of_text|> prepended, header and eot tokens) trained here on
+    HunyuanVideo's prompt template, as the real one is saved: a PreTrainedTokenizerFast (tokenizer.json). Its words
+    are whole tokens, so the template's system part is 95 tokens as with the real tokenizer (the pipeline's
+    crop_start)."""
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([DEFAULT_PROMPT_TEMPLATE["template"].format(c) for c in TINY_CAPTIONS], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
+                                   pad_token="<|end_of_text|>", padding_side="right")
+
+
+def tiny_clip_tokenizer():
+    """CLIP's tokenizer class (lower-cased byte-level BPE, </w> word ends, start and end tokens) over a vocabulary
+    trained here."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    empty = CLIPTokenizer()  # the class's own normalizer and pre-tokenizer, to train a vocabulary through
+    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tok.normalizer, tok.pre_tokenizer = empty.backend_tokenizer.normalizer, empty.backend_tokenizer.pre_tokenizer
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|startoftext|>", "<|endoftext|>"],
+                                  end_of_word_suffix="</w>", initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TINY_CAPTIONS, trainer)
+    model = json.loads(tok.to_str())["model"]
+    return CLIPTokenizer(vocab=model["vocab"], merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+                                                       for m in model["merges"]])
+
+
+def tiny_hunyuan_folder(root, layers: tuple[int, int] = (2, 2), seed: int = 0):
+    """A HunyuanVideo model folder as Hugging Face distributes it (HunyuanVideoPipeline.save_pretrained:
+    model_index.json, transformer/, vae/, text_encoder/ (LlamaModel), tokenizer/, text_encoder_2/ (CLIPTextModel),
+    tokenizer_2/, scheduler/), tiny and random: the Llama has 3 layers (the pipeline reads the output of the
+    first: num_hidden_layers - 2), the transformer is guidance-distilled (guidance_embeds) like the public T2V."""
+    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
+                           HunyuanVideoTransformer3DModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = tiny_llama_tokenizer(), tiny_clip_tokenizer()
+    llama = LlamaModel(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                   eos_token_id=tokenizer.eos_token_id))
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer_2), hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
+                                        projection_dim=16, pad_token_id=tokenizer_2.pad_token_id,
+                                        bos_token_id=tokenizer_2.bos_token_id, eos_token_id=tokenizer_2.eos_token_id))
+    vae = AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                    norm_num_groups=4)
+    transformer = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                                 attention_head_dim=16, num_layers=layers[0],
+                                                 num_single_layers=layers[1], num_refiner_layers=1, patch_size=2,
+                                                 patch_size_t=1, text_embed_dim=32, pooled_projection_dim=16,
+                                                 rope_axes_dim=(4, 6, 6))
+    pipe = HunyuanVideoPipeline(text_encoder=llama, tokenizer=tokenizer, transformer=transformer, vae=vae,
+                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=clip,
+                                tokenizer_2=tokenizer_2)
+    pipe.save_pretrained(str(root))
+    # as the public download names its Llama 3 tokenizer (saving it here writes TokenizersBackend in both places)
+    for path, key, value in ((Path(root) / "model_index.json", "tokenizer", ["transformers", "LlamaTokenizerFast"]),
+                             (Path(root) / "tokenizer" / "tokenizer_config.json", "tokenizer_class",
+                              "PreTrainedTokenizerFast")):
+        path.write_text(json.dumps({**json.loads(path.read_text()), key: value}, indent=2))
     return pipe

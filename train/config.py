@@ -56,6 +56,7 @@ class DataConfig:
     shards: str = ""
     batch_size: int = 1  # per process
     caption_dropout: float = 0.1  # keeps the unconditional prediction trained: eq. 9 uses vP(null)
+    first_frame_dropout: float = 0.0  # share of TI2V batches trained as T2V (no first frame given)
 
 
 @dataclass
@@ -84,7 +85,8 @@ class RunConfig:
 
 @dataclass
 class PreprocessConfig:
-    encoder: str = one_of("toy", "wan")  # HunyuanVideo: no encoder here; write shards with text, text_mask, pooled
+    # "toy": the toy world's codec and text encoder; else model.family's own encoders (train/encoders.py)
+    encoder: str = one_of("toy", "wan", "hunyuanvideo")
     videos: str = ""  # folder of videos (any container PyAV reads); without `captions`, each with a same-name .txt
     captions: str = ""  # or: JSONL / CSV / JSON list of records naming a video and its caption (train/dataset.py)
     video_column: str = ""  # the records' video field; "": the first of file, path, video
@@ -94,12 +96,14 @@ class PreprocessConfig:
     vae: str = ""  # overrides model.path/vae (real models)
     text_encoder: str = ""  # overrides model.path/text_encoder
     tokenizer: str = ""  # overrides model.path/tokenizer
+    text_encoder_2: str = ""  # HunyuanVideo's CLIP: overrides model.path/text_encoder_2
+    tokenizer_2: str = ""  # overrides model.path/tokenizer_2
     frames: int = 6  # Wan: 4k+1
     height: int = 32  # every video is scaled to cover height x width and center-cropped
     width: int = 32
     frame_stride: int = 1  # every k-th source frame is used, or:
     fps: float = 0.0  # the source resampled to this rate (0: frame_stride decides)
-    shard_size: int = 64
+    shard_size: int = 64  # consecutive inputs of a process per shard (the usable ones are stored)
     toy_samples: int = 256  # toy world: how many training videos to render when `videos` is empty
 
 
@@ -118,6 +122,10 @@ class Stage2Config:
     lr: float = 1e-5
     iterations: int = 4000
     alpha: float = 1.0  # 1: distillation only (paper's best); < 1 adds flow matching on both paths
+    # the distillation target vU: the weights being trained (the paper's form) | a frozen copy of the starting
+    # weights | an EMA of the trained weights (plain loop only), decay target_ema_decay
+    target: str = one_of("shared", "frozen", "ema")
+    target_ema_decay: float = 0.99
     skip_prob: float = 0.5  # each dropped block skipped independently with this probability
     lr_decay: str = one_of("constant", "cosine")  # cosine: the learning rate falls to zero at `iterations`
     weight_decay: float = 0.0
@@ -154,6 +162,7 @@ class ToyTeacherConfig:
     shape: dict = field(default_factory=dict)
     iterations: int = 1800
     lr: float = 3e-4
+    lr_decay: str = one_of("constant", "cosine")  # cosine: the learning rate falls to zero at `iterations`
     weight_decay: float = 0.0
     # uniform, then shift 5: the density of the sigmas the teacher's 50-step Euler sampler visits
     sigma_law: str = field(default="uniform", metadata={"choices": SIGMA_LAWS})
@@ -213,6 +222,8 @@ class Config:
                 section.pop(f.name)
         if not whole_run and section.get("lr_decay", "constant") == "constant":
             section.pop("iterations", None)
+        if stage == "stage2" and section["target"] != "ema":  # the decay is read only by the EMA target
+            section.pop("target_ema_decay")
         if stage in ("stage2", "stage3"):
             section["plan (contents)"] = json_digest(plan_path(self, section["plan"]))
         if stage == "stage3" and section["init"] != "teacher":

@@ -36,12 +36,14 @@ class Batch:
     cond: Conditioning
     null: Conditioning
     desc: str  # names the samples, for error reports
+    ti2v: bool = True  # the first latent frame is given (fastlightgen.first_frame); False: T2V
+
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "Batch":
         def move(c: Conditioning) -> Conditioning:
             f = lambda t: None if t is None else t.to(device, dtype if t.is_floating_point() else t.dtype)  # noqa: E731
             return Conditioning(f(c.text), f(c.image), f(c.text_mask), f(c.pooled))
-        return Batch(self.x0.to(device, dtype), move(self.cond), move(self.null), self.desc)
+        return Batch(self.x0.to(device, dtype), move(self.cond), move(self.null), self.desc, self.ti2v)
 
 
 BatchFn = Callable[[torch.Generator, int], Batch]  # (generator, batch size) -> batch
@@ -142,11 +144,17 @@ class ShardSet:
 
 
 def batch_source(cfg: Config) -> BatchFn:
+    """Batches with caption dropout applied and, for a TI2V model, the first frame dropped (a T2V batch) with
+    probability data.first_frame_dropout, as Wan 2.2 TI2V serves both."""
     base = toy_batch if cfg.data.source == "toy" else ShardSet(cfg.data.shards).batch
 
     def draw(generator: torch.Generator, size: int) -> Batch:
         batch = base(generator, size)
         batch.cond = _drop_captions(batch.cond, batch.null, generator, cfg.data.caption_dropout)
+        # A whole batch at a time: the first-frame helpers take one rule per tensor.
+        p = cfg.data.first_frame_dropout
+        t2v = p > 0 and torch.rand((), generator=generator).item() < p
+        batch.ti2v = cfg.model.ti2v and not t2v
         return batch
     return draw
 

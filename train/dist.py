@@ -11,6 +11,7 @@ import hashlib
 import os
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as tdist
@@ -39,7 +40,7 @@ class Dist:
         threads down at interpreter exit and can abort ('terminate called without an active exception')
         while another rank is still writing the run's output."""
         self.barrier()
-        if self.deepspeed and tdist.is_initialized():
+        if (self.deepspeed or self.world_size > 1) and tdist.is_initialized():
             tdist.destroy_process_group()
 
     def any(self, flag: bool) -> bool:
@@ -78,6 +79,24 @@ def init_dist(cfg: Config) -> Dist:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return Dist(tdist.get_rank(), tdist.get_world_size(), local, device, True)
+
+
+def init_workers(timeout: timedelta = timedelta(days=2)) -> Dist:
+    """The processes torchrun started, for work that shares files, not tensors (train.preprocess): a gloo group
+    for barriers only, on any machine; each rank on its own GPU when there are GPUs. `timeout`: how long a
+    barrier waits for the slowest rank, which may still be encoding its share long after the others (the
+    default of 30 minutes would end a long run)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise SystemExit(f"rank {rank} is process {local} of its node, which has {torch.cuda.device_count()} "
+                             f"GPUs: start at most one process per GPU (--nproc_per_node)")
+        torch.cuda.set_device(device)
+    if world > 1:
+        tdist.init_process_group("gloo", timeout=timeout)
+    return Dist(rank, world, local, device, False)
 
 
 def step_generator(seed: int, stream: str, step: int, rank: int | None) -> torch.Generator:

@@ -2,11 +2,14 @@
 
 From a student checkpoint and its teacher file:
     python -m train.export_adapter --student S.safetensors --teacher T.safetensors --rank 8 --out A.safetensors
+    python -m train.export_adapter --student S.safetensors --teacher T.safetensors --energy 0.99 --out A.safetensors
 From a finished run (like train.export: export.run, default run_dir/stage3; the teacher is model.teacher):
     python -m train.export_adapter -c configs/toy.yaml --rank 8 [--out A.safetensors]
---rank N keeps N singular values of each layer's delta (0: whole deltas, the exact student); --energy E instead
-keeps, per layer, the fewest that hold share E of the delta's squared norm. Default out: run_dir/student_adapter
-.safetensors. API: `run(cfg, rank, energy, out)` and `from_files(...)`.
+--rank N keeps N singular values of each layer's delta (0: whole deltas, the exact student); --energy E (in
+(0, 1], instead of --rank) keeps, per layer, the smallest rank whose singular values hold share E of the delta's
+squared singular values; a layer whose factors would not be smaller than its delta is stored whole either way.
+The per-layer ranks go into the adapter's metadata. A bad setting is refused before any file is read. Default
+out: run_dir/student_adapter.safetensors. API: `run(cfg, rank, energy, out)` and `from_files(...)`.
 """
 from __future__ import annotations
 
@@ -16,7 +19,13 @@ from pathlib import Path
 import torch
 
 from fastlightgen.checkpoint import CheckpointError, load_wan
-from fastlightgen.student_adapter import AdapterError, make_adapter, save_adapter
+from fastlightgen.student_adapter import (
+    AdapterError,
+    check_setting,
+    describe_ranks,
+    make_adapter,
+    save_adapter,
+)
 
 from .cli import parse
 from .config import Config
@@ -27,13 +36,13 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 def _report(out: Path, adapter) -> None:
     m = adapter.meta
     print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB): {len(m.kept_blocks)} of {m.original_num_blocks} "
-          f"blocks kept {m.kept_blocks}, rank {m.rank}{f', energy {m.energy}' if m.energy else ''}, "
-          f"recommended {m.recommended}")
+          f"blocks kept {m.kept_blocks}, {describe_ranks(m)}, recommended {m.recommended}")
 
 
 def from_files(student: str | Path, teacher: str | Path, out: str | Path, rank: int = 0,
                energy: float | None = None, dtype: torch.dtype = torch.bfloat16) -> Path:
     """The adapter of a FastLightGen student checkpoint over its teacher checkpoint."""
+    check_setting(rank, energy)
     student_model, meta = load_wan(student, dtype=torch.float32)
     if meta is None:
         raise AdapterError(f"{student}: no FastLightGen metadata, so its kept blocks are unknown; pass the student "
@@ -52,6 +61,7 @@ def run(cfg: Config, rank: int = 0, energy: float | None = None, out: str | Path
     from .export import metadata
     from .models import load_teacher, read_run_info, student_model
 
+    check_setting(rank, energy)
     ex = cfg.validate().export
     folder = Path(ex.run) if ex.run else cfg.stage_dir("stage3")
     info = read_run_info(folder)
@@ -76,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     own.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     args, rest = own.parse_known_args(argv)
     try:
+        check_setting(args.rank, args.energy)  # before the config or any model file is read
         if args.student:
             if not args.teacher or not args.out:
                 raise SystemExit("--student needs --teacher (the full model file) and --out")

@@ -3,7 +3,8 @@
 The architecture comes from model.arch, else from the teacher's config.json (a diffusers folder) or its
 safetensors header (a file); the model is built once, on the meta device. ZeRO-3 splits parameters,
 gradients and optimizer states evenly over the W ranks. Per GPU:
-  parameters  (every model the stage holds) * bytes / W
+  parameters  (every model the stage holds) * bytes / W, + Stage II's own target weights (stage2.target
+              frozen or ema) * bytes, whole on every rank
   gradients   (trainable parameters) * bytes / W
   optimizer   (trainable parameters) * 12 / W   (fp32 master copy + AdamW's two moments; on the CPU
               when dist.offload_optimizer is set, then counted as host RAM per node instead:
@@ -147,8 +148,8 @@ def estimate(cfg: Config, counts: ParamCounts | None = None) -> dict[str, dict[s
     gathered = 2 * max(counts.per_block) * b / GIB if cfg.dist.deepspeed else 0.0
     act = activations(cfg, counts)
 
-    def stage(name: str, held: int, trainable: int) -> dict[str, float]:
-        row = {"parameters": held * b / w / GIB, "gradients": trainable * b / w / GIB,
+    def stage(name: str, held: int, trainable: int, whole: int = 0) -> dict[str, float]:
+        row = {"parameters": held * b / w / GIB + whole * b / GIB, "gradients": trainable * b / w / GIB,
                "optimizer": trainable * 12 / w / GIB, "gathered": gathered, "activations": act[name]}
         on_gpu = ["parameters", "gradients", "gathered", "activations"] + ([] if offload else ["optimizer"])
         row["gpu_total"] = sum(row[k] for k in on_gpu)
@@ -158,7 +159,8 @@ def estimate(cfg: Config, counts: ParamCounts | None = None) -> dict[str, dict[s
     stage1 = {"parameters": counts.total * b / GIB, "gradients": 0.0, "optimizer": 0.0, "gathered": 0.0,
               "activations": act["stage1"], "host_ram_per_node": 0.0}
     stage1["gpu_total"] = stage1["parameters"] + stage1["activations"]
-    return {"stage1": stage1, "stage2": stage("stage2", counts.total, counts.total),
+    target_copy = counts.total if cfg.stage2.target != "shared" else 0
+    return {"stage1": stage1, "stage2": stage("stage2", counts.total, counts.total, target_copy),
             "stage3": stage("stage3", counts.total + student + lora, student + lora)}
 
 

@@ -32,7 +32,8 @@ def model_class(family: str) -> type[nn.Module]:
 
 # each part of a model folder and the setting that overrides it
 PART_SETTINGS = {"transformer": "model.teacher", "vae": "preprocess.vae", "text_encoder": "preprocess.text_encoder",
-                 "tokenizer": "preprocess.tokenizer"}
+                 "tokenizer": "preprocess.tokenizer", "text_encoder_2": "preprocess.text_encoder_2",
+                 "tokenizer_2": "preprocess.tokenizer_2"}  # the _2 parts: HunyuanVideo's CLIP
 MODEL_LAYOUT = "model_index.json, transformer/, vae/, text_encoder/, tokenizer/"
 
 

@@ -5,23 +5,32 @@ CSV or JSON list of records); every video is scaled to cover preprocess.width x 
 center-cropped and sampled at preprocess.frame_stride or preprocess.fps; its first preprocess.frames
 frames are encoded. A video that cannot be used (no caption, missing, unreadable, too short) is reported
 and skipped, and the run ends with the counts.
-Encoders: preprocess.encoder = "toy" (the toy world's exact codec and text encoder) or "wan" (the
-diffusers Wan VAE and the UMT5 encoder and tokenizer of model.path, the model's folder as downloaded;
-preprocess.vae / text_encoder / tokenizer override its parts). With the toy encoder and no videos,
-preprocess.toy_samples training videos of the toy world are rendered instead.
-Checked before any model loads: the model's parts exist, the frame count fits the VAE's temporal stride
-(4k+1 for Wan) and the size its spatial stride times the transformer's patch size (from the configs,
-never the weights), the dataset's records have the named fields.
-Output: preprocess.out/shard_NNNNN.safetensors (`latents`, `text`), null.safetensors (the encoding of
-preprocess.null_prompt, "" by default: the null conditioning of CFG, caption dropout and eq. 9) and
-index.json naming them. API: `run(cfg)`; `write_shard`, `write_null` and `write_index` are the shard
-format's writers for other producers of shards.
+Encoders (train/encoders.py): preprocess.encoder = "toy" (the toy world's exact codec and text encoder), or
+model.family's own, named the same: "wan" (the Wan VAE, UMT5 and its tokenizer) or "hunyuanvideo" (its
+VAE, Llama and CLIP text encoders and their tokenizers), from model.path, the model's folder as downloaded;
+preprocess.vae / text_encoder / tokenizer / text_encoder_2 / tokenizer_2 override its parts. With the toy
+encoder and no videos, preprocess.toy_samples training videos of the toy world are rendered instead.
+Checked before any model loads: every setting's range, the encoder fits model.family, the model's parts
+exist, the frame count fits the VAE's temporal stride (4k+1 for Wan and HunyuanVideo) and the size its
+spatial stride times the transformer's patch size (from the configs, never the weights), the dataset's
+records have the named fields.
+Several processes: `torchrun --nproc_per_node N -m train.preprocess -c CFG` gives input i (in the dataset's
+order) to rank i % N; each rank encodes its inputs preprocess.shard_size at a time into its own shards
+(shard_r<rank>_NNNNN; one process writes shard_NNNNN), and rank 0, once every rank is done, encodes the
+null prompt and writes the one index. A shard is finished when its file and its record (shard_*.json: its
+items, skips and the identity of what made it) exist; the record is written after the shard. Run the
+same command again after an interruption: finished shards whose record matches (the same settings, model
+files, input files and encoding code, files by path, size and modification time) are kept, the others are
+encoded.
+Output: preprocess.out/shard_*.safetensors (`latents`, `text`; HunyuanVideo also `text_mask`, `pooled`),
+null.safetensors (the encoding of preprocess.null_prompt, "" by default: the null conditioning of CFG,
+caption dropout and eq. 9) and index.json naming them, shard by shard in rank order. API: `run(cfg)`;
+`write_shard`, `write_null` and `write_index` are the shard format's writers for other producers of shards.
 """
 from __future__ import annotations
 
-import inspect
+import hashlib
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,33 +43,21 @@ from .cli import parse
 from .config import Config, PreprocessConfig
 from .data import SHARD_FORMAT
 from .dataset import Entry, entries, videos
+from .dist import Dist, init_workers
+from .encoders import ENCODERS, check_parts, default
 from .models import model_class, model_part, teacher_config
 
 NULL_FILE = "null.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
+RECORD_FORMAT = "fastlightgen.shard-record/1"
 
 
 # ---- settings, checked before any model loads ----------------------------------------------------
 
 @dataclass
 class Inputs:
+    family: str  # the encoders (train/encoders.py ENCODERS): "toy", "wan", "hunyuanvideo"
     items: list[Entry] | None  # None: toy world videos are rendered
-    parts: dict[str, Path]  # the Wan encoders' folders: vae, text_encoder, tokenizer
-
-
-def default(cls: type, name: str):
-    """A diffusers class's default for `name`: what a config.json that leaves it out means."""
-    return inspect.signature(cls.__init__).parameters[name].default
-
-
-def vae_strides(folder: Path) -> tuple[int, int]:
-    """(temporal, spatial) compression of the Wan VAE, from its config.json."""
-    from diffusers import AutoencoderKLWan
-
-    config = AutoencoderKLWan.load_config(str(folder))
-    # Wan 2.1's config.json leaves them out: diffusers' defaults (4, 8) are its values
-    keys = ("scale_factor_temporal", "scale_factor_spatial")
-    return tuple(config.get(k) or default(AutoencoderKLWan, k) for k in keys)
+    parts: dict[str, Path]  # the encoders' folders (vae, text_encoder, tokenizer, ...)
 
 
 def patch_size(cfg: Config) -> int:
@@ -76,15 +73,12 @@ def patch_size(cfg: Config) -> int:
     return patch[-1] if isinstance(patch, (list, tuple)) else patch
 
 
-def check_video_shape(cfg: Config, parts: dict[str, Path]) -> None:
+def check_video_shape(cfg: Config, family: str, parts: dict[str, Path]) -> None:
     p = cfg.preprocess
-    if p.encoder == "wan":
-        temporal, spatial = vae_strides(parts["vae"])
-        codec = f"the VAE ({parts['vae']})"
-    else:
-        from fastlightgen.toy.codec import PATCH
-        temporal, spatial, codec = 1, PATCH, "the toy codec"
-    if p.frames < 1 or (p.frames - 1) % temporal:
+    encoders = ENCODERS[family]
+    temporal, spatial = encoders.strides(parts)
+    codec = f"{encoders.codec} ({parts['vae']})" if "vae" in parts else encoders.codec
+    if (p.frames - 1) % temporal:
         low = max(1, p.frames - (p.frames - 1) % temporal)
         raise ValueError(f"preprocess.frames {p.frames}: {codec} takes {temporal}k+1 frames (temporal stride "
                          f"{temporal}); use {low} or {low + temporal}")
@@ -92,103 +86,147 @@ def check_video_shape(cfg: Config, parts: dict[str, Path]) -> None:
     multiple = spatial * patch
     for name in ("height", "width"):
         value = getattr(p, name)
-        if value < 1 or value % multiple:
+        if value % multiple:
             low = max(multiple, value - value % multiple)
             raise ValueError(f"preprocess.{name} {value} is not a multiple of {multiple} (the spatial stride {spatial} "
                              f"of {codec} x the transformer's patch size {patch}); use {low} or {low + multiple}")
 
 
 def check_sampling(p: PreprocessConfig) -> None:
-    if p.frame_stride < 1:
-        raise ValueError(f"preprocess.frame_stride must be 1 or more, got {p.frame_stride}")
-    if p.fps < 0 or (p.fps and p.frame_stride != 1):
+    if p.fps and p.frame_stride != 1:
         raise ValueError(f"preprocess.fps {p.fps}: set a positive rate with frame_stride 1, or 0 to sample by "
                          f"preprocess.frame_stride ({p.frame_stride})")
 
 
-def encoder_parts(cfg: Config) -> dict[str, Path]:
-    """The Wan encoders' folders, each checked for the file that says what it is."""
-    parts = {part: model_part(cfg, part) for part in ("vae", "text_encoder", "tokenizer")}
-    for part in ("vae", "text_encoder"):
-        if not (parts[part] / "config.json").is_file():
-            raise FileNotFoundError(f"the {part} folder {parts[part]} holds no config.json: not a {part} as "
-                                    f"diffusers / transformers save it")
-    if not any((parts["tokenizer"] / f).is_file() for f in TOKENIZER_FILES):
-        raise FileNotFoundError(f"the tokenizer folder {parts['tokenizer']} holds none of "
-                                f"{', '.join(TOKENIZER_FILES)}; set model.path to the downloaded model folder or "
-                                f"preprocess.tokenizer to its tokenizer/ folder")
+def encoder_family(cfg: Config) -> str:
+    """Which encoders run: the toy world's, or model.family's (preprocess.encoder must name the same family)."""
+    p = cfg.preprocess
+    if p.encoder not in ("toy", cfg.model.family):
+        raise ValueError(f"preprocess.encoder {p.encoder} does not encode for model.family {cfg.model.family}: set "
+                         f"preprocess.encoder={cfg.model.family} (or model.family={p.encoder})")
+    return p.encoder
+
+
+def encoder_parts(cfg: Config, family: str) -> dict[str, Path]:
+    """The encoders' folders, each checked for the file that says what it is."""
+    parts = {part: model_part(cfg, part) for part in ENCODERS[family].PARTS}
+    check_parts(parts)
     return parts
 
 
 def read_inputs(cfg: Config) -> Inputs:
     """Every setting and the dataset's list, checked; raises OSError / ValueError naming the problem and the fix."""
-    p = cfg.preprocess
+    p = cfg.validate().preprocess
     check_sampling(p)
-    parts = encoder_parts(cfg) if p.encoder == "wan" else {}
-    check_video_shape(cfg, parts)
+    family = encoder_family(cfg)
+    parts = encoder_parts(cfg, family)
+    check_video_shape(cfg, family, parts)
     if not (p.videos or p.captions):
-        if p.encoder == "wan":
+        if family != "toy":
             raise ValueError("no dataset: set preprocess.videos to a folder of videos with same-name .txt captions, "
                              "or preprocess.captions to a JSONL / CSV / JSON list of records")
-        return Inputs(None, parts)
-    return Inputs(entries(p), parts)
+        return Inputs(family, None, parts)
+    return Inputs(family, entries(p), parts)
 
 
-def toy_videos(p: PreprocessConfig) -> Iterator[tuple[str, torch.Tensor, str]]:
+def toy_videos(p: PreprocessConfig) -> dict[str, tuple[torch.Tensor, str]]:
     from fastlightgen.toy.world import dataset
 
-    for i, (video, caption, _) in enumerate(dataset("train", p.toy_samples, seed=0)):
-        yield f"toy:{i}", video, caption
+    return {f"toy:{i}": (video, caption) for i, (video, caption, _) in
+            enumerate(dataset("train", p.toy_samples, seed=0))}
 
 
-# ---- encoders -----------------------------------------------------------------------------------
+# ---- which process encodes what, and what is finished -------------------------------------------
 
-class ToyEncoders:
-    def video(self, videos: torch.Tensor) -> torch.Tensor:
-        from fastlightgen.toy.codec import encode_video
-        return encode_video(videos)
-
-    def text(self, captions: list[str]) -> torch.Tensor:
-        from fastlightgen.toy.text import encode
-        return encode(captions)
+@dataclass(frozen=True)
+class Job:
+    """One shard's inputs: preprocess.shard_size consecutive inputs of one rank."""
+    name: str  # the shard's file name without .safetensors; its record is name.json
+    items: list[Entry]
 
 
-class WanEncoders:
-    """The diffusers Wan VAE (latents normalized with its latents_mean/std) and UMT5 (512 tokens, zero-padded
-    past the prompt, as Wan's pipeline feeds its transformer)."""
+def jobs(items: list[Entry], rank: int, world: int, shard_size: int) -> list[Job]:
+    """Rank `rank`'s shards: inputs rank, rank + world, ... in shard_size groups. A function of the list alone,
+    so every rank knows every rank's shards and a rerun cuts them the same way."""
+    mine = items[rank::world]
+    stem = "shard_" if world == 1 else f"shard_r{rank}_"
+    return [Job(f"{stem}{k:05d}", mine[start:start + shard_size])
+            for k, start in enumerate(range(0, len(mine), shard_size))]
 
-    def __init__(self, parts: dict[str, Path]):
-        from diffusers import AutoencoderKLWan
-        from transformers import AutoTokenizer, UMT5EncoderModel
 
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.vae = AutoencoderKLWan.from_pretrained(str(parts["vae"])).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(parts["tokenizer"]))
-        self.encoder = UMT5EncoderModel.from_pretrained(str(parts["text_encoder"])).to(self.device).eval()
+def file_identity(path: Path | None) -> list | None:
+    """A file by size and modification time (reading gigabytes of videos and weights to hash them would
+    cost as much as encoding them)."""
+    if path is None or not path.is_file():
+        return None
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
 
-    @torch.no_grad()
-    def video(self, videos: torch.Tensor) -> torch.Tensor:
-        latents = self.vae.encode(videos.to(self.device)).latent_dist.mode()
-        c = self.vae.config
-        mean = torch.tensor(c.latents_mean).view(1, -1, 1, 1, 1).to(latents)
-        std = torch.tensor(c.latents_std).view(1, -1, 1, 1, 1).to(latents)
-        return ((latents - mean) / std).cpu()
 
-    @torch.no_grad()
-    def text(self, captions: list[str]) -> torch.Tensor:
-        tok = self.tokenizer(captions, padding="max_length", max_length=512, truncation=True, return_tensors="pt")
-        mask = tok.attention_mask.to(self.device)
-        hidden = self.encoder(tok.input_ids.to(self.device), mask).last_hidden_state
-        return (hidden * mask.unsqueeze(-1)).cpu()
+def folder_identity(folder: Path, pattern: str = "*") -> dict:
+    return {str(f.relative_to(folder)): file_identity(f) for f in sorted(folder.rglob(pattern)) if f.is_file()}
+
+
+def run_identity(p: PreprocessConfig, family: str, parts: dict[str, Path]) -> dict:
+    """What every shard's encoding depends on besides its inputs: the settings, the encoders' files, and the code
+    that decodes and encodes (a shard written by older code is not kept)."""
+    import diffusers
+    import transformers
+
+    from fastlightgen import toy
+
+    settings = {k: getattr(p, k) for k in ("frames", "height", "width", "frame_stride", "fps")}
+    here = Path(__file__).parent
+    code = {"versions": [torch.__version__, diffusers.__version__, transformers.__version__],
+            **{name: file_identity(here / name) for name in ("dataset.py", "encoders.py")}}
+    if family == "toy":
+        settings["toy_samples"] = p.toy_samples  # the toy world renders its videos from it
+        code["toy"] = folder_identity(Path(toy.__file__).parent, "*.py")
+    files = {part: folder_identity(folder) for part, folder in parts.items()}
+    return {"family": family, "settings": settings, "files": files, "code": code}
+
+
+def digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def job_source(identity: dict, job: Job) -> str:
+    return digest(identity, [(e.name, str(e.path), e.caption, file_identity(e.path)) for e in job.items])
+
+
+def finished(out: Path, name: str, source: str) -> dict | None:
+    """The record of `name` if it is finished: the record names `source` and its file exists."""
+    try:
+        record = json.loads((out / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("format") != RECORD_FORMAT or record.get("source") != source:
+        return None
+    return record if record["file"] is None or (out / record["file"]).is_file() else None
+
+
+def write_record(out: Path, name: str, source: str, **record) -> dict:
+    """name.json, atomically, after the file it describes: a crash before it leaves the shard unfinished."""
+    record = {"format": RECORD_FORMAT, "source": source, **record}
+    atomic_write_text(out / f"{name}.json", json.dumps(record, indent=1))
+    return record
 
 
 # ---- output -------------------------------------------------------------------------------------
 
-def write_shard(out: Path, index: int, latents: torch.Tensor, text: torch.Tensor) -> str:
-    """Shard number `index` of `out` (latents as given, text embeddings in bf16); returns its file name."""
-    name = f"shard_{index:05d}.safetensors"
+def to_stored(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Conditioning as shards store it: floats in bf16, masks as they are."""
+    return {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+
+
+def write_shard(out: Path, index: int | str, latents: torch.Tensor,
+                text: torch.Tensor | dict[str, torch.Tensor]) -> str:
+    """Shard number `index` of `out` (or the shard named `index`): latents as given and the conditioning (a
+    `text` tensor, or the tensors by key) in bf16; returns its file name."""
+    name = f"shard_{index:05d}.safetensors" if isinstance(index, int) else f"{index}.safetensors"
+    cond = text if isinstance(text, dict) else {"text": text}
     with atomic_path(out / name) as tmp:
-        save_file({"latents": latents.contiguous(), "text": text.to(torch.bfloat16).contiguous()}, str(tmp))
+        save_file({"latents": latents.contiguous(), **to_stored(cond)}, str(tmp))
     return name
 
 
@@ -197,8 +235,7 @@ def write_null(out: Path, tensors: dict[str, torch.Tensor], prompt: str) -> dict
     `pooled`), floats in bf16 as the shards hold text, so a dropped caption equals it exactly; returns the
     index's `null` entry."""
     with atomic_path(out / NULL_FILE) as tmp:
-        save_file({k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()},
-                  str(tmp))
+        save_file(to_stored(tensors), str(tmp))
     return {"file": NULL_FILE, "prompt": prompt}
 
 
@@ -209,37 +246,105 @@ def write_index(out: Path, shards: list[dict], null: dict, **details) -> None:
     atomic_write_text(out / "index.json", json.dumps(index, indent=1))
 
 
+# ---- the run ------------------------------------------------------------------------------------
+
+class Encoding:
+    """One rank's share: its shards, encoded unless finished, with the encoders loaded on first use (a rank
+    whose shards are all finished loads none)."""
+
+    def __init__(self, cfg: Config, inputs: Inputs, dist: Dist):
+        self.p, self.inputs, self.dist = cfg.preprocess, inputs, dist
+        self.out = Path(self.p.out)
+        self.identity = run_identity(self.p, inputs.family, inputs.parts)
+        self.toy = toy_videos(self.p) if inputs.items is None else None
+        self.items = inputs.items if self.toy is None else [Entry(n, None, c) for n, (_, c) in self.toy.items()]
+        self.tag = f"[rank {dist.rank}] " if dist.world_size > 1 else ""
+        self._encoders = None
+
+    @property
+    def encoders(self):
+        if self._encoders is None:
+            self._encoders = ENCODERS[self.inputs.family](self.inputs.parts, self.dist.device)
+        return self._encoders
+
+    def jobs(self, rank: int) -> list[Job]:
+        return jobs(self.items, rank, self.dist.world_size, self.p.shard_size)
+
+    def clips(self, job: Job, skipped: dict[str, int]):
+        if self.toy is None:
+            yield from videos(job.items, self.p, skipped)
+        else:
+            yield from ((e.name, self.toy[e.name][0], e.caption) for e in job.items)
+
+    def shard(self, job: Job) -> None:
+        """Encodes one shard, a video at a time (a shard of decoded 720p videos would not fit in memory), and
+        writes its file, then its record."""
+        source = job_source(self.identity, job)
+        if finished(self.out, job.name, source):
+            print(f"{self.tag}kept {job.name} (finished earlier)")
+            return
+        skipped: dict[str, int] = {}
+        latents, items = [], []
+        for name, video, caption in self.clips(job, skipped):
+            latents.append(self.encoders.video(video[None]))
+            items.append({"file": name, "caption": caption})
+        file = None
+        if items:
+            cond = self.encoders.text([item["caption"] for item in items])
+            file = write_shard(self.out, job.name, torch.cat(latents), cond)
+        write_record(self.out, job.name, source, file=file, items=items, skipped=skipped)
+        print(f"{self.tag}encoded {job.name}: {len(items)} samples, {sum(skipped.values())} skipped")
+
+    def null(self) -> dict:
+        """null.safetensors (kept when finished earlier with the same prompt and encoders)."""
+        source = digest(self.identity, self.p.null_prompt)
+        if not finished(self.out, "null", source):
+            entry = write_null(self.out, self.encoders.text([self.p.null_prompt]), self.p.null_prompt)
+            write_record(self.out, "null", source, **entry)
+        return {"file": NULL_FILE, "prompt": self.p.null_prompt}
+
+    def index(self, null: dict) -> tuple[int, int, dict[str, int]]:
+        """index.json from every rank's records, shard by shard in rank order; (samples, shards, skips)."""
+        shards, skipped = [], {}
+        for rank in range(self.dist.world_size):
+            for job in self.jobs(rank):
+                record = finished(self.out, job.name, job_source(self.identity, job))
+                if record is None:
+                    raise RuntimeError(f"{self.out / job.name}.json: rank {rank} did not finish this shard; run "
+                                       f"the same command again to encode what is missing")
+                for kind, n in record["skipped"].items():
+                    skipped[kind] = skipped.get(kind, 0) + n
+                if record["file"]:
+                    shards.append({"file": record["file"], "items": record["items"]})
+        skipped = dict(sorted(skipped.items()))
+        p = self.p
+        write_index(self.out, shards, null, encoder=p.encoder, frames=p.frames, height=p.height, width=p.width,
+                    frame_stride=p.frame_stride, fps=p.fps, skipped=skipped)
+        return sum(len(s["items"]) for s in shards), len(shards), skipped
+
+
 def write_shards(cfg: Config, inputs: Inputs) -> Path:
-    """Encodes the checked inputs (or renders toy videos) into shards and the null; returns the shard folder."""
-    p = cfg.preprocess
-    out = Path(p.out)
-    out.mkdir(parents=True, exist_ok=True)
-    enc = ToyEncoders() if p.encoder == "toy" else WanEncoders(inputs.parts)
-    skipped: dict[str, int] = {}
-    shards, pending = [], []
-
-    def flush() -> None:
-        names, clips, captions = zip(*pending)
-        latents = torch.cat([enc.video(v[None]) for v in clips])
-        shard = write_shard(out, len(shards), latents, enc.text(list(captions)))
-        shards.append({"file": shard, "items": [{"file": n, "caption": c} for n, c in zip(names, captions)]})
-        pending.clear()
-
-    for item in toy_videos(p) if inputs.items is None else videos(inputs.items, p, skipped):
-        pending.append(item)
-        if len(pending) == p.shard_size:
-            flush()
-    if pending:
-        flush()
-    total = sum(len(s["items"]) for s in shards)
-    null = write_null(out, {"text": enc.text([p.null_prompt])}, p.null_prompt)
-    write_index(out, shards, null, encoder=p.encoder, frames=p.frames, height=p.height, width=p.width,
-                frame_stride=p.frame_stride, fps=p.fps, skipped=skipped)
-    print(f"wrote {total} samples in {len(shards)} shards to {out}; skipped {sum(skipped.values())} "
-          f"({', '.join(f'{k}: {v}' for k, v in skipped.items()) or 'none'})")
-    if total == 0:
+    """Encodes this rank's share of the checked inputs (or of rendered toy videos) into shards; rank 0 then
+    writes the null and the index. Returns the shard folder."""
+    dist = init_workers()
+    run = Encoding(cfg, inputs, dist)
+    run.out.mkdir(parents=True, exist_ok=True)
+    mine = run.jobs(dist.rank)
+    print(f"{run.tag}{sum(len(j.items) for j in mine)} of {len(run.items)} inputs in {len(mine)} shards")
+    for job in mine:
+        run.shard(job)
+    null = run.null() if dist.is_main else None  # while the other ranks finish their shards
+    dist.barrier()
+    total = 0
+    if dist.is_main:
+        total, count, skipped = run.index(null)
+        processes = f" by {dist.world_size} processes" if dist.world_size > 1 else ""
+        print(f"wrote {total} samples in {count} shards to {run.out}{processes}; skipped {sum(skipped.values())} "
+              f"({', '.join(f'{k}: {v}' for k, v in skipped.items()) or 'none'})")
+    dist.close()
+    if dist.is_main and total == 0:
         raise SystemExit("no usable video: nothing to train on")
-    return out
+    return run.out
 
 
 def run(cfg: Config) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 from fastlightgen.flow import NUM_TRAIN_TIMESTEPS
@@ -59,6 +59,7 @@ CFG_SCALES = Range("a non-empty list of finite numbers > 0",
 RANGES: dict[str, Range] = {
     "data.batch_size": at_least(1),
     "data.caption_dropout": PROBABILITY,
+    "data.first_frame_dropout": PROBABILITY,
     # the DeepSpeed units are built for ZeRO-3: its gathering of the adapters' direct parameter reads, and
     # its gradient and weight partitions that the non-finite guard checks and clears
     "dist.zero_stage": Range("3", lambda v: v == 3 and is_int(v)),
@@ -80,6 +81,7 @@ RANGES: dict[str, Range] = {
     "stage2.iterations": at_least(1),
     "stage2.alpha": PROBABILITY,
     "stage2.skip_prob": PROBABILITY,
+    "stage2.target_ema_decay": between(0, 1, open_high=True),
     "stage2.weight_decay": NON_NEGATIVE,
     "stage2.sigma_shift": POSITIVE,
     "stage3.lr": LEARNING_RATE,
@@ -96,6 +98,13 @@ RANGES: dict[str, Range] = {
     "stage3.denoising_step_list": TIMESTEPS,
     "stage3.shift": POSITIVE,
     "stage3.dmd_sigma_range": SIGMA_RANGE,
+    "preprocess.frames": at_least(1),
+    "preprocess.height": at_least(1),
+    "preprocess.width": at_least(1),
+    "preprocess.frame_stride": at_least(1),
+    "preprocess.fps": Range("a finite number >= 0 (0: preprocess.frame_stride decides)", NON_NEGATIVE.ok),
+    "preprocess.shard_size": at_least(1),
+    "preprocess.toy_samples": at_least(1),
     "toy_teacher.iterations": at_least(1),
     "toy_teacher.lr": LEARNING_RATE,
     "toy_teacher.weight_decay": NON_NEGATIVE,
@@ -108,6 +117,11 @@ RANGES: dict[str, Range] = {
 def problems(cfg: Any) -> list[str]:
     """Every out-of-range setting of `cfg` (a train.config.Config), each with its range and a fix."""
     out = []
+    for section in fields(cfg):  # the one_of settings, for a config changed in code after it was read
+        for setting in fields(getattr(cfg, section.name)):
+            choices, value = setting.metadata.get("choices"), getattr(getattr(cfg, section.name), setting.name)
+            if choices and value not in choices:
+                out.append(f"{section.name}.{setting.name} must be one of {', '.join(choices)}, got {value!r}")
     for name, rule in RANGES.items():
         section, key = name.split(".")
         value = getattr(getattr(cfg, section), key)
@@ -117,4 +131,7 @@ def problems(cfg: Any) -> list[str]:
     if cfg.dist.bf16 and not cfg.dist.deepspeed:
         out.append("dist.bf16 needs dist.deepspeed (the plain loop trains in fp32): "
                    "--set dist.deepspeed=true, or --set dist.bf16=false")
+    if cfg.stage2.target == "ema" and cfg.dist.deepspeed:
+        out.append("stage2.target=ema needs the plain loop (ZeRO-3 partitions the weights to average): "
+                   "--set stage2.target=frozen, or --set dist.deepspeed=false")
     return out

@@ -2,19 +2,24 @@
 
 Each step skips each of the plan's dropped blocks independently with probability stage2.skip_prob
 (0.5 in the paper; the same draw on every rank) and trains the resulting pruned path toward the
-stop-gradient unpruned path of the same weights (alpha = 1), plus flow matching on both paths when
-alpha < 1. Both passes share the blocks before the first skipped one; with alpha = 1 only the pruned
-branch records gradients. Writes run_dir/stage2/model.safetensors (all blocks) for Stage III.
+stop-gradient unpruned path (alpha = 1), plus flow matching on both paths when alpha < 1. The unpruned
+target comes from stage2.target: `shared`, the same weights (the paper's form: both passes share the
+blocks before the first skipped one; with alpha = 1 only the pruned branch records gradients); `frozen`,
+a copy of the starting weights; `ema`, an exponential moving average of the trained weights (checkpointed
+with them). The copies are plain modules on every rank, run without gradients. Writes
+run_dir/stage2/model.safetensors (all blocks) for Stage III.
 API: `run(cfg, resume)`.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 
+from fastlightgen.adapters import DiTAdapter, adapt
 from fastlightgen.distill import sample_skip, stage2_loss
 from fastlightgen.first_frame import frame_sigma
 from fastlightgen.flow import add_noise, sample_training_sigma, velocity_target
@@ -27,7 +32,7 @@ from .dist import init_dist
 from .loop import Run, learning_rate, train
 from .models import MODEL_FILE, load_plan, load_teacher, plan_path, save_stage_output
 from .state import hold_run_dir
-from .units import AdapterModule, Trainable, compute_dtype, make_trainable
+from .units import EMA, AdapterModule, Trainable, compute_dtype, make_trainable
 
 
 @dataclass
@@ -39,6 +44,8 @@ class Stage2Models:
     plan: PrunePlan  # which blocks may be skipped
     draw_batch: BatchFn
     dtype: torch.dtype
+    target: DiTAdapter | None = None  # the unpruned target's own weights (stage2.target frozen or ema)
+    ema: EMA | None = None  # stage2.target=ema: updated after every step, checkpointed with the unit
 
 
 def build(cfg: Config) -> Stage2Models:
@@ -46,10 +53,17 @@ def build(cfg: Config) -> Stage2Models:
     model = load_teacher(cfg)
     plan = load_plan(cfg, cfg.stage2.plan, model)
     s2 = cfg.stage2
+    dtype = compute_dtype(cfg)
+    # copied before DeepSpeed partitions `model`, whole on every rank, in the dtype of the inputs
+    frozen = copy.deepcopy(model).to(dist.device, dtype).eval().requires_grad_(False) \
+        if s2.target == "frozen" else None
     unit = make_trainable("model", AdapterModule(model, cfg.model.gradient_checkpointing), cfg, dist, s2.lr,
                           s2.weight_decay)
-    dtype = compute_dtype(cfg)
-    return Stage2Models(cfg, Run(cfg, "stage2", dist), unit, plan, batch_source(cfg), dtype)
+    # the EMA starts at the teacher's weights, so its decay needs no warm-up (that forgets a random init)
+    ema = EMA("target_ema", unit, s2.target_ema_decay, warmup=False) if s2.target == "ema" else None
+    target = ema.model if ema is not None else frozen
+    return Stage2Models(cfg, Run(cfg, "stage2", dist), unit, plan, batch_source(cfg), dtype,
+                        None if target is None else adapt(target), ema)
 
 
 def train_one_step(m: Stage2Models, i: int) -> dict:
@@ -58,14 +72,20 @@ def train_one_step(m: Stage2Models, i: int) -> dict:
     g = m.run.generator(i, "batch")
     batch = m.draw_batch(g, cfg.data.batch_size)
     x0 = batch.x0
-    sigma = frame_sigma(sample_training_sigma(x0.shape[0], g, s2.sigma_shift, s2.sigma_law), x0, cfg.model.ti2v)
+    sigma = frame_sigma(sample_training_sigma(x0.shape[0], g, s2.sigma_shift, s2.sigma_law), x0, batch.ti2v)
     noise = torch.randn(x0.shape, generator=g)
     batch = batch.to(device, m.dtype)
     x_t = add_noise(x0, noise, sigma).to(device, m.dtype)
     target = velocity_target(x0, noise).to(device)
+    unpruned_target = None
+    if m.target is not None:
+        with torch.no_grad():
+            unpruned_target = m.target.forward(x_t, sigma.to(device), batch.cond)
     loss, parts = m.unit(lambda a: stage2_loss(a, x_t, sigma.to(device), batch.cond, target, skip, s2.alpha,
-                                               cfg.model.ti2v))
+                                               batch.ti2v, unpruned_target))
     m.unit.update(loss, batch.desc, learning_rate(s2.lr, i, cfg.run.warmup, s2.lr_decay, s2.iterations))
+    if m.ema is not None:
+        m.ema.update(i)
     return {"loss": loss.item(), **parts, "skipped_blocks": len(skip)}
 
 
@@ -74,13 +94,15 @@ def run(cfg: Config, resume: bool = False) -> Path:
     cfg.validate()
     with hold_run_dir(cfg.stage_dir("stage2")):
         m = build(cfg)
-        steps = train(m.run, [m.unit], partial(train_one_step, m), cfg.stage2.iterations, resume)
+        state = [m.unit] if m.ema is None else [m.unit, m.ema]
+        steps = train(m.run, state, partial(train_one_step, m), cfg.stage2.iterations, resume)
         # the whole model (pruned and unpruned paths share it) for Stage III and export
         weights = m.unit.full_state_dict()
         if m.run.dist.is_main:
             save_stage_output(m.run.dir, weights, {
                 "stage": "stage2", "plan": m.plan.to_dict(), "plan_path": str(plan_path(cfg, cfg.stage2.plan)),
                 "steps": steps, "alpha": cfg.stage2.alpha, "skip_prob": cfg.stage2.skip_prob,
+                "target": cfg.stage2.target,
                 "data": data_fingerprint(cfg), "config": cfg.to_dict()})
             m.run.print_on_main(f"wrote {m.run.dir / MODEL_FILE}")
         m.run.dist.close()

@@ -106,7 +106,7 @@ def generator_sample(m: Stage3Models, i: int, stream: str, grad: bool) -> Genera
     g = m.run.generator(i, stream)
     batch = m.draw_batch(g, m.cfg.data.batch_size).to(m.device, m.dtype)
     velocity = student_velocity(m, batch.cond)
-    first = batch.x0[:, :, :1].float() if m.cfg.model.ti2v else None
+    first = batch.x0[:, :, :1].float() if batch.ti2v else None
     stop = int(torch.randint(0, len(m.sigmas) - 1, (1,), generator=m.run.generator(i, stream, shared=True)))
     noise = torch.randn(batch.x0.shape, generator=g).to(m.device)
     x = backward_simulation(velocity, noise, m.sigmas, stop, g, first)
@@ -126,7 +126,7 @@ def fake_update(m: Stage3Models, i: int, k: int) -> float:
     x_t, sigma, noise = noised(x0, dmd_sigma(m, g, x0.shape[0]), g, first)
     with lora_enabled(m.lora_model, True):  # backward recomputes checkpointed blocks: keep the LoRA on
         v = m.fake(lambda a: fake_velocity(a, m.lora_model, x_t.to(m.dtype), sigma.to(m.device), batch.cond, m.skip))
-        loss = mse(v, velocity_target(x0, noise), m.cfg.model.ti2v)
+        loss = mse(v, velocity_target(x0, noise), batch.ti2v)
         m.fake.update(loss, batch.desc, learning_rate(m.cfg.stage3.fake_lr, i, m.cfg.run.warmup))
     return loss.item()
 
@@ -143,7 +143,7 @@ def generator_update(m: Stage3Models, i: int) -> dict:
         v_real, v_fake = m.fake.module(lambda a: teacher_scores(a, m.lora_model, x_t.to(m.dtype), sigma.to(m.device),
                                                                 batch.cond, batch.null, m.skip, beta1, beta2))
     x0_real, x0_fake = x0_from_velocity(x_t, v_real, sigma), x0_from_velocity(x_t, v_fake, sigma)
-    loss = dmd_generator_loss(x0_gen, x0_real, x0_fake, m.cfg.model.ti2v)
+    loss = dmd_generator_loss(x0_gen, x0_real, x0_fake, batch.ti2v)
     m.generator.update(loss, batch.desc, learning_rate(m.cfg.stage3.lr, i, m.cfg.run.warmup))
     return {"gen_loss": loss.item(), "beta1": beta1, "beta2": beta2}
 

@@ -3,12 +3,14 @@
 Recipe (the `toy_teacher` section, with data, run and dist): flow matching in the project's convention
 (fastlightgen.flow) with sigmas drawn where the teacher's sampler (50-step Euler, shift 5) evaluates it:
 uniform, then the shift warp (README.md says what logit-normal sigmas did instead). TI2V when model.ti2v
-(the first latent frame is given clean at sigma 0 and carries no loss), data.caption_dropout for CFG, AdamW
-with run.warmup, and an EMA of the weights that becomes the exported teacher. The shared loop (train.loop)
+(the first latent frame is given clean at sigma 0 and carries no loss) and T2V in data.first_frame_dropout of
+the batches, data.caption_dropout for CFG, AdamW with run.warmup (then toy_teacher.lr_decay), and an EMA of the
+weights that becomes the exported teacher. The shared loop (train.loop)
 seeds every batch and noise draw by (run.seed, step), checkpoints the weights, AdamW and the EMA, resumes
 (--resume), logs and skips non-finite losses, as for every stage.
 Export, at the end or from the newest checkpoint (--export-only): the EMA in bf16, with the CFG scale whose
-50-step samples of training prompts (never held-out ones) the evaluator scores best as the recommended one,
+50-step samples of training prompts (never held-out ones; TI2V and T2V) score the best `faithful` as the
+recommended one,
 and a provenance holding the whole config.
 API: `run(cfg, resume, export_only)`.
 """
@@ -64,14 +66,18 @@ def recent_loss(run: Run, last: int = 50) -> float | None:
 
 
 def select_cfg(cfg: Config, model: torch.nn.Module) -> tuple[float, dict[float, float]]:
-    """(best CFG scale, overall score per candidate) on every third training combination, seed run.seed."""
-    prompts = split_prompts("train", 1, cfg.run.seed, stride=3)
+    """(best CFG scale, `faithful` score per candidate) on every third training combination in TI2V and in T2V,
+    seed run.seed."""
+    prompt_sets = [split_prompts("train", 1, cfg.run.seed, stride=3, t2v=t2v) for t2v in (False, True)]
     adapter = adapt(model)
     scores = {}
     for scale in map(float, cfg.toy_teacher.cfg_candidates):
-        videos = generate_teacher(adapter, prompts, cfg.run.seed, Sampling(cfg_scale=scale))
-        scores[scale] = evaluate_batch(videos, list(prompts.factors)).mean()["overall"]
-        print(f"CFG {scale:g}: overall {scores[scale]:.3f} on {len(prompts.factors)} training prompts", flush=True)
+        rows = []
+        for prompts in prompt_sets:
+            videos = generate_teacher(adapter, prompts, cfg.run.seed, Sampling(cfg_scale=scale))
+            rows += evaluate_batch(videos, list(prompts.factors), t2v=prompts.t2v).rows
+        scores[scale] = sum(r["faithful"] for r in rows) / len(rows)
+        print(f"CFG {scale:g}: faithful {scores[scale]:.3f} on {len(rows)} training prompts (TI2V and T2V)", flush=True)
     return max(scores, key=scores.get), scores
 
 
@@ -116,13 +122,13 @@ def train_and_export(cfg: Config, resume: bool, export_only: bool) -> Path:
             g = training.generator(i, "batch")
             batch = draw_batch(g, cfg.data.batch_size)
             x0 = batch.x0
-            sigma = frame_sigma(sample_training_sigma(x0.shape[0], g, tt.sigma_shift, tt.sigma_law), x0, cfg.model.ti2v)
+            sigma = frame_sigma(sample_training_sigma(x0.shape[0], g, tt.sigma_shift, tt.sigma_law), x0, batch.ti2v)
             noise = torch.randn(x0.shape, generator=g)
             cond = batch.to(dist.device, torch.float32).cond
             x_t, sigma = add_noise(x0, noise, sigma).to(dist.device), sigma.to(dist.device)
             target = velocity_target(x0, noise).to(dist.device)
-            loss = unit(lambda a: mse(a.forward(x_t, sigma, cond), target, cfg.model.ti2v))
-            unit.update(loss, batch.desc, learning_rate(tt.lr, i, cfg.run.warmup))
+            loss = unit(lambda a: mse(a.forward(x_t, sigma, cond), target, batch.ti2v))
+            unit.update(loss, batch.desc, learning_rate(tt.lr, i, cfg.run.warmup, tt.lr_decay, tt.iterations))
             ema.update(i)
             return {"loss": loss.item()}
 

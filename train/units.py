@@ -269,14 +269,15 @@ class DeepSpeedTrainable(Trainable):
 class EMA:
     """An exponential moving average of a plain unit's trainable weights, in a copy of its model.
 
-    The decay warms up as min(decay, (1 + step) / (10 + step)), so that a short run's average is not dominated
-    by the random initialisation. DeepSpeed units are refused: ZeRO-3 partitions the weights to average.
+    With `warmup` the decay warms up as min(decay, (1 + step) / (10 + step)), so that a short run's average is
+    not dominated by the random initialisation; without it (weights that start trained, as Stage II's) it is
+    `decay` from the first step. DeepSpeed units are refused: ZeRO-3 partitions the weights to average.
     """
 
-    def __init__(self, name: str, unit: Trainable, decay: float):
+    def __init__(self, name: str, unit: Trainable, decay: float, warmup: bool = True):
         if not isinstance(unit, PlainTrainable):
             raise TypeError(f"an EMA of {unit.name} needs the plain loop (dist.deepspeed false)")
-        self.name, self.unit, self.decay = name, unit, decay
+        self.name, self.unit, self.decay, self.warmup = name, unit, decay, warmup
         self.model = copy.deepcopy(unit.module.model).eval().requires_grad_(False)
 
     def averaged(self) -> dict[str, torch.Tensor]:
@@ -286,7 +287,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
+        decay = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
         live = self.unit.trainable_named()
         for k, avg in self.averaged().items():
             avg.lerp_(live[k], 1 - decay)

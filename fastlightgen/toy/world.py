@@ -1,9 +1,11 @@
 """The toy world: synthetic videos whose generating factors are known exactly.
 
-One soft-edged object (color x shape) slides at constant velocity in one of four directions
-over a plain or softly textured background. Every factor is stated in the caption, so a
-generated video can be scored against the factors that produced its caption and first frame
-(see `fastlightgen.toy.evaluate`).
+One soft-edged object (color x shape) slides at constant velocity in one of four directions, slowly or
+quickly, over a plain or softly textured background, and half the time turns another color from frame
+`change_frame` on. Every factor is stated in the caption, so a generated video can be scored against the
+factors that produced its caption (see `fastlightgen.toy.evaluate`). Direction, speed and the color change
+are in the caption only: a given first frame (TI2V) cannot show them, so a model must read them from the text;
+without a first frame (T2V) color and shape come from the text too.
 
 Geometry convention: positions are (x, y) in pixels with pixel (row i, column j) centred at
 (j + 0.5, i + 0.5); "up" is decreasing y. A shape's position is its area centroid.
@@ -25,7 +27,6 @@ class ToyWorldSpec:
     frames: int = 6
     height: int = 32
     width: int = 32
-    speed: float = 3.0  # px per frame
     edge_width: float = 1.5  # px over which alpha ramps 1 -> 0 (anti-aliasing)
     circle_radius: float = 6.5
     square_half: float = 5.75  # same area as the circle, so size does not give the shape away
@@ -34,6 +35,8 @@ class ToyWorldSpec:
     background_level: float = 0.0  # mid gray in [-1, 1]
     texture_amplitude: float = 0.1  # far below color_level, so texture never reads as object
     texture_period: tuple[float, float] = (6.0, 12.0)  # px, range sampled per video
+    change_frame: int = 3  # a clip that turns another color shows it from this frame on
+    change_probability: float = 0.5
 
 
 TOY_WORLD = ToyWorldSpec()
@@ -46,6 +49,9 @@ _COLOR_SIGNS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 DIRECTIONS: dict[str, tuple[float, float]] = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+# px per frame; two to one, so the scorer's speed gate (a third) tells them apart and "slowly" is the
+# half-speed answer distilled models are blamed for.
+SPEEDS: dict[str, float] = {"slowly": 1.5, "quickly": 3.0}
 BACKGROUNDS: tuple[str, ...] = ("plain", "textured")
 SPLITS: tuple[str, ...] = ("train", "heldout")
 
@@ -68,10 +74,16 @@ class Factors:
     background: str
     start: tuple[float, float]  # (x, y) of the shape's centroid in frame 0
     texture: Texture | None = None  # set iff background == "textured"
+    speed: str = "quickly"
+    end_color: str | None = None  # the color from TOY_WORLD.change_frame on; None: no change
 
     @property
     def combination(self) -> Combination:
         return (self.color, self.shape, self.direction)
+
+    @property
+    def pixels_per_frame(self) -> float:
+        return SPEEDS[self.speed]
 
 
 def color_rgb(color: str) -> torch.Tensor:
@@ -141,32 +153,47 @@ def _start_range(low_extent: float, high_extent: float, size: int, travel: float
     return (low_extent + max(0.0, -travel), size - high_extent - max(0.0, travel))
 
 
-def sample_factors(seed: int, combinations: Sequence[Combination] | None = None) -> Factors:
-    """Factors drawn deterministically from `seed`; the combination from `combinations` (default all 72)."""
+def sample_factors(seed: int, combinations: Sequence[Combination] | None = None,
+                   backgrounds: Sequence[str] = BACKGROUNDS) -> Factors:
+    """Factors drawn deterministically from `seed`; the combination from `combinations` (default all 72),
+    speed, color change and start position free."""
     w = TOY_WORLD
     rng = random.Random(seed)
     color, shape, direction = rng.choice(list(combinations) if combinations is not None else all_combinations())
-    background = rng.choice(BACKGROUNDS)
+    background = rng.choice(list(backgrounds))
+    speed = rng.choice(list(SPEEDS))
+    end_color = rng.choice([c for c in COLOR_NAMES if c != color]) if rng.random() < w.change_probability else None
     left, right, top, bottom = shape_extent(shape)
     dx, dy = DIRECTIONS[direction]
-    travel = w.speed * (w.frames - 1)
+    travel = SPEEDS[speed] * (w.frames - 1)
     x = rng.uniform(*_start_range(left, right, w.width, dx * travel))
     y = rng.uniform(*_start_range(top, bottom, w.height, dy * travel))
     texture = None
     if background == "textured":
         texture = Texture(angle=rng.uniform(0, math.pi), period=rng.uniform(*w.texture_period),
                           phase=rng.uniform(0, 2 * math.pi))
-    return Factors(color, shape, direction, background, (x, y), texture)
+    return Factors(color, shape, direction, background, (x, y), texture, speed, end_color)
 
 
-def trajectory(factors: Factors) -> torch.Tensor:
-    """(F, 2) centroid positions, constant velocity."""
+def trajectory(factors: Factors, start: torch.Tensor | None = None) -> torch.Tensor:
+    """(F, 2) centroid positions at constant velocity, from `start` (default the factors' own)."""
     t = torch.arange(TOY_WORLD.frames, dtype=torch.float32)[:, None]
-    return torch.tensor(factors.start) + t * TOY_WORLD.speed * direction_vector(factors.direction)
+    origin = torch.tensor(factors.start) if start is None else start
+    return origin + t * factors.pixels_per_frame * direction_vector(factors.direction)
+
+
+def frame_colors(color: str, end_color: str | None) -> torch.Tensor:
+    """(F, 3) RGB of the object in each frame: `color`, then `end_color` from the change frame on."""
+    colors = color_rgb(color).expand(TOY_WORLD.frames, -1).clone()
+    if end_color is not None:
+        colors[TOY_WORLD.change_frame:] = color_rgb(end_color)
+    return colors
 
 
 def caption(factors: Factors) -> str:
-    return f"a {factors.color} {factors.shape} moving {factors.direction} on a {factors.background} background"
+    change = f" and turning {factors.end_color}" if factors.end_color else ""
+    return (f"a {factors.color} {factors.shape} moving {factors.direction} {factors.speed}{change} "
+            f"on a {factors.background} background")
 
 
 # ---------------------------------------------------------------- rendering
@@ -217,19 +244,21 @@ def render_background(factors: Factors) -> torch.Tensor:
 
 
 def composite(background: torch.Tensor, alpha: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:
-    """Object of colour `rgb` (3,) with coverage `alpha` (F, H, W) over `background` (3, H, W) -> (3, F, H, W)."""
+    """Object of colours `rgb` (F, 3) with coverage `alpha` (F, H, W) over `background` (3, H, W) -> (3, F, H, W)."""
     a = alpha[None]
-    return (1 - a) * background[:, None] + a * rgb[:, None, None, None]
+    return (1 - a) * background[:, None] + a * rgb.T[:, :, None, None]
 
 
-def render_at(factors: Factors, shape: str, color: str, centers: torch.Tensor) -> torch.Tensor:
-    """Clean video of `shape`/`color` at explicit per-frame `centers` (F, 2) over the factors' background."""
-    return composite(render_background(factors), shape_alpha(shape, centers), color_rgb(color))
+def render_at(factors: Factors, shape: str, color: str, centers: torch.Tensor,
+              end_color: str | None = None) -> torch.Tensor:
+    """Clean video of `shape` in `color` (turning `end_color`) at per-frame `centers` (F, 2) over the factors'
+    background."""
+    return composite(render_background(factors), shape_alpha(shape, centers), frame_colors(color, end_color))
 
 
 def render(factors: Factors) -> torch.Tensor:
     """(3, F, H, W) video in [-1, 1]."""
-    return render_at(factors, factors.shape, factors.color, trajectory(factors))
+    return render_at(factors, factors.shape, factors.color, trajectory(factors), factors.end_color)
 
 
 # ---------------------------------------------------------------- datasets

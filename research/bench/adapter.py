@@ -1,15 +1,21 @@
-"""`python -m research.bench.adapter`: the toy student as an adapter over the toy teacher, at several ranks.
+"""`python -m research.bench.adapter`: the toy student as an adapter over the toy teacher, at several settings.
 
-1. Quality: research.demo's held-out prompts and seeds, the student rebuilt from an adapter at each rank (and
-   at full rank, whole deltas) against the full student, paired per video (research/stats.py, clusters =
-   prompt combinations): overall and faithful, mean difference with its 95% interval; the chosen rank is the
-   smallest whose intervals for both lie within +-`TOLERANCE`.
-2. Size: each toy adapter file, and computed sizes (bf16, no weights) for the real shapes of Wan 2.1 1.3B,
-   Wan 2.2 TI2V-5B and Wan 2.1 14B at the toy's keep ratio, the chosen rank vs the full student.
+Settings: fixed ranks (--ranks, one rank for every layer), energies (--energies: each layer keeps the smallest
+rank holding that share of its delta's squared singular values) and whole deltas.
+1. Quality: research.demo's held-out prompts and seeds, the student rebuilt from an adapter at each setting
+   against the full student, paired per video (research/stats.py, clusters = prompt combinations): overall and
+   faithful, mean difference with its 95% interval; the chosen setting is the one with the smallest file whose
+   intervals for both lie within +-`TOLERANCE`, checked against the target file size (<= `SIZE_TARGET`x the
+   full student's checkpoint file).
+2. Size: each toy adapter file and its ratio to the full student's file; computed sizes (bf16, no weights)
+   for the real shapes of Wan 2.1 1.3B, Wan 2.2 TI2V-5B and Wan 2.1 14B at the toy's keep ratio, at the
+   smallest fixed rank within tolerance (an energy setting's size depends on the real deltas, so it has no
+   size without weights).
 3. ComfyUI, on the toy (CPU, each in a fresh process, Linux): wall time and peak RSS growth of the stock
    Load Diffusion Model + Apply Student Adapter vs Load FastLightGen Checkpoint of the full student, up to the
    patched model in memory.
-Writes a markdown report (--out).
+Writes a markdown report (--out). --quick: 2 held-out combinations, seed 0, ranks 8 and 64, energies 0.9
+and 0.99, no ComfyUI runs, to outputs/adapter_bench_quick.md: checks the structure in a minute or two.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,9 +37,12 @@ from fastlightgen.adapters import adapt
 from fastlightgen.checkpoint import load_wan
 from fastlightgen.io_utils import atomic_write_text
 from fastlightgen.student_adapter import (
+    AdapterError,
     adapter_bytes,
     apply_adapter,
+    check_setting,
     make_adapter,
+    ranks_summary,
     save_adapter,
 )
 from fastlightgen.toy.evaluate import EvalTable, evaluate_batch
@@ -41,10 +51,16 @@ from fastlightgen.toy.prompts import split_prompts
 from fastlightgen.wan_keys import diffusers_to_original
 
 from ..demo import STUDENT, TEACHER
-from ..stats import paired_interval
+from ..stats import Interval, paired_interval
 
 TOLERANCE = 0.005
+SIZE_TARGET = 0.35  # adapter file / full student file
 RANKS = (4, 8, 16, 32, 64)
+ENERGIES = (0.9, 0.95, 0.98, 0.99, 0.995)
+QUICK = {"limit": 2, "seeds": "0", "ranks": "8,64", "energies": "0.9,0.99", "comfy_repeats": 0,
+         "out": Path("outputs/adapter_bench_quick.md")}
+FULL = {"limit": None, "seeds": "0,1,2,3,4", "ranks": ",".join(map(str, RANKS)),
+        "energies": ",".join(map(str, ENERGIES)), "comfy_repeats": 3, "out": Path("outputs/adapter_bench.md")}
 # Public diffusers configs (transformer/config.json) of the released models.
 REAL = {
     "Wan 2.1 T2V 1.3B": {"num_layers": 30, "num_attention_heads": 12, "ffn_dim": 8960, "in_channels": 16,
@@ -56,6 +72,46 @@ REAL = {
 }
 COMMON = {"attention_head_dim": 128, "patch_size": (1, 2, 2), "text_dim": 4096, "freq_dim": 256,
           "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads"}
+
+
+@dataclass(frozen=True)
+class Setting:
+    rank: int = 0  # 0 with energy None: whole deltas
+    energy: float | None = None
+
+    @property
+    def label(self) -> str:
+        return f"energy {self.energy}" if self.energy is not None else (
+            f"rank {self.rank}" if self.rank else "full (whole deltas)")
+
+
+@dataclass
+class Result:
+    setting: Setting
+    path: Path
+    ranks: str  # ranks_summary of its metadata
+    overall: Interval
+    faithful: Interval
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+    @property
+    def within(self) -> bool:
+        return all(-TOLERANCE <= iv.low and iv.high <= TOLERANCE for iv in (self.overall, self.faithful))
+
+
+def settings(ranks: list[int], energies: list[float]) -> list[Setting]:
+    return [*(Setting(rank=r) for r in ranks), *(Setting(energy=e) for e in energies), Setting()]
+
+
+def choose(results: list[Result], fixed_rank: bool = False) -> Result | None:
+    """The result with the smallest file among the low-rank ones (only fixed ranks with `fixed_rank`) whose
+    intervals both lie within +-TOLERANCE; None when there is none."""
+    ok = [r for r in results if r.within and (r.setting.rank or r.setting.energy is not None)
+          and (not fixed_rank or r.setting.energy is None)]
+    return min(ok, key=lambda r: (r.size, r.setting.label)) if ok else None
 
 
 def scores(model, prompts, seeds, few) -> EvalTable:
@@ -140,58 +196,87 @@ def comfy_costs(folder: Path, repeats: int) -> dict[str, tuple[float, float]]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("outputs/adapter_bench.md"))
-    p.add_argument("--seeds", default="0,1,2,3,4")
+    p.add_argument("--quick", action="store_true", help="2 combinations, seed 0, 2 ranks, 2 energies, no ComfyUI")
+    p.add_argument("--out", type=Path, default=None, help=f"report (default {FULL['out']}, --quick: {QUICK['out']})")
+    p.add_argument("--seeds", default=None, help=f"default {FULL['seeds']}")
     p.add_argument("--limit", type=int, default=None, help="only the first N held-out combinations")
-    p.add_argument("--ranks", default=",".join(map(str, RANKS)))
-    p.add_argument("--comfy-repeats", type=int, default=3, help="fresh processes per ComfyUI measurement (0: skip)")
+    p.add_argument("--ranks", default=None, help=f"fixed ranks (default {FULL['ranks']}; '' for none)")
+    p.add_argument("--energies", default=None, help=f"energies (default {FULL['energies']}; '' for none)")
+    p.add_argument("--comfy-repeats", type=int, default=None, help="fresh processes per ComfyUI measurement "
+                   f"(0: skip; default {FULL['comfy_repeats']})")
+    p.add_argument("--teacher", type=Path, default=TEACHER)
+    p.add_argument("--student", type=Path, default=STUDENT)
     p.add_argument("--comfy-probe", choices=("adapter", "checkpoint"), help=argparse.SUPPRESS)
     p.add_argument("--probe-folder", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.comfy_probe:
         return comfy_probe(args.comfy_probe, args.probe_folder)
-    seeds, ranks = [int(s) for s in args.seeds.split(",")], [int(r) for r in args.ranks.split(",")]
+    for name, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
+    energies = [float(e) for e in args.energies.split(",") if e.strip()]
+    try:
+        for setting in settings(ranks, energies):
+            check_setting(setting.rank, setting.energy)
+    except AdapterError as err:
+        raise SystemExit(f"error: {err}") from None
     prompts = split_prompts("heldout", 1, 0, args.limit)
     combos = [f.combination for f in prompts.factors] * len(seeds)
-    teacher, _ = load_wan(TEACHER, dtype=torch.float32)
-    student, meta = load_wan(STUDENT, dtype=torch.float32)
+    teacher, _ = load_wan(args.teacher, dtype=torch.float32)
+    student, meta = load_wan(args.student, dtype=torch.float32)
+    full_size = args.student.stat().st_size
     few = meta.recommended
     reference = scores(student, prompts, seeds, few)
     work = Path(tempfile.mkdtemp(prefix="adapter_bench_"))
     lines = [(f"# Student adapter on the toy\n\n{len(prompts.factors)} held-out combinations x seeds {args.seeds} "
               f"= {len(reference.rows)} paired videos; adapters stored in bf16; reference: the full student "
-              f"({STUDENT.name}).\n"),
-             "| rank | file | overall: adapter - full [95% CI] | faithful: adapter - full [95% CI] |",
-             "|---|---|---|---|"]
-    chosen = None
-    for rank in [*ranks, 0]:
-        adapter = make_adapter(teacher, student, meta.kept_blocks, rank=rank, recommended=few)
-        path = save_adapter(work / f"rank{rank}.safetensors", adapter)
+              f"({args.student.name}, {full_size / 2**20:.2f} MiB). Size ratio: adapter file / full student file. "
+              f"Energy E: each linear layer keeps the smallest rank holding share E of its delta's squared "
+              f"singular values.\n"),
+             "| setting | linear layers | file | x full student | overall: adapter - full [95% CI] "
+             "| faithful: adapter - full [95% CI] | within ±" + f"{TOLERANCE} |",
+             "|---|---|---|---|---|---|---|"]
+    results = []
+    for i, setting in enumerate(settings(ranks, energies)):
+        adapter = make_adapter(teacher, student, meta.kept_blocks, rank=setting.rank, energy=setting.energy,
+                               recommended=few)
+        path = save_adapter(work / f"setting{i}.safetensors", adapter)
         table = scores(apply_adapter(teacher, adapter).float(), prompts, seeds, few)
-        cells = []
-        ok = True
-        for column in ("overall", "faithful"):
-            iv = paired_interval([r[column] for r in table.rows], [r[column] for r in reference.rows], combos)
-            ok &= -TOLERANCE <= iv.low and iv.high <= TOLERANCE
-            cells.append(str(iv))
-        if ok and chosen is None and rank:
-            chosen = rank
-        lines.append(f"| {rank or 'full (whole deltas)'} | {path.stat().st_size / 2**20:.2f} MiB | "
-                     + " | ".join(cells) + " |")
+        overall, faithful = (paired_interval([r[c] for r in table.rows], [r[c] for r in reference.rows], combos)
+                             for c in ("overall", "faithful"))
+        result = Result(setting, path, ranks_summary(adapter.meta.ranks), overall, faithful)
+        results.append(result)
+        lines.append(f"| {setting.label} | {result.ranks} | {result.size / 2**20:.2f} MiB | "
+                     f"{result.size / full_size:.3f} | {overall} | {faithful} | {'yes' if result.within else 'no'} |")
         print(lines[-1], flush=True)
-    lines.append(f"\nFull student checkpoint: {STUDENT.stat().st_size / 2**20:.2f} MiB. Smallest rank whose "
-                 f"intervals both lie within ±{TOLERANCE}: {chosen or 'none of those tried'}.\n")
-    lines += real_sizes(chosen or max(ranks), len(meta.kept_blocks) / meta.original_num_blocks)
+    chosen, fixed = choose(results), choose(results, fixed_rank=True)
+    if chosen is None:
+        lines.append(f"\nNo setting tried lies within ±{TOLERANCE} on both scores.\n")
+    else:
+        ratio = chosen.size / full_size
+        lines.append(f"\nSmallest setting whose intervals both lie within ±{TOLERANCE}: **{chosen.setting.label}** "
+                     f"({chosen.size / 2**20:.2f} MiB, {ratio:.3f}x the full student): target (<= {SIZE_TARGET}x) "
+                     f"{'met' if ratio <= SIZE_TARGET else 'missed'}.\n")
+    sized = fixed.setting.rank if fixed else max(ranks, default=64)
+    why = "the smallest fixed rank within tolerance" if fixed else "no fixed rank was within tolerance"
+    lines += [f"Real shapes at rank {sized} ({why}; an energy setting's size depends on the real deltas):", ""]
+    lines += real_sizes(sized, len(meta.kept_blocks) / meta.original_num_blocks)
     if args.comfy_repeats:
-        save_adapter(work / "adapter.safetensors", make_adapter(teacher, student, meta.kept_blocks,
-                                                                rank=chosen or max(ranks), recommended=few))
-        for name, src in (("teacher", TEACHER), ("student", STUDENT)):
+        probe = chosen.setting if chosen else Setting(rank=sized)
+        if chosen:
+            shutil.copyfile(chosen.path, work / "adapter.safetensors")
+        else:
+            save_adapter(work / "adapter.safetensors", make_adapter(teacher, student, meta.kept_blocks,
+                                                                    rank=sized, recommended=few))
+        for name, src in (("teacher", args.teacher), ("student", args.student)):
             (work / f"{name}.safetensors").symlink_to(src.resolve())
         costs = comfy_costs(work, args.comfy_repeats)
         lines += ["", f"ComfyUI on the toy (CPU, best of {args.comfy_repeats} fresh processes, to the patched model):",
                   "", "| path | seconds | peak RSS growth |", "|---|---|---|"]
         lines += [f"| {label} | {costs[k][0]:.3f} | {costs[k][1]:.0f} MiB |" for k, label in
-                  (("adapter", f"Load Diffusion Model (teacher) + Apply Student Adapter (rank {chosen or max(ranks)})"),
+                  (("adapter", f"Load Diffusion Model (teacher) + Apply Student Adapter ({probe.label})"),
                    ("checkpoint", "Load FastLightGen Checkpoint (full student)"))]
     shutil.rmtree(work, ignore_errors=True)
     report = "\n".join(lines) + "\n"
