@@ -6,7 +6,6 @@ channels), so stock samplers and the Wan22 latent format apply unchanged.
 """
 from __future__ import annotations
 
-import math
 import random
 
 import torch
@@ -91,16 +90,9 @@ def toy_factors(color: str, shape: str, direction: str, background: str, seed: i
     if turning == color:
         raise ValueError(f"turning is {turning!r}, the object's own color: choose another color for it to turn, "
                          f"or {NO_CHANGE!r} to keep it {color}")
-    w = world.TOY_WORLD
     rng = random.Random(seed)
-    left, right, top, bottom = world.shape_extent(shape)
-    dx, dy = world.DIRECTIONS[direction]
-    travel = world.SPEEDS[speed] * (w.frames - 1)
-    start = (rng.uniform(*world._start_range(left, right, w.width, dx * travel)),
-             rng.uniform(*world._start_range(top, bottom, w.height, dy * travel)))
-    texture = None
-    if background == "textured":
-        texture = world.Texture(rng.uniform(0, math.pi), rng.uniform(*w.texture_period), rng.uniform(0, 2 * math.pi))
+    start = world.sample_start(rng, shape, direction, speed)
+    texture = world.sample_texture(rng) if background == "textured" else None
     return world.Factors(color, shape, direction, background, start, texture, speed,
                          None if turning == NO_CHANGE else turning)
 

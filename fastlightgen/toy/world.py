@@ -48,7 +48,8 @@ _COLOR_SIGNS: dict[str, tuple[int, int, int]] = {
     "yellow": (1, 1, -1), "magenta": (1, -1, 1), "cyan": (-1, 1, 1),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-DIRECTIONS: dict[str, tuple[float, float]] = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+DIRECTIONS: dict[str, tuple[float, float]] = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0),
+                                              "down": (0.0, 1.0)}
 # px per frame; two to one, so the scorer's speed gate (a third) tells them apart and "slowly" is the
 # half-speed answer distilled models are blamed for.
 SPEEDS: dict[str, float] = {"slowly": 1.5, "quickly": 3.0}
@@ -163,16 +164,24 @@ def sample_factors(seed: int, combinations: Sequence[Combination] | None = None,
     background = rng.choice(list(backgrounds))
     speed = rng.choice(list(SPEEDS))
     end_color = rng.choice([c for c in COLOR_NAMES if c != color]) if rng.random() < w.change_probability else None
+    start = sample_start(rng, shape, direction, speed)
+    texture = sample_texture(rng) if background == "textured" else None
+    return Factors(color, shape, direction, background, start, texture, speed, end_color)
+
+
+def sample_start(rng: random.Random, shape: str, direction: str, speed: str) -> tuple[float, float]:
+    """A start (x, y) keeping the object's support inside the frame over the whole clip."""
+    w = TOY_WORLD
     left, right, top, bottom = shape_extent(shape)
     dx, dy = DIRECTIONS[direction]
     travel = SPEEDS[speed] * (w.frames - 1)
-    x = rng.uniform(*_start_range(left, right, w.width, dx * travel))
-    y = rng.uniform(*_start_range(top, bottom, w.height, dy * travel))
-    texture = None
-    if background == "textured":
-        texture = Texture(angle=rng.uniform(0, math.pi), period=rng.uniform(*w.texture_period),
-                          phase=rng.uniform(0, 2 * math.pi))
-    return Factors(color, shape, direction, background, (x, y), texture, speed, end_color)
+    return (rng.uniform(*_start_range(left, right, w.width, dx * travel)),
+            rng.uniform(*_start_range(top, bottom, w.height, dy * travel)))
+
+
+def sample_texture(rng: random.Random) -> Texture:
+    return Texture(angle=rng.uniform(0, math.pi), period=rng.uniform(*TOY_WORLD.texture_period),
+                   phase=rng.uniform(0, 2 * math.pi))
 
 
 def trajectory(factors: Factors, start: torch.Tensor | None = None) -> torch.Tensor:
