@@ -59,6 +59,16 @@ def test_learning_rate_warms_up_then_holds_or_falls_to_zero_by_cosine():
     assert 0 < cosine[3] < 0.03
 
 
+def test_a_cycled_schedule_restarts_every_cycle_and_does_not_depend_on_the_run_length(tmp_path):
+    one_cycle = [learning_rate(1.0, i, 4, "cosine", 14) for i in range(14)]
+    assert [learning_rate(1.0, i, 4, "cosine", 28, cycle=14) for i in range(28)] == one_cycle * 2
+    path = tmp_path / "c.yaml"
+    path.write_text("toy_teacher: {iterations: 100, lr_decay: cosine, lr_cycle: 50}\n")
+    short, longer = load_config(str(path), []), load_config(str(path), ["toy_teacher.iterations=150"])
+    assert short.identity("toy_teacher", 1) == longer.identity("toy_teacher", 1)
+    assert short.identity("toy_teacher", 1, whole_run=True) != longer.identity("toy_teacher", 1, whole_run=True)
+
+
 def test_a_cosine_run_cannot_be_resumed_at_another_length(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("stage2: {iterations: 100}\n")

@@ -163,6 +163,9 @@ class ToyTeacherConfig:
     iterations: int = 1800
     lr: float = 3e-4
     lr_decay: str = one_of("constant", "cosine")  # cosine: the learning rate falls to zero at `iterations`
+    # > 0: warm-up and decay restart every lr_cycle steps (cosine then falls to zero at each cycle's end), so a
+    # finished run is continued by raising `iterations` by whole cycles (train.loop.learning_rate)
+    lr_cycle: int = 0
     weight_decay: float = 0.0
     # uniform, then shift 5: the density of the sigmas the teacher's 50-step Euler sampler visits
     sigma_law: str = field(default="uniform", metadata={"choices": SIGMA_LAWS})
@@ -220,7 +223,7 @@ class Config:
         for f in fields(getattr(self, stage)):
             if not f.metadata.get("identity", True):
                 section.pop(f.name)
-        if not whole_run and section.get("lr_decay", "constant") == "constant":
+        if not whole_run and (section.get("lr_decay", "constant") == "constant" or section.get("lr_cycle", 0) > 0):
             section.pop("iterations", None)
         if stage == "stage2" and section["target"] != "ema":  # the decay is read only by the EMA target
             section.pop("target_ema_decay")

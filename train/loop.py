@@ -164,8 +164,13 @@ def plot_metrics(path: Path, out: Path) -> None:
 
 # ---- the loop -----------------------------------------------------------------------------------
 
-def learning_rate(base: float, step: int, warmup: int, decay: str = "constant", total: int = 0) -> float:
-    """Linear warm-up over `warmup` steps, then constant or (decay="cosine") a cosine fall to zero at `total`."""
+def learning_rate(base: float, step: int, warmup: int, decay: str = "constant", total: int = 0,
+                  cycle: int = 0) -> float:
+    """Linear warm-up over `warmup` steps, then constant or (decay="cosine") a cosine fall to zero at `total`.
+    With `cycle` > 0 the schedule restarts every `cycle` steps, warm-up included, and `total` is not read: a run
+    of whole cycles can be continued by more cycles and its first steps do not depend on its length."""
+    if cycle > 0:
+        step, total = step % cycle, cycle
     rate = base * min(1.0, (step + 1) / warmup) if warmup > 0 else base
     if decay == "cosine" and step >= warmup:
         rate *= 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))

@@ -107,6 +107,7 @@ RANGES: dict[str, Range] = {
     "preprocess.toy_samples": at_least(1),
     "toy_teacher.iterations": at_least(1),
     "toy_teacher.lr": LEARNING_RATE,
+    "toy_teacher.lr_cycle": NON_NEGATIVE,
     "toy_teacher.weight_decay": NON_NEGATIVE,
     "toy_teacher.sigma_shift": POSITIVE,
     "toy_teacher.ema_decay": between(0, 1, open_high=True),

@@ -4,10 +4,10 @@ Recipe (the `toy_teacher` section, with data, run and dist): flow matching in th
 (fastlightgen.flow) with sigmas drawn where the teacher's sampler (50-step Euler, shift 5) evaluates it:
 uniform, then the shift warp (README.md says what logit-normal sigmas did instead). TI2V when model.ti2v
 (the first latent frame is given clean at sigma 0 and carries no loss) and T2V in data.first_frame_dropout of
-the batches, data.caption_dropout for CFG, AdamW with run.warmup (then toy_teacher.lr_decay), and an EMA of the
-weights that becomes the exported teacher. The shared loop (train.loop)
-seeds every batch and noise draw by (run.seed, step), checkpoints the weights, AdamW and the EMA, resumes
-(--resume), logs and skips non-finite losses, as for every stage.
+the batches, data.caption_dropout for CFG, AdamW with run.warmup (then toy_teacher.lr_decay; both restart every
+toy_teacher.lr_cycle steps when it is set), and an EMA of the weights that becomes the exported teacher. The
+shared loop (train.loop) seeds every batch and noise draw by (run.seed, step), checkpoints the weights, AdamW and
+the EMA, resumes (--resume), logs and skips non-finite losses, as for every stage.
 Export, at the end or from the newest checkpoint (--export-only): the EMA in bf16, with the CFG scale whose
 50-step samples of training prompts (never held-out ones; TI2V and T2V) score the best `faithful` as the
 recommended one,
@@ -128,7 +128,8 @@ def train_and_export(cfg: Config, resume: bool, export_only: bool) -> Path:
             x_t, sigma = add_noise(x0, noise, sigma).to(dist.device), sigma.to(dist.device)
             target = velocity_target(x0, noise).to(dist.device)
             loss = unit(lambda a: mse(a.forward(x_t, sigma, cond), target, batch.ti2v))
-            unit.update(loss, batch.desc, learning_rate(tt.lr, i, cfg.run.warmup, tt.lr_decay, tt.iterations))
+            unit.update(loss, batch.desc, learning_rate(tt.lr, i, cfg.run.warmup, tt.lr_decay, tt.iterations,
+                                                         tt.lr_cycle))
             ema.update(i)
             return {"loss": loss.item()}
 
