@@ -25,10 +25,12 @@ def test_readme_quotes_match_the_report():
 
 
 def test_a_changed_number_is_caught():
+    """A number changed in the report's quoted table makes the quote differ from what section_table reads."""
     source, title, quoted = quotes((REPO / "README.md").read_text())[0]
     report = (REPO / source).read_text()
-    number = re.search(r"\d\.\d{3}", quoted)
-    assert number, "the quote holds no three-decimal number to change"
-    last = number.group()[-1]
-    changed = quoted[:number.end() - 1] + ("1" if last != "1" else "2") + quoted[number.end():]
-    assert changed != section_table(report, title)
+    head, table = report.split(f"## {title}", 1)
+    number = re.search(r"\| \d\.\d{3} ", table)
+    assert number, "the quoted table holds no three-decimal number to change"
+    digit = number.end() - 2
+    changed = table[:digit] + ("1" if table[digit] != "1" else "2") + table[digit + 1:]
+    assert section_table(f"{head}## {title}{changed}", title) != quoted
