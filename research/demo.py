@@ -100,7 +100,7 @@ def mode_section(models: dict[str, SeededGenerate], prompts: Prompts, seeds: lis
                      f"{comparison_markdown(student_table[0], teacher_table, prompts, seeds)}\n")
     else:
         parts.append(f"(no student at {student_source}: train one with the pipeline in train/README.md)\n")
-    parts.append(f"### The same prompts, seed {seeds[0]}\n\n"
+    parts.append(f"### The same prompts: known answers (noise at seed {seeds[0]}) and the teacher over every seed\n\n"
                  f"{sanity_markdown(sanity_rows(prompts, teacher_table, seeds[0]))}\n")
     parts += [f"### {mode}: {name}, per video\n\n{table.to_markdown(per_video=True)}\n"
               for name, table in tables.items()]
