@@ -17,15 +17,16 @@ from research.sanity import ordering_holds, sanity_rows
 # gate_direction, gate_speed, faithful, overall), a step of 0.25 below on a gate. T2V has no speed or `faithful`
 # floor: the committed teacher mostly misses them there (README.md).
 FLOORS = {"teacher": {"TI2V": {"gate_color": 0.75, "gate_shape": 0.75, "gate_direction": 0.75, "gate_speed": 0.75,
-                               "faithful": 0.5, "overall": 0.8},
-                      # measured 1.0, 1.0, 1.0, 1.0, 0.622, 0.884
-                      "T2V": {"gate_color": 0.75, "gate_shape": 0.75, "gate_direction": 0.75, "overall": 0.65}},
-                      # measured 1.0, 1.0, 1.0, 0.25, 0.138, 0.739
+                               "faithful": 0.6, "overall": 0.85},
+                      # measured 1.0, 1.0, 1.0, 1.0, 0.689, 0.909
+                      "T2V": {"gate_color": 0.75, "gate_shape": 0.75, "gate_direction": 0.5, "faithful": 0.1,
+                              "overall": 0.7}},
+                      # measured 1.0, 1.0, 0.75, 0.142, 0.768
           "student": {"TI2V": {"gate_color": 0.75, "gate_shape": 0.75, "gate_direction": 0.75, "gate_speed": 0.75,
-                               "faithful": 0.3, "overall": 0.75},
-                      # measured 1.0, 1.0, 1.0, 1.0, 0.423, 0.835
+                               "faithful": 0.4, "overall": 0.8},
+                      # measured 1.0, 1.0, 1.0, 1.0, 0.520, 0.864
                       "T2V": {"gate_color": 0.75, "gate_shape": 0.5, "gate_direction": 0.5, "overall": 0.6}}}
-                      # measured 1.0, 0.75, 0.75, 0.25, 0.011, 0.686
+                      # measured 1.0, 0.75, 0.75, 0.655
 
 
 def test_teacher_file_and_metadata():
@@ -66,10 +67,10 @@ def test_committed_models_clear_their_floors_on_heldout_prompts(model, t2v):
     assert all(mean[column] >= floor for column, floor in floors.items()), {c: round(mean[c], 3) for c in floors}
 
 
-def test_committed_teacher_passes_the_sanity_ordering_in_ti2v():
-    """Ground truth > teacher > every wrong answer by SANITY_MARGIN on `faithful`, on the floor prompts. T2V is
-    not asserted: there the committed teacher does not pass yet (README.md)."""
-    rows = sanity_rows(floor_prompts(False), heldout_table("teacher", False))
+@pytest.mark.parametrize("t2v", [False, True], ids=["TI2V", "T2V"])
+def test_committed_teacher_passes_the_sanity_ordering(t2v):
+    """Ground truth > teacher > every wrong answer by SANITY_MARGIN on `faithful`, on the floor prompts."""
+    rows = sanity_rows(floor_prompts(t2v), heldout_table("teacher", t2v))
     assert ordering_holds(rows), {name: round(table.mean()["faithful"], 3) for name, table in rows.items()}
 
 
