@@ -19,7 +19,7 @@ from research.sanity import ordering_holds, sanity_rows
 FLOORS = {"teacher": {"TI2V": {"gate_color": 0.75, "gate_shape": 0.75, "gate_direction": 0.75, "gate_speed": 0.75,
                                "faithful": 0.6, "overall": 0.85},
                       # measured 1.0, 1.0, 1.0, 1.0, 0.689, 0.909
-                      "T2V": {"gate_color": 0.75, "gate_shape": 0.75, "gate_direction": 0.5, "faithful": 0.1,
+                      "T2V": {"gate_color": 0.75, "gate_shape": 0.75, "gate_direction": 0.75, "faithful": 0.1,
                               "overall": 0.7}},
                       # measured 1.0, 1.0, 0.75, 0.142, 0.768
           "student": {"TI2V": {"gate_color": 0.75, "gate_shape": 0.75, "gate_direction": 0.75, "gate_speed": 0.75,
