@@ -213,8 +213,8 @@ class Reproduction:
         """Known answers (ground truth, wrong answers, a no-model shortcut) scored on each mode's prompts, against
         the teacher's videos of every seed; the teacher's least favorable seed is shown alone as well."""
         parts, numbers = [], {}
+        samples = self.teacher_measured.samples
         for prompts in self.prompts:
-            samples = self.teacher_measured.samples
             rows = sanity_rows(prompts, samples.subset(prompts.mode), self.seeds[0])
             by_seed = {s: samples.subset(prompts.mode, s) for s in self.seeds}
             worst = min(self.seeds, key=lambda s: by_seed[s].mean()[PRIMARY])

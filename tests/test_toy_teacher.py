@@ -14,8 +14,9 @@ from research.demo import STUDENT, TEACHER, load_fp32
 from research.sanity import ordering_holds, sanity_rows
 
 # Floors below the committed models' scores on `floor_prompts` (measured, in the comments: gate_color, gate_shape,
-# gate_direction, gate_speed, faithful, overall), a step of 0.25 below on a gate. T2V has no speed or `faithful`
-# floor: the committed teacher mostly misses them there (README.md).
+# gate_direction, gate_speed, faithful, overall; T2V without gate_speed), a step of 0.25 below on a gate except the
+# teacher's T2V direction, which measures exactly its floor. T2V has no speed floor and the student no T2V
+# `faithful` floor: the committed models mostly miss them there (README.md).
 FLOORS = {"teacher": {"TI2V": {"gate_color": 0.75, "gate_shape": 0.75, "gate_direction": 0.75, "gate_speed": 0.75,
                                "faithful": 0.6, "overall": 0.85},
                       # measured 1.0, 1.0, 1.0, 1.0, 0.689, 0.909
