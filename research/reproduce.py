@@ -22,7 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -32,7 +32,7 @@ from fastlightgen.io_utils import atomic_write_text
 from fastlightgen.plan import PrunePlan
 from fastlightgen.sampling import Sampling
 from fastlightgen.toy.generate import generate_few_step, generate_teacher, generate_well_guided
-from fastlightgen.toy.prompts import split_prompts
+from fastlightgen.toy.prompts import Prompts, split_prompts
 from fastlightgen.toy.world import split_combinations
 from fastlightgen.video_io import write_mp4
 from train.config import Config
@@ -79,6 +79,34 @@ FEW_STEP_LISTS = {1: (1000,), 2: (1000, 500), 4: (1000, 750, 500, 250)}
 # report sections in run order (cheap, paper-central ones first) and the Reproduction method of each
 SECTIONS = {"Sanity": "sanity", "Table 2": "table2", "Fig. 4": "fig4", "Table 6": "table6", "Fig. 1": "fig1",
             "Table 4": "table4", "Table 9": "table9", "Table 5": "table5", "Automatic beta selection": "auto_beta"}
+
+
+def training_prompts(combinations: int) -> list[Prompts]:
+    """`combinations` training combinations spread over the training split, one render each, in MODES order."""
+    stride = max(1, len(split_combinations("train")) // combinations)
+    return [split_prompts("train", 1, 0, combinations, stride, t2v=m == "T2V") for m in MODES]
+
+
+def measure_euler(label: str, model: torch.nn.Module, sampling: Sampling, prompts: Sequence[Prompts],
+                  seeds: Sequence[int], teacher_params: int) -> Measured:
+    """A model sampled as the teacher is (Euler with CFG at `sampling`)."""
+    return measure(label, model, lambda a, batch, seed: generate_teacher(a, batch, seed, sampling), prompts, seeds,
+                   teacher_params, sampling.steps, sampling.nfe)
+
+
+def measure_student(label: str, base: Config, folder: Path, steps: int, prompts: Sequence[Prompts],
+                    seeds: Sequence[int], teacher_params: int) -> Measured:
+    """The student of a finished Stage III run sampled at `steps` of its few-step schedule."""
+    info = read_run_info(folder)
+    few = Sampling.few_step(FEW_STEP_LISTS[steps], info["shift"])
+    return measure(label, student_model(base, folder, info),
+                   lambda a, batch, seed: generate_few_step(a, batch, seed, few), prompts, seeds, teacher_params,
+                   steps, steps)
+
+
+def pruned_path(base: Config, folder: Path) -> torch.nn.Module:
+    """The pruned path of a finished Stage II run, as its own model."""
+    return student_model(base, folder, read_run_info(folder))
 
 
 @dataclass
@@ -153,10 +181,8 @@ class Reproduction:
                                  else meta.recommended)
         # the held-out prompts of each mode, in MODES order: every model is sampled on all of them
         self.prompts = [split_prompts("heldout", mode.renders, 0, mode.combinations, t2v=m == "T2V") for m in MODES]
-        # as many training combinations, spread over the training split: the automatic betas are chosen on these
-        combos = len({f.combination for f in self.prompts[0].factors})
-        stride = max(1, len(split_combinations("train")) // combos)
-        self.train_prompts = [split_prompts("train", 1, 0, combos, stride, t2v=m == "T2V") for m in MODES]
+        # as many training combinations: the automatic betas are chosen on these
+        self.train_prompts = training_prompts(len({f.combination for f in self.prompts[0].factors}))
         self.teacher_measured = self.euler("Euler with CFG (teacher)", self.teacher)
 
     # ---- configs and models ----------------------------------------------------------------------
@@ -169,9 +195,7 @@ class Reproduction:
         return PrunePlan.load(self.cache.plan(cfg))
 
     def euler(self, label: str, model: torch.nn.Module) -> Measured:
-        ts = self.teacher_sampling
-        return measure(label, model, lambda a, prompts, seed: generate_teacher(a, prompts, seed, ts), self.prompts,
-                       self.seeds, self.teacher_params, ts.steps, ts.nfe)
+        return measure_euler(label, model, self.teacher_sampling, self.prompts, self.seeds, self.teacher_params)
 
     def memo(self, key: tuple, label: str, run: Callable[[], Measured]) -> Measured:
         """A model's measurement is taken once per report run; later tables reuse it under their label."""
@@ -187,16 +211,11 @@ class Reproduction:
         return self.memo((folder, steps), label, lambda: self._student(label, folder, steps))
 
     def _student(self, label: str, folder: Path, steps: int) -> Measured:
-        info = read_run_info(folder)
-        model = student_model(self.base, folder, info)
-        few = Sampling.few_step(FEW_STEP_LISTS[steps], info["shift"])
-        return measure(label, model, lambda a, prompts, seed: generate_few_step(a, prompts, seed, few), self.prompts,
-                       self.seeds, self.teacher_params, steps, steps)
+        return measure_student(label, self.base, folder, steps, self.prompts, self.seeds, self.teacher_params)
 
     def stage2_pruned(self, label: str, cfg: Config) -> Measured:
         folder = self.cache.stage2(cfg)
-        return self.memo((folder, "euler"), label,
-                         lambda: self.euler(label, student_model(self.base, folder, read_run_info(folder))))
+        return self.memo((folder, "euler"), label, lambda: self.euler(label, pruned_path(self.base, folder)))
 
     def prompts_line(self) -> str:
         combos = len({f.combination for f in self.prompts[0].factors})
