@@ -24,10 +24,10 @@ FLOORS = {"teacher": {"TI2V": {"gate_color": 0.75, "gate_shape": 0.75, "gate_dir
                               "overall": 0.7}},
                       # measured 1.0, 1.0, 0.75, 0.142, 0.768
           "student": {"TI2V": {"gate_color": 0.75, "gate_shape": 0.75, "gate_direction": 0.75, "gate_speed": 0.75,
-                               "faithful": 0.4, "overall": 0.8},
-                      # measured 1.0, 1.0, 1.0, 1.0, 0.520, 0.864
-                      "T2V": {"gate_color": 0.75, "gate_shape": 0.5, "gate_direction": 0.5, "overall": 0.6}}}
-                      # measured 1.0, 0.75, 0.75, 0.655
+                               "faithful": 0.6, "overall": 0.85},
+                      # measured 1.0, 1.0, 1.0, 1.0, 0.688, 0.912
+                      "T2V": {"gate_color": 0.75, "gate_shape": 0.75, "gate_direction": 0.75, "overall": 0.7}}}
+                      # measured 1.0, 1.0, 1.0, 0.770
 
 
 def test_teacher_file_and_metadata():
