@@ -101,6 +101,7 @@ def test_quick_report(tmp_path):
         "Table 9: weak (pruned) vs strong (unpruned) teacher as real and fake score",
         "Table 5: inter CFG beta1 and intra CFG beta2 (Stage III)", "Automatic beta selection"]
     assert "pending" not in text and not re.search(r"\bnan\b|\binf\b", text)
+    assert "(Stage II 2 steps, Stage III 1 at this run)" in text  # the lengths a run trained with, not the config's
     for table in markdown_tables(text):  # every row has as many cells as its header
         assert len({line.count("|") for line in table}) == 1, table[0]
     numbers = json.loads((out / "results.json").read_text())
