@@ -1,8 +1,8 @@
-"""research.bench.adapter's structure: --quick sweeps the fixed ranks and the energies beside whole deltas,
-reports each file's size and ratio to the full student and both paired intervals, and chooses the smallest
-setting within tolerance. The toy's generation and scoring are replaced by a score that falls with the weight
-error (the bench's real numbers come from `python -m research.bench.adapter`), on the small random pair of
-test_student_adapter.
+"""research.bench.adapter's structure: --quick sweeps the fixed ranks and the energies beside whole deltas on
+training prompts, reports each file's size and ratio to the full student and both paired intervals, chooses
+the smallest setting within tolerance, and reports that one alone on the held-out prompts. The toy's
+generation and scoring are replaced by a score that falls with the weight error (the bench's real numbers
+come from `python -m research.bench.adapter`), on the small random pair of test_student_adapter.
 """
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from fastlightgen.adapters import adapt
 from fastlightgen.checkpoint import CheckpointMeta, save_checkpoint
 from fastlightgen.toy.evaluate import EvalTable
 from fastlightgen.toy.teacher import build_toy_teacher
+from fastlightgen.toy.world import split_combinations
 from research.bench import adapter as bench
+from research.report import Samples
 from research.stats import Interval
 
 
@@ -33,17 +35,22 @@ def files(tmp_path, monkeypatch):
     def scores(model, prompts, seeds, few):  # 0.6 minus the relative error of the student's change
         state = model.state_dict()
         err = sum((state[k].float() - v).pow(2).sum() for k, v in target.items()).sqrt() / change
+        keys = [(batch.mode, seed, i) for batch in prompts for seed in seeds for i in range(len(batch.factors))]
+        clusters = [(batch.mode, f.combination) for batch in prompts for _ in seeds for f in batch.factors]
         rows = [{"overall": 0.6 - 0.2 * err.item() + 0.001 * i, "faithful": 0.7 - 0.2 * err.item()}
-                for i in range(len(prompts.factors) * len(seeds))]
-        return EvalTable([str(i) for i in range(len(rows))], rows)
+                for i in range(len(keys))]
+        calls.append((tuple(batch.mode for batch in prompts), tuple(seeds), prompts[0].factors[0].combination))
+        return Samples(EvalTable([str(i) for i in range(len(rows))], rows), tuple(keys), tuple(clusters), {})
 
+    calls = []
     monkeypatch.setattr(bench, "scores", scores)
-    return tmp_path
+    return tmp_path, calls
 
 
 def test_quick_sweeps_ranks_and_energies_and_chooses_the_smallest_within_tolerance(files, one_thread):
-    out = files / "report.md"
-    bench.main(["--quick", "--teacher", str(files / "t.safetensors"), "--student", str(files / "s.safetensors"),
+    folder, calls = files
+    out = folder / "report.md"
+    bench.main(["--quick", "--teacher", str(folder / "t.safetensors"), "--student", str(folder / "s.safetensors"),
                 "--out", str(out), "--ranks", "1,8,64"])
     report = out.read_text()
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in report.splitlines()
@@ -58,8 +65,21 @@ def test_quick_sweeps_ranks_and_energies_and_chooses_the_smallest_within_toleran
     chosen = re.search(r"within ±0.005: \*\*(.+?)\*\* \((\d+\.\d\d) MiB, (\d\.\d{3})x the full student\): target "
                        r"\(<= 0.35x\) (met|missed)", report)
     assert chosen and within[chosen[1]] == min(within.values())
+    assert re.search(r"on the \*\*held-out\*\* prompts \(2 held-out combinations x 2 modes x noise seeds 0 = 4 "
+                     r"paired videos; reported, never used to choose\): overall [+-]\d\.\d{4} \[.+\], faithful "
+                     r"[+-]\d\.\d{4} \[.+\]; within ±0.005 on both: (yes|no)", report)
+    # the reference and every setting are scored on training prompts; only the chosen one and the reference on
+    # held-out prompts, at other noise seeds
+    train, heldout = set(split_combinations("train")), set(split_combinations("heldout"))
+    assert [(modes, seeds) for modes, seeds, _ in calls] == [(("TI2V", "T2V"), (1000,))] * 7 + [(("TI2V", "T2V"), (0,))] * 2
+    assert all(combo in train for *_, combo in calls[:7]) and all(combo in heldout for *_, combo in calls[7:])
     assert "Real shapes at rank 8 (the smallest fixed rank within tolerance" in report
     assert "Wan 2.2 TI2V 5B" in report and "ComfyUI" not in report  # --quick measures no ComfyUI load
+
+
+def test_the_choice_may_not_use_the_held_out_seeds(tmp_path):
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--choice-seeds", "0,1000", "--teacher", str(tmp_path / "missing.safetensors")])
 
 
 def test_a_bad_energy_stops_the_bench_before_any_model_is_read(tmp_path):

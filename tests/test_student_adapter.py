@@ -239,11 +239,11 @@ def test_the_committed_toy_adapter_rebuilds_the_committed_student():
     teacher, _ = load_wan(models / "toy_teacher.safetensors", dtype=torch.float32)
     student, meta = load_wan(models / "toy_student.safetensors", dtype=torch.float32)
     assert adapter.meta.kept_blocks == meta.kept_blocks and adapter.meta.recommended == meta.recommended
-    assert adapter.meta.energy == 0.95 and (models / "toy_student_adapter.safetensors").stat().st_size < 9 * 2**20
+    assert adapter.meta.energy == 0.98 and (models / "toy_student_adapter.safetensors").stat().st_size < 12 * 2**20
     rebuilt, base = apply_adapter(teacher, adapter).state_dict(), adapt(teacher).pruned_state_dict(meta.kept_blocks)
     left = sum((rebuilt[k] - v).pow(2).sum() for k, v in student.state_dict().items())
     total = sum((base[k] - v).pow(2).sum() for k, v in student.state_dict().items())
-    assert left < 0.2 * total  # energy 0.95 keeps most of the student's change (measured: research.bench.adapter)
+    assert left < 0.03 * total  # each low-rank layer keeps 98% of its change's squared singular values
 
 
 def test_an_adapter_given_as_a_checkpoint_says_what_it_is(pair, tmp_path):

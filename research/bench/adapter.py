@@ -2,20 +2,23 @@
 
 Settings: fixed ranks (--ranks, one rank for every layer), energies (--energies: each layer keeps the smallest
 rank holding that share of its delta's squared singular values) and whole deltas.
-1. Quality: research.demo's held-out prompts and seeds, the student rebuilt from an adapter at each setting
-   against the full student, paired per video (research/stats.py, clusters = prompt combinations): overall and
-   faithful, mean difference with its 95% interval; the chosen setting is the one with the smallest file whose
-   intervals for both lie within +-`TOLERANCE`, checked against the target file size (<= `SIZE_TARGET`x the
-   full student's checkpoint file).
-2. Size: each toy adapter file and its ratio to the full student's file; computed sizes (bf16, no weights)
+1. Choice, on training prompts only (research.recipe_choice's: training combinations of both modes at noise
+   seeds the held-out evaluation never uses): the student rebuilt from an adapter at each setting against the
+   full student, paired per video (research/stats.py, clusters = mode and combination): overall and faithful,
+   mean difference with its 95% interval. The chosen setting is the one with the smallest file whose intervals
+   for both lie within +-`TOLERANCE`, checked against the target file size (<= `SIZE_TARGET`x the full
+   student's checkpoint file).
+2. Report, on research.demo's held-out prompts and seeds: the chosen setting against the full student, the
+   same two intervals. These videos choose nothing.
+3. Size: each toy adapter file and its ratio to the full student's file; computed sizes (bf16, no weights)
    for the real shapes of Wan 2.1 1.3B, Wan 2.2 TI2V-5B and Wan 2.1 14B at the toy's keep ratio, at the
    smallest fixed rank within tolerance (an energy setting's size depends on the real deltas, so it has no
    size without weights).
-3. ComfyUI, on the toy (CPU, each in a fresh process, Linux): wall time and peak RSS growth of the stock
+4. ComfyUI, on the toy (CPU, each in a fresh process, Linux): wall time and peak RSS growth of the stock
    Load Diffusion Model + Apply Student Adapter vs Load FastLightGen Checkpoint of the full student, up to the
    patched model in memory.
-Writes a markdown report (--out). --quick: 2 held-out combinations, seed 0, ranks 8 and 64, energies 0.9
-and 0.99, no ComfyUI runs, to outputs/adapter_bench_quick.md: checks the structure in a minute or two.
+Writes a markdown report (--out). --quick: 2 combinations per split, one noise seed each, ranks 8 and 64,
+energies 0.9 and 0.99, no ComfyUI runs, to outputs/adapter_bench_quick.md: checks the structure in minutes.
 """
 from __future__ import annotations
 
@@ -43,24 +46,27 @@ from fastlightgen.student_adapter import (
     check_setting,
     make_adapter,
     ranks_summary,
+    read_adapter,
     save_adapter,
 )
-from fastlightgen.toy.evaluate import EvalTable, evaluate_batch
 from fastlightgen.toy.generate import generate_few_step
-from fastlightgen.toy.prompts import split_prompts
+from fastlightgen.toy.prompts import Prompts, split_prompts
 from fastlightgen.wan_keys import diffusers_to_original
 
-from ..demo import STUDENT, TEACHER
-from ..stats import Interval, paired_interval
+from ..demo import MODES, STUDENT, TEACHER
+from ..report import Samples, paired_samples, sample
+from ..reproduce import PREVIEW_SEED, training_prompts
+from ..stats import Interval
 
 TOLERANCE = 0.005
 SIZE_TARGET = 0.35  # adapter file / full student file
 RANKS = (4, 8, 16, 32, 64)
 ENERGIES = (0.9, 0.95, 0.98, 0.99, 0.995)
-QUICK = {"limit": 2, "seeds": "0", "ranks": "8,64", "energies": "0.9,0.99", "comfy_repeats": 0,
-         "out": Path("outputs/adapter_bench_quick.md")}
-FULL = {"limit": None, "seeds": "0,1,2,3,4", "ranks": ",".join(map(str, RANKS)),
-        "energies": ",".join(map(str, ENERGIES)), "comfy_repeats": 3, "out": Path("outputs/adapter_bench.md")}
+QUICK = {"combinations": 2, "choice_seeds": str(PREVIEW_SEED), "limit": 2, "seeds": "0", "ranks": "8,64",
+         "energies": "0.9,0.99", "comfy_repeats": 0, "out": Path("outputs/adapter_bench_quick.md")}
+FULL = {"combinations": 12, "choice_seeds": f"{PREVIEW_SEED},{PREVIEW_SEED + 1}", "limit": None, "seeds": "0,1,2,3,4",
+        "ranks": ",".join(map(str, RANKS)), "energies": ",".join(map(str, ENERGIES)), "comfy_repeats": 3,
+        "out": Path("outputs/adapter_bench.md")}
 # Public diffusers configs (transformer/config.json) of the released models.
 REAL = {
     "Wan 2.1 T2V 1.3B": {"num_layers": 30, "num_attention_heads": 12, "ffn_dim": 8960, "in_channels": 16,
@@ -99,7 +105,11 @@ class Result:
 
     @property
     def within(self) -> bool:
-        return all(-TOLERANCE <= iv.low and iv.high <= TOLERANCE for iv in (self.overall, self.faithful))
+        return within(self.overall, self.faithful)
+
+
+def within(*intervals: Interval) -> bool:
+    return all(-TOLERANCE <= iv.low and iv.high <= TOLERANCE for iv in intervals)
 
 
 def settings(ranks: list[int], energies: list[float]) -> list[Setting]:
@@ -114,14 +124,18 @@ def choose(results: list[Result], fixed_rank: bool = False) -> Result | None:
     return min(ok, key=lambda r: (r.size, r.setting.label)) if ok else None
 
 
-def scores(model, prompts, seeds, few) -> EvalTable:
-    labels, rows = [], []
+def scores(model, prompts: list[Prompts], seeds: list[int], few) -> Samples:
     wan = adapt(model)
-    for seed in seeds:
-        table = evaluate_batch(generate_few_step(wan, prompts, seed, few), list(prompts.factors))
-        labels += [f"seed {seed}: {label}" for label in table.labels]
-        rows += table.rows
-    return EvalTable(labels, rows)
+    return sample(lambda batch, seed: generate_few_step(wan, batch, seed, few), prompts, seeds)
+
+
+def against(samples: Samples, reference: Samples) -> tuple[Interval, Interval]:
+    """overall and faithful of `samples` - `reference`, paired per video."""
+    return paired_samples(samples, reference, "overall"), paired_samples(samples, reference, "faithful")
+
+
+def seed_list(text: str) -> list[int]:
+    return [int(s) for s in text.split(",")]
 
 
 def real_sizes(rank: int, keep_ratio: float) -> list[str]:
@@ -196,9 +210,12 @@ def comfy_costs(folder: Path, repeats: int) -> dict[str, tuple[float, float]]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="2 combinations, seed 0, 2 ranks, 2 energies, no ComfyUI")
+    p.add_argument("--quick", action="store_true", help="2 combinations, one seed, 2 ranks, 2 energies, no ComfyUI")
     p.add_argument("--out", type=Path, default=None, help=f"report (default {FULL['out']}, --quick: {QUICK['out']})")
-    p.add_argument("--seeds", default=None, help=f"default {FULL['seeds']}")
+    p.add_argument("--combinations", type=int, default=None, help="training combinations per mode the choice is "
+                   f"made on (default {FULL['combinations']})")
+    p.add_argument("--choice-seeds", default=None, help=f"noise seeds of the choice (default {FULL['choice_seeds']})")
+    p.add_argument("--seeds", default=None, help=f"noise seeds of the held-out report (default {FULL['seeds']})")
     p.add_argument("--limit", type=int, default=None, help="only the first N held-out combinations")
     p.add_argument("--ranks", default=None, help=f"fixed ranks (default {FULL['ranks']}; '' for none)")
     p.add_argument("--energies", default=None, help=f"energies (default {FULL['energies']}; '' for none)")
@@ -214,7 +231,9 @@ def main(argv: list[str] | None = None) -> None:
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds, choice_seeds = seed_list(args.seeds), seed_list(args.choice_seeds)
+    if set(seeds) & set(choice_seeds):
+        p.error(f"--choice-seeds: the choice may not use the held-out report's noise seeds {args.seeds}")
     ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
     energies = [float(e) for e in args.energies.split(",") if e.strip()]
     try:
@@ -222,16 +241,17 @@ def main(argv: list[str] | None = None) -> None:
             check_setting(setting.rank, setting.energy)
     except AdapterError as err:
         raise SystemExit(f"error: {err}") from None
-    prompts = split_prompts("heldout", 1, 0, args.limit)
-    combos = [f.combination for f in prompts.factors] * len(seeds)
+    choice_prompts = training_prompts(args.combinations)
+    heldout = [split_prompts("heldout", 1, 0, args.limit, t2v=m == "T2V") for m in MODES]
     teacher, _ = load_wan(args.teacher, dtype=torch.float32)
     student, meta = load_wan(args.student, dtype=torch.float32)
     full_size = args.student.stat().st_size
     few = meta.recommended
-    reference = scores(student, prompts, seeds, few)
+    reference = scores(student, choice_prompts, choice_seeds, few)
     work = Path(tempfile.mkdtemp(prefix="adapter_bench_"))
-    lines = [(f"# Student adapter on the toy\n\n{len(prompts.factors)} held-out combinations x seeds {args.seeds} "
-              f"= {len(reference.rows)} paired videos; adapters stored in bf16; reference: the full student "
+    lines = [(f"# Student adapter on the toy\n\nChosen on **training** prompts: {len(choice_prompts[0].factors)} "
+              f"training combinations x {len(MODES)} modes ({', '.join(MODES)}) x noise seeds {args.choice_seeds} = "
+              f"{len(reference.keys)} paired videos; adapters stored in bf16; reference: the full student "
               f"({args.student.name}, {full_size / 2**20:.2f} MiB). Size ratio: adapter file / full student file. "
               f"Energy E: each linear layer keeps the smallest rank holding share E of its delta's squared "
               f"singular values.\n"),
@@ -243,9 +263,8 @@ def main(argv: list[str] | None = None) -> None:
         adapter = make_adapter(teacher, student, meta.kept_blocks, rank=setting.rank, energy=setting.energy,
                                recommended=few)
         path = save_adapter(work / f"setting{i}.safetensors", adapter)
-        table = scores(apply_adapter(teacher, adapter).float(), prompts, seeds, few)
-        overall, faithful = (paired_interval([r[c] for r in table.rows], [r[c] for r in reference.rows], combos)
-                             for c in ("overall", "faithful"))
+        overall, faithful = against(scores(apply_adapter(teacher, adapter).float(), choice_prompts, choice_seeds, few),
+                                    reference)
         result = Result(setting, path, ranks_summary(adapter.meta.ranks), overall, faithful)
         results.append(result)
         lines.append(f"| {setting.label} | {result.ranks} | {result.size / 2**20:.2f} MiB | "
@@ -256,9 +275,15 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"\nNo setting tried lies within ±{TOLERANCE} on both scores.\n")
     else:
         ratio = chosen.size / full_size
+        rebuilt = apply_adapter(teacher, read_adapter(chosen.path)).float()
+        overall, faithful = against(scores(rebuilt, heldout, seeds, few), scores(student, heldout, seeds, few))
         lines.append(f"\nSmallest setting whose intervals both lie within ±{TOLERANCE}: **{chosen.setting.label}** "
                      f"({chosen.size / 2**20:.2f} MiB, {ratio:.3f}x the full student): target (<= {SIZE_TARGET}x) "
-                     f"{'met' if ratio <= SIZE_TARGET else 'missed'}.\n")
+                     f"{'met' if ratio <= SIZE_TARGET else 'missed'}.\n\nThe chosen setting on the **held-out** "
+                     f"prompts ({len(heldout[0].factors)} held-out combinations x {len(MODES)} modes x noise seeds "
+                     f"{args.seeds} = {overall.n} paired videos; reported, never used to choose): overall "
+                     f"{overall}, faithful {faithful}; within ±{TOLERANCE} on both: "
+                     f"{'yes' if within(overall, faithful) else 'no'}.\n")
     sized = fixed.setting.rank if fixed else max(ranks, default=64)
     why = "the smallest fixed rank within tolerance" if fixed else "no fixed rank was within tolerance"
     lines += [f"Real shapes at rank {sized} ({why}; an energy setting's size depends on the real deltas):", ""]
