@@ -119,6 +119,9 @@ class Stage1Config:
 @dataclass
 class Stage2Config:
     plan: str = ""  # default run_dir/stage1/plan.json
+    # the weights trained: empty, the teacher's; or a Stage II model.safetensors (all blocks) of the same
+    # teacher, continued toward this run's plan (progressive pruning: a smaller plan from a larger one's run)
+    init: str = ""
     lr: float = 1e-5
     iterations: int = 4000
     alpha: float = 1.0  # 1: distillation only (paper's best); < 1 adds flow matching on both paths
@@ -227,6 +230,8 @@ class Config:
             section.pop("iterations", None)
         if stage == "stage2" and section["target"] != "ema":  # the decay is read only by the EMA target
             section.pop("target_ema_decay")
+        if stage == "stage2" and section.pop("init"):  # absent when empty: runs from the teacher keep their key
+            section["init (contents)"] = file_digest(self.stage2.init)
         if stage in ("stage2", "stage3"):
             section["plan (contents)"] = json_digest(plan_path(self, section["plan"]))
         if stage == "stage3" and section["init"] != "teacher":

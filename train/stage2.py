@@ -6,8 +6,9 @@ stop-gradient unpruned path (alpha = 1), plus flow matching on both paths when a
 target comes from stage2.target: `shared`, the same weights (the paper's form: both passes share the
 blocks before the first skipped one; with alpha = 1 only the pruned branch records gradients); `frozen`,
 a copy of the starting weights; `ema`, an exponential moving average of the trained weights (checkpointed
-with them). The copies are plain modules on every rank, run without gradients. Writes
-run_dir/stage2/model.safetensors (all blocks) for Stage III.
+with them). The copies are plain modules on every rank, run without gradients. The weights start from the
+teacher's, or from stage2.init: another Stage II run's, so that a smaller plan continues a larger one's run
+(progressive pruning). Writes run_dir/stage2/model.safetensors (all blocks) for Stage III.
 API: `run(cfg, resume)`.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .config import Config
 from .data import BatchFn, batch_source, data_fingerprint
 from .dist import init_dist
 from .loop import Run, learning_rate, train
-from .models import MODEL_FILE, load_plan, load_teacher, plan_path, save_stage_output
+from .models import MODEL_FILE, load_plan, load_teacher, load_weights, plan_path, save_stage_output
 from .state import hold_run_dir
 from .units import EMA, AdapterModule, Trainable, compute_dtype, make_trainable
 
@@ -49,10 +50,10 @@ class Stage2Models:
 
 
 def build(cfg: Config) -> Stage2Models:
-    dist = init_dist(cfg)
-    model = load_teacher(cfg)
-    plan = load_plan(cfg, cfg.stage2.plan, model)
     s2 = cfg.stage2
+    dist = init_dist(cfg)
+    model = load_teacher(cfg) if not s2.init else load_weights(load_teacher(cfg), s2.init)
+    plan = load_plan(cfg, cfg.stage2.plan, model)
     dtype = compute_dtype(cfg)
     # copied before DeepSpeed partitions `model`, whole on every rank, in the dtype of the inputs
     frozen = copy.deepcopy(model).to(dist.device, dtype).eval().requires_grad_(False) \
@@ -92,6 +93,9 @@ def train_one_step(m: Stage2Models, i: int) -> dict:
 def run(cfg: Config, resume: bool = False) -> Path:
     """Trains Stage II (continuing the newest checkpoint with `resume`); returns its model.safetensors."""
     cfg.validate()
+    if cfg.stage2.init and not Path(cfg.stage2.init).is_file():  # before the run folder or the teacher
+        raise FileNotFoundError(f"stage2.init {cfg.stage2.init} does not exist: give a finished Stage II run's "
+                                f"{MODEL_FILE}, or leave stage2.init empty to start from the teacher")
     with hold_run_dir(cfg.stage_dir("stage2")):
         m = build(cfg)
         state = [m.unit] if m.ema is None else [m.unit, m.ema]
@@ -102,7 +106,7 @@ def run(cfg: Config, resume: bool = False) -> Path:
             save_stage_output(m.run.dir, weights, {
                 "stage": "stage2", "plan": m.plan.to_dict(), "plan_path": str(plan_path(cfg, cfg.stage2.plan)),
                 "steps": steps, "alpha": cfg.stage2.alpha, "skip_prob": cfg.stage2.skip_prob,
-                "target": cfg.stage2.target,
+                "target": cfg.stage2.target, "init": cfg.stage2.init or "teacher",
                 "data": data_fingerprint(cfg), "config": cfg.to_dict()})
             m.run.print_on_main(f"wrote {m.run.dir / MODEL_FILE}")
         m.run.dist.close()
