@@ -1,4 +1,4 @@
-"""`python -m research.reproduce`: the paper's Tables 2, 4, 5, 6, 9 and Figs. 1, 4 on the toy world, in one run.
+"""`python -m research.reproduce`: the paper's Tables 2, 4, 5, 6, 9 and Figs. 1, 4 on the toy world.
 
 Trains (or reuses, cached by config hash under --cache) every variant the tables need from the committed
 toy teacher with the recipe of configs/toy.yaml, samples each on the held-out prompts (combinations of
@@ -7,9 +7,11 @@ and writes a report: REPORT.md, plots, a few mp4 samples and results.json. It op
 (the scorer's ranking of known answers on the same prompts). Every comparison and claim rests on a paired
 interval (research/stats.py): the per-video difference of the primary score `faithful` between two models on
 the same videos, with a 95% bootstrap interval over (mode, combination) clusters and a verdict against the
-equivalence margin fixed there. All times and speed-ups come from this one run. The report is rewritten
-after every section, so an interrupted run leaves the finished tables (and the cache) behind. Choices
-(the automatic betas) are made on training prompts only, never on the held-out prompts.
+equivalence margin fixed there. A section's numbers, times and speed-ups all come from one run, which the
+section names at its end. The report is rewritten after every section; the sections of a report already in
+--out stay until the run replaces them, so an interrupted run leaves a whole report (and the cache) behind,
+and `--sections` reruns only some: a report longer than one session is finished in pieces. Choices (the
+automatic betas) are made on training prompts only, never on the held-out prompts.
 
 --quick runs the same report with tiny training runs and few prompts (minutes; numbers are not
 meaningful, only the structure): the test suite uses it.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -109,24 +112,58 @@ def pruned_path(base: Config, folder: Path) -> torch.nn.Module:
     return student_model(base, folder, read_run_info(folder))
 
 
+def run_line(base: Config) -> str:
+    """What a section says of the run that made it: when, and the training lengths it ran with."""
+    return (f"Stage II {base.stage2.iterations} steps, Stage III {base.stage3.iterations} "
+            f"(run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})")
+
+
+def section_names(text: str) -> list[str]:
+    """`--sections`' comma-separated names, checked against SECTIONS."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown or not names:
+        raise SystemExit(f"--sections: unknown {unknown or 'empty list'}; the sections are: {', '.join(SECTIONS)}")
+    return names
+
+
+def previous_report(out: Path, required: bool) -> tuple[dict[str, str], dict[str, dict]]:
+    """The sections (REPORT.md cut at its section headings, one per section in SECTIONS order) and numbers of
+    the report already in `out`, which a run keeps until it replaces them (so an interrupted run leaves every
+    section, each naming its run); none when there is no such report, an error if `required`."""
+    fix = f"run the whole report into {out} first (without --sections)"
+    if not (out / "REPORT.md").is_file() or not (out / "results.json").is_file():
+        if required:
+            raise SystemExit(f"--sections keeps the other sections of the report in {out}, but there is none: {fix}")
+        return {}, {}
+    chunks = re.split(r"^(?=## )", (out / "REPORT.md").read_text(), flags=re.M)[1:]
+    if [c.splitlines()[0][3:].split(":")[0] for c in chunks] != list(SECTIONS):
+        if required:
+            raise SystemExit(f"{out / 'REPORT.md'} does not hold the sections {', '.join(SECTIONS)} in order: {fix}")
+        return {}, {}
+    return dict(zip(SECTIONS, chunks)), json.loads((out / "results.json").read_text())
+
+
 @dataclass
 class Report:
-    """The sections written so far, in order; `write` renders them all (pending ones as a line)."""
+    """The sections written so far, in order; `write` renders them all (pending ones as a line). Each section
+    ends with the run that made it (`run`, for the sections this process adds)."""
 
     out: Path
     header: str
+    run: str
     sections: dict[str, str] = field(default_factory=dict)
     numbers: dict[str, dict] = field(default_factory=dict)
 
     def add(self, name: str, text: str, numbers: dict) -> None:
-        self.sections[name] = text
+        self.sections[name] = f"{text.rstrip()}\n\n*This section: {self.run}.*\n"
         self.numbers[name] = numbers
         self.write()
 
     def write(self) -> None:
         body = [self.header]
         for name in SECTIONS:
-            body.append(self.sections.get(name, f"## {name}\n\n(pending: not run yet)\n"))
+            body.append(self.sections.get(name, f"## {name}\n\n(pending: not run yet)\n").rstrip() + "\n")
         atomic_write_text(self.out / "REPORT.md", "\n".join(body))
         atomic_write_text(self.out / "results.json", json.dumps(self.numbers, indent=1))
 
@@ -535,19 +572,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None, help="report folder (default reports/toy, or "
                    "outputs/reproduce-quick with --quick)")
     p.add_argument("--cache", type=Path, default=Path("runs/reproduce"), help="cached stage runs")
+    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated sections to run (default: "
+                   "all); the others are kept from the report already in --out")
     args = p.parse_args(argv)
     mode = QUICK if args.quick else FULL
     out = args.out or (Path("outputs/reproduce-quick") if args.quick else REPO / "reports" / "toy")
+    names = section_names(args.sections)
+    kept, kept_numbers = previous_report(out, required=len(names) < len(SECTIONS))
     out.mkdir(parents=True, exist_ok=True)
     cache = StageCache(args.cache / mode.name, args.config, mode.overrides)
 
     started = time.perf_counter()
     repro = Reproduction(mode, cache, out)
     header = (f"# FastLightGen on the toy world: the paper's tables\n\nRegenerate with `python -m research.reproduce"
-              f"{' --quick' if args.quick else ''}` ({mode.name} mode; runs cached in `{args.cache}`). Teacher: "
-              f"`{Path(repro.base.model.teacher).name}`; recipe: `{Path(args.config).name}`"
-              f"{' with ' + ', '.join(mode.overrides) if mode.overrides else ''} (Stage II "
-              f"{repro.base.stage2.iterations} steps, Stage III {repro.base.stage3.iterations} at this run). "
+              f"{' --quick' if args.quick else ''}` ({mode.name} mode; runs cached in `{args.cache}`; `--sections` "
+              f"reruns some sections and keeps the rest). Teacher: `{Path(repro.base.model.teacher).name}`; recipe: "
+              f"`{Path(args.config).name}`{' with ' + ', '.join(mode.overrides) if mode.overrides else ''}; each "
+              f"section ends with the run that made it (its training lengths and date). "
               f"{torch.get_num_threads()} CPU "
               f"threads. Quality: the toy evaluator (fastlightgen/toy/evaluate.py) on the held-out prompts of both "
               f"modes (TI2V: first frame given; T2V: caption alone) at noise seeds "
@@ -558,15 +599,16 @@ def main(argv: list[str] | None = None) -> None:
               f"then videos; the equivalence margin ±{EQUIVALENCE_MARGIN} was fixed before the run. \"matches\" "
               f"(the interval inside the margin), \"better\" and \"worse\" (the interval excludes zero) are said "
               f"only where the interval says so, \"inconclusive\" otherwise.\n")
-    report = Report(out, header)
-    for name, method in SECTIONS.items():
-        text, numbers = getattr(repro, method)()
+    report = Report(out, header, run_line(repro.base), dict(kept), dict(kept_numbers))
+    for name in names:
+        text, numbers = getattr(repro, SECTIONS[name])()
         report.add(name, text, numbers)
         print(f"[reproduce] {name} done ({time.perf_counter() - started:.0f} s)", flush=True)
     training = sum(stage_seconds(folder) for folder in cache.used)
-    report.header += (f"\nThis run took {time.perf_counter() - started:.0f} s and trained {len(cache.trained)} stage "
-                      f"runs (the rest came from the cache); its {len(cache.used)} Stage II and III runs took "
-                      f"{training:.0f} s of training in all (their logged step times).\n")
+    ran = "every section" if len(names) == len(SECTIONS) else ", ".join(names)
+    report.header += (f"\nThe last run ({ran}) took {time.perf_counter() - started:.0f} s and trained "
+                      f"{len(cache.trained)} stage runs (the rest came from the cache); its {len(cache.used)} Stage "
+                      f"II and III runs took {training:.0f} s of training in all (their logged step times).\n")
     report.write()
     if not all_finite(report.numbers):
         raise SystemExit(f"non-finite numbers in {out / 'results.json'}")

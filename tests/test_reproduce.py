@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -87,11 +88,18 @@ def markdown_tables(text: str) -> list[list[str]]:
     return tables
 
 
-def test_quick_report(tmp_path):
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory) -> tuple[Path, Path]:
+    """The whole quick report (its folder, its cache), run once for the tests below."""
     from research import reproduce
 
-    out, cache = tmp_path / "report", tmp_path / "cache"
+    out, cache = tmp_path_factory.mktemp("quick") / "report", tmp_path_factory.mktemp("quick") / "cache"
     reproduce.main(["--quick", "--out", str(out), "--cache", str(cache)])
+    return out, cache
+
+
+def test_quick_report(quick_report):
+    out, cache = quick_report
     text = (out / "REPORT.md").read_text()
     assert [line[3:] for line in text.splitlines() if line.startswith("## ")] == [
         "Sanity: the scorer's ranking of known answers",
@@ -101,7 +109,9 @@ def test_quick_report(tmp_path):
         "Table 9: weak (pruned) vs strong (unpruned) teacher as real and fake score",
         "Table 5: inter CFG beta1 and intra CFG beta2 (Stage III)", "Automatic beta selection"]
     assert "pending" not in text and not re.search(r"\bnan\b|\binf\b", text)
-    assert "(Stage II 2 steps, Stage III 1 at this run)" in text  # the lengths a run trained with, not the config's
+    # every section names its run, with the lengths it trained with (not the config's)
+    assert text.count("*This section: Stage II 2 steps, Stage III 1 (run of ") == len(SECTIONS)
+    assert "The last run (every section) took" in text
     for table in markdown_tables(text):  # every row has as many cells as its header
         assert len({line.count("|") for line in table}) == 1, table[0]
     numbers = json.loads((out / "results.json").read_text())
@@ -165,3 +175,30 @@ def test_quick_report(tmp_path):
     assert f"trained {3 + 7 + stage3_runs} stage runs" in text
     assert f"its {7 + stage3_runs} Stage II and III runs took" in text
     assert sum(1 for d in (cache / "quick").iterdir() if d.name.startswith("stage3-")) == stage3_runs
+
+
+def test_some_sections_rerun_and_the_rest_kept(quick_report, tmp_path):
+    """`--sections` reruns the sections it names and keeps every other section of the report in --out as it was."""
+    from research import reproduce
+
+    out, cache = tmp_path / "report", quick_report[1]
+    with pytest.raises(SystemExit, match="unknown.*Table 7"):
+        reproduce.main(["--quick", "--out", str(out), "--sections", "Table 2,Table 7"])
+    with pytest.raises(SystemExit, match="without --sections"):  # nothing to keep yet
+        reproduce.main(["--quick", "--out", str(out), "--sections", "Table 9"])
+    assert not out.exists()
+    shutil.copytree(quick_report[0], out)
+    before, numbers = (out / "REPORT.md").read_text(), json.loads((out / "results.json").read_text())
+    # the rerun section is marked by a value only its rerun can give: its numbers, poisoned beforehand
+    numbers["Table 9"] = {"poisoned": 1.0}
+    (out / "results.json").write_text(json.dumps(numbers))
+    reproduce.main(["--quick", "--out", str(out), "--cache", str(cache), "--sections", "Table 9"])
+    after, rerun = (out / "REPORT.md").read_text(), json.loads((out / "results.json").read_text())
+    assert "The last run (Table 9) took" in after and "trained 0 stage runs" in after
+
+    def body(text):  # the sections, without the header
+        return dict(zip(SECTIONS, re.split(r"^(?=## )", text, flags=re.M)[1:]))
+    assert {n: t for n, t in body(after).items() if n != "Table 9"} == \
+        {n: t for n, t in body(before).items() if n != "Table 9"}
+    assert "poisoned" not in rerun["Table 9"] and model_rows(rerun["Table 9"])
+    assert {n: v for n, v in rerun.items() if n != "Table 9"} == {n: v for n, v in numbers.items() if n != "Table 9"}

@@ -155,6 +155,32 @@ def plan_path(cfg: Config, configured: str) -> Path:
     return Path(configured) if configured else cfg.stage_dir("stage1") / "plan.json"
 
 
+def stage_inputs(cfg: Config, stage: str) -> dict[str, tuple[Path, str]]:
+    """The earlier stages' outputs `stage` reads, by the setting naming each (defaults resolved), with how to
+    make one that is missing."""
+    if stage not in ("stage2", "stage3"):
+        return {}
+    found = {f"{stage}.plan": (plan_path(cfg, getattr(cfg, stage).plan),
+                               f"run `python -m train.stage1` first, or set {stage}.plan to a Stage I plan.json")}
+    if stage == "stage2" and cfg.stage2.init:
+        found["stage2.init"] = (Path(cfg.stage2.init), f"give a finished Stage II run's {MODEL_FILE}, or leave "
+                                                       "stage2.init empty to start from the teacher")
+    if stage == "stage3" and cfg.stage3.init != "teacher":
+        found["stage3.init"] = (Path(cfg.stage3.init) if cfg.stage3.init else cfg.stage_dir("stage2") / MODEL_FILE,
+                                f"run `python -m train.stage2` first, or set stage3.init to a finished Stage II "
+                                f"run's {MODEL_FILE} (or to `teacher`)")
+    return found
+
+
+def check_stage_inputs(cfg: Config, stage: str) -> None:
+    """Every file `stage` reads exists: checked before its run folder is made or any model loads."""
+    teacher_path(cfg)  # names a missing teacher setting itself
+    missing = [f"{setting} {path} does not exist: {fix}" for setting, (path, fix) in stage_inputs(cfg, stage).items()
+               if not path.is_file()]
+    if missing:
+        raise FileNotFoundError("; ".join(missing))
+
+
 def load_plan(cfg: Config, configured: str, model: nn.Module) -> PrunePlan:
     from fastlightgen.adapters import adapt
 

@@ -31,7 +31,8 @@ from .config import Config
 from .data import BatchFn, batch_source, data_fingerprint
 from .dist import init_dist
 from .loop import Run, learning_rate, train
-from .models import MODEL_FILE, load_plan, load_teacher, load_weights, plan_path, save_stage_output
+from .models import (MODEL_FILE, check_stage_inputs, load_plan, load_teacher, load_weights, plan_path,
+                     save_stage_output)
 from .state import hold_run_dir
 from .units import EMA, AdapterModule, Trainable, compute_dtype, make_trainable
 
@@ -92,10 +93,7 @@ def train_one_step(m: Stage2Models, i: int) -> dict:
 
 def run(cfg: Config, resume: bool = False) -> Path:
     """Trains Stage II (continuing the newest checkpoint with `resume`); returns its model.safetensors."""
-    cfg.validate()
-    if cfg.stage2.init and not Path(cfg.stage2.init).is_file():  # before the run folder or the teacher
-        raise FileNotFoundError(f"stage2.init {cfg.stage2.init} does not exist: give a finished Stage II run's "
-                                f"{MODEL_FILE}, or leave stage2.init empty to start from the teacher")
+    check_stage_inputs(cfg.validate(), "stage2")
     with hold_run_dir(cfg.stage_dir("stage2")):
         m = build(cfg)
         state = [m.unit] if m.ema is None else [m.unit, m.ema]

@@ -40,7 +40,8 @@ from .config import Config
 from .data import Batch, BatchFn, batch_source, data_fingerprint
 from .dist import init_dist, step_generator
 from .loop import Run, learning_rate, train
-from .models import MODEL_FILE, load_plan, load_teacher, load_weights, plan_path, save_stage_output
+from .models import (MODEL_FILE, check_stage_inputs, load_plan, load_teacher, load_weights, plan_path,
+                     save_stage_output)
 from .state import hold_run_dir
 from .units import AdapterModule, Trainable, compute_dtype, make_trainable
 
@@ -156,6 +157,7 @@ def train_one_step(m: Stage3Models, i: int) -> dict:
 def run(cfg: Config, resume: bool = False) -> Path:
     """Trains Stage III (continuing the newest checkpoint with `resume`); returns the student's model.safetensors."""
     s3 = cfg.validate().stage3
+    check_stage_inputs(cfg, "stage3")
     with hold_run_dir(cfg.stage_dir("stage3")):
         m = build(cfg)
         steps = train(m.run, [m.generator, m.fake], partial(train_one_step, m), s3.iterations, resume)
