@@ -88,6 +88,24 @@ def test_stage2_zero3_frozen_target_is_a_whole_copy_on_every_rank(tiny, tmp_path
     assert zero3[0]["distill"] == pytest.approx(single[0]["distill"], rel=1e-5)
 
 
+def test_stage2_zero3_from_stage2_init_matches_single(tiny, tmp_path):
+    """stage2.init under ZeRO-3: the weights are loaded before DeepSpeed partitions them, so both ranks start
+    from the given run, not the teacher: the first loss (before any update) is the single process's from the
+    same init and not the teacher's."""
+    from train import stage2
+
+    teacher, plan = tiny
+    stage2.main(train_args(teacher, plan, tmp_path / "earlier", **{"stage2.lr": 1e-2, "stage2.iterations": 2}))
+    settings = {"stage2.init": tmp_path / "earlier" / "stage2" / "model.safetensors", "stage2.iterations": 1}
+    stage2.main(train_args(teacher, plan, tmp_path / "single", **settings))
+    torchrun("train.stage2", train_args(teacher, plan, tmp_path / "zero3", **ZERO3, **settings))
+    from_teacher = metrics(tmp_path / "earlier" / "stage2")[0]["loss"]  # the same first batch, the teacher's weights
+    single, zero3 = metrics(tmp_path / "single" / "stage2"), metrics(tmp_path / "zero3" / "stage2")
+    assert zero3[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-5)
+    assert zero3[0]["loss"] != pytest.approx(from_teacher, rel=1e-3)
+    assert json.loads((tmp_path / "zero3" / "stage2" / "run.json").read_text())["init"] == str(settings["stage2.init"])
+
+
 def test_stage3_zero3_two_processes_matches_single(tiny, tmp_path):
     from train import stage2, stage3
 
