@@ -82,6 +82,7 @@ FEW_STEP_LISTS = {1: (1000,), 2: (1000, 500), 4: (1000, 750, 500, 250)}
 # report sections in run order (cheap, paper-central ones first) and the Reproduction method of each
 SECTIONS = {"Sanity": "sanity", "Table 2": "table2", "Fig. 4": "fig4", "Table 6": "table6", "Fig. 1": "fig1",
             "Table 4": "table4", "Table 9": "table9", "Table 5": "table5", "Automatic beta selection": "auto_beta"}
+UNTRAINED = ("Sanity", "Fig. 4")  # sections that read no Stage II or III run: their run line names no lengths
 
 
 def training_prompts(combinations: int) -> list[Prompts]:
@@ -112,10 +113,8 @@ def pruned_path(base: Config, folder: Path) -> torch.nn.Module:
     return student_model(base, folder, read_run_info(folder))
 
 
-def run_line(base: Config) -> str:
-    """What a section says of the run that made it: when, and the training lengths it ran with."""
-    return (f"Stage II {base.stage2.iterations} steps, Stage III {base.stage3.iterations} "
-            f"(run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})")
+def training_lengths(base: Config) -> str:
+    return f"Stage II {base.stage2.iterations} steps, Stage III {base.stage3.iterations}"
 
 
 def section_names(text: str) -> list[str]:
@@ -147,16 +146,18 @@ def previous_report(out: Path, required: bool) -> tuple[dict[str, str], dict[str
 @dataclass
 class Report:
     """The sections written so far, in order; `write` renders them all (pending ones as a line). Each section
-    ends with the run that made it (`run`, for the sections this process adds)."""
+    ends with the run that made it: when, and the training lengths of the runs it reads (`training`)."""
 
     out: Path
     header: str
-    run: str
+    training: str
+    when: str = field(default_factory=lambda: time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     sections: dict[str, str] = field(default_factory=dict)
     numbers: dict[str, dict] = field(default_factory=dict)
 
     def add(self, name: str, text: str, numbers: dict) -> None:
-        self.sections[name] = f"{text.rstrip()}\n\n*This section: {self.run}.*\n"
+        run = f"run of {self.when}" if name in UNTRAINED else f"{self.training} (run of {self.when})"
+        self.sections[name] = f"{text.rstrip()}\n\n*This section: {run}.*\n"
         self.numbers[name] = numbers
         self.write()
 
@@ -599,7 +600,7 @@ def main(argv: list[str] | None = None) -> None:
               f"then videos; the equivalence margin ±{EQUIVALENCE_MARGIN} was fixed before the run. \"matches\" "
               f"(the interval inside the margin), \"better\" and \"worse\" (the interval excludes zero) are said "
               f"only where the interval says so, \"inconclusive\" otherwise.\n")
-    report = Report(out, header, run_line(repro.base), dict(kept), dict(kept_numbers))
+    report = Report(out, header, training_lengths(repro.base), sections=dict(kept), numbers=dict(kept_numbers))
     for name in names:
         text, numbers = getattr(repro, SECTIONS[name])()
         report.add(name, text, numbers)

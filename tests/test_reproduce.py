@@ -15,7 +15,7 @@ import torch
 from fastlightgen.toy.prompts import split_prompts
 from research.demo import MODES
 from research.report import PRIMARY, all_finite, paired_samples, sample
-from research.reproduce import BETA1S, BETA2S, QUICK, SECTIONS
+from research.reproduce import BETA1S, BETA2S, QUICK, SECTIONS, UNTRAINED
 from research.run_cache import stage_key
 from research.sanity import copied_first_frame, ground_truth
 from train.config import load_config
@@ -109,8 +109,10 @@ def test_quick_report(quick_report):
         "Table 9: weak (pruned) vs strong (unpruned) teacher as real and fake score",
         "Table 5: inter CFG beta1 and intra CFG beta2 (Stage III)", "Automatic beta selection"]
     assert "pending" not in text and not re.search(r"\bnan\b|\binf\b", text)
-    # every section names its run, with the lengths it trained with (not the config's)
-    assert text.count("*This section: Stage II 2 steps, Stage III 1 (run of ") == len(SECTIONS)
+    # every section names its run; those reading Stage II and III runs, the lengths they trained with (not the
+    # config's)
+    assert text.count("*This section: Stage II 2 steps, Stage III 1 (run of ") == len(SECTIONS) - len(UNTRAINED)
+    assert text.count("*This section: run of ") == len(UNTRAINED)
     assert "The last run (every section) took" in text
     for table in markdown_tables(text):  # every row has as many cells as its header
         assert len({line.count("|") for line in table}) == 1, table[0]

@@ -220,7 +220,7 @@ class Config:
         weights), but not logging, checkpointing, speed or memory settings, nor the length of the run unless
         its learning-rate schedule depends on it (a cosine decay extended mid-run would jump back up), nor
         export settings. With `whole_run`, the length too: what a finished run's result depends on."""
-        from .models import MODEL_FILE, plan_path, teacher_path
+        from .models import stage_inputs, teacher_path
 
         section = asdict(getattr(self, stage))
         for f in fields(getattr(self, stage)):
@@ -230,12 +230,11 @@ class Config:
             section.pop("iterations", None)
         if stage == "stage2" and section["target"] != "ema":  # the decay is read only by the EMA target
             section.pop("target_ema_decay")
-        if stage == "stage2" and section.pop("init"):  # absent when empty: runs from the teacher keep their key
-            section["init (contents)"] = file_digest(self.stage2.init)
-        if stage in ("stage2", "stage3"):
-            section["plan (contents)"] = json_digest(plan_path(self, section["plan"]))
-        if stage == "stage3" and section["init"] != "teacher":
-            section["init (contents)"] = file_digest(section["init"] or self.stage_dir("stage2") / MODEL_FILE)
+        if stage == "stage2":  # its init is named by contents only, so runs from the teacher keep their key
+            section.pop("init")
+        for setting, (path, _) in stage_inputs(self, stage).items():
+            name = setting.split(".")[1]
+            section[f"{name} (contents)"] = (json_digest if name == "plan" else file_digest)(path)
         try:
             teacher = file_digest(teacher_path(self))
         except FileNotFoundError:  # toy_teacher reads none; the other stages refuse to start without one
