@@ -245,6 +245,11 @@ class Reproduction:
     def teacher_row(self) -> Measured:
         return self.costs.of([self.teacher_measured])[0]
 
+    def costed(self, rows: Sequence[Measured]) -> list[Measured]:
+        """The rows with their costs. The teacher's shape goes with them, so the first costed section of a run,
+        whichever `--sections` picked, times the teacher in alternating rounds beside its own models."""
+        return self.costs.of([self.teacher_measured, *rows])[1:]
+
     def student(self, label: str, folder: Path, steps: int = 4) -> Measured:
         return self.memo((folder, steps), label, lambda: self._student(label, folder, steps))
 
@@ -294,15 +299,15 @@ class Reproduction:
     def table2(self) -> tuple[str, dict]:
         base = self.config()
         plan = self.plan(base)
-        rows = [self.teacher_measured,
-                self.student("Step only: DMD, all blocks", self.cache.stage3(
+        rows = [self.student("Step only: DMD, all blocks", self.cache.stage3(
                     self.config(stage1__keep_ratio=1.0, stage3__init="teacher"))),
                 self.euler("Stage I prune only, no training", adapt(self.teacher).pruned_model(plan.kept)),
                 self.stage2_pruned("Size only: Stage II pruned path", base),
                 self.student("FastLightGen (Stage I-III)", self.cache.stage3(base)),
                 self.student("FastLightGen 50 % pruned", self.cache.stage3(self.config(stage1__keep_ratio=0.5)))]
-        rows = self.costs.of(rows)  # the first costs of the report: the teacher's and these models' shapes together
-        teacher, step_only, stage1_only, size_only, fast, half = rows
+        step_only, stage1_only, size_only, fast, half = self.costed(rows)
+        teacher = self.teacher_row
+        rows = [teacher, step_only, stage1_only, size_only, fast, half]
         text = (f"## Table 2: methods on the same prompts\n\n{self.prompts_line()} Time per video: one TI2V video "
                 f"per call for every model (as a user makes them), the best of {self.mode.rounds} rounds. Models of "
                 f"one shape (blocks, steps, CFG) share one time, measured once per report; the shapes first met in a "
@@ -365,7 +370,7 @@ class Reproduction:
             pruning = f"{1 - keep:.0%}"
             rows.append(with_settings(self.stage2_pruned("Stage II only", cfg), "no", pruning))
             rows.append(with_settings(self.student("Stage II + III", self.cache.stage3(cfg)), "yes", pruning))
-        rows = self.costs.of(rows)
+        rows = self.costed(rows)
         helps = {b.settings[1]: paired(b, a) for a, b in zip(rows[0::2], rows[1::2])}
         helped = sum("better" in i.verdict() for i in helps.values())
         hurt = sum("worse" in i.verdict() for i in helps.values())
@@ -425,7 +430,7 @@ class Reproduction:
         paper_rows = [with_settings(self.alpha_student(a, "shared" if a == 1.0 else recipe_target), a, 1 - a,
                                     "shared" if a == 1.0 else recipe_target) for a in ALPHAS]
         stable = [with_settings(self.alpha_student(1.0, t), 1.0, 0.0, t) for t in STABLE_TARGETS]
-        rows = self.costs.of(paper_rows + stable)
+        rows = self.costed(paper_rows + stable)
         paper_rows, stable = rows[:len(ALPHAS)], rows[len(ALPHAS):]
         claim, best = best_of(paper_rows, lambda r: f"alpha = {r.settings[0]}", paper="alpha = 1.0")
         shared = paper_rows[ALPHAS.index(1.0)]
@@ -463,7 +468,7 @@ class Reproduction:
         return self.student("FastLightGen", self.cache.stage3(self.config(stage2__alpha=alpha, stage2__target=target)))
 
     def table9(self) -> tuple[str, dict]:
-        rows = self.costs.of([with_settings(self.student("FastLightGen", self.cache.stage3(
+        rows = self.costed([with_settings(self.student("FastLightGen", self.cache.stage3(
             self.config(stage3__plan_teacher=t))), t) for t in ("pruned", "unpruned")])
         interval = paired(rows[0], rows[1])
         text = (f"## Table 9: weak (pruned) vs strong (unpruned) teacher as real and fake score\n\n"
@@ -490,8 +495,8 @@ class Reproduction:
 
     def table5(self) -> tuple[str, dict]:
         s3 = self.base.stage3
-        by_beta1 = self.costs.of([self.beta_student(b1, s3.beta2) for b1 in self.beta1_values()])
-        by_beta2 = self.costs.of([self.beta_student(s3.beta1, b2) for b2 in BETA2S])
+        by_beta1 = self.costed([self.beta_student(b1, s3.beta2) for b1 in self.beta1_values()])
+        by_beta2 = self.costed([self.beta_student(s3.beta1, b2) for b2 in BETA2S])
         claim1, best1 = best_of(by_beta1, lambda r: f"beta1 = {float(r.settings[0])}", paper="beta1 = 3.5")
         claim2, best2 = best_of(by_beta2, lambda r: f"beta2 = {float(r.settings[1])}", paper="beta2 = 0.25")
         headers = ("beta1", "beta2")

@@ -8,14 +8,15 @@ import os
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from fastlightgen.toy.prompts import split_prompts
 from research.demo import MODES
-from research.report import PRIMARY, all_finite, paired_samples, sample
-from research.reproduce import BETA1S, BETA2S, QUICK, SECTIONS, UNTRAINED
+from research.report import PRIMARY, CostClass, Costs, Measured, all_finite, paired_samples, sample
+from research.reproduce import BETA1S, BETA2S, QUICK, SECTIONS, UNTRAINED, Reproduction
 from research.run_cache import stage_key
 from research.sanity import copied_first_frame, ground_truth
 from train.config import load_config
@@ -46,6 +47,21 @@ def test_retrained_teacher_at_the_same_path_gets_new_runs(tmp_path):
 def answering(answer):
     """A stand-in model: the sanity table's known answer for each prompt."""
     return lambda batch, seed: torch.stack([answer(f, torch.Generator().manual_seed(seed)) for f in batch.factors])
+
+
+def test_a_section_run_alone_times_its_models_beside_the_teacher():
+    """`--sections "Table 9"` never runs Table 2, whose rows used to carry the teacher into the first timing:
+    its students must still alternate round by round with the teacher, not be timed before it."""
+    calls = []
+    def row(name: str, blocks: int) -> Measured:
+        return Measured(name, samples=None, params=1.0, cost_class=CostClass(blocks, 4, 4),
+                        timer=lambda: calls.append(name))
+    rounds = 3
+    run = SimpleNamespace(costs=Costs(rounds, round_seconds=0.0), teacher_measured=row("teacher", 12))
+    [student] = Reproduction.costed(run, [row("student", 8)])
+    assert student.label == "student" and student.cost is not None
+    assert calls[:2 * (1 + rounds)] == ["teacher", "student"] * (1 + rounds)  # warm-up, then alternating rounds
+    assert CostClass(12, 4, 4) in run.costs.known
 
 
 def test_two_models_pair_video_for_video():
