@@ -50,8 +50,8 @@ def answering(answer):
 
 
 def test_a_section_run_alone_times_its_models_beside_the_teacher():
-    """`--sections "Table 9"` never runs Table 2, whose rows used to carry the teacher into the first timing:
-    its students must still alternate round by round with the teacher, not be timed before it."""
+    """A run of some sections (here without Table 2) times its first section's models in alternating rounds
+    with the teacher, not before it."""
     calls = []
     def row(name: str, blocks: int) -> Measured:
         return Measured(name, samples=None, params=1.0, cost_class=CostClass(blocks, 4, 4),
