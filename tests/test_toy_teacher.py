@@ -14,20 +14,19 @@ from research.demo import STUDENT, TEACHER, load_fp32
 from research.sanity import ordering_holds, sanity_rows
 
 # Floors below the committed models' scores on `floor_prompts` (measured, in the comments: gate_color, gate_shape,
-# gate_direction, gate_speed, faithful, overall; T2V without gate_speed), a step of 0.25 below on a gate except the
-# teacher's T2V direction, which measures exactly its floor. T2V has no speed floor and the student no T2V
-# `faithful` floor: the committed models mostly miss them there (README.md).
+# gate_direction, gate_speed, faithful, overall), a step of 0.25 below on a gate, about 0.1 below on `faithful`.
 FLOORS = {"teacher": {"TI2V": {"gate_color": 0.75, "gate_shape": 0.75, "gate_direction": 0.75, "gate_speed": 0.75,
                                "faithful": 0.6, "overall": 0.85},
-                      # measured 1.0, 1.0, 1.0, 1.0, 0.689, 0.909
-                      "T2V": {"gate_color": 0.75, "gate_shape": 0.75, "gate_direction": 0.75, "faithful": 0.1,
-                              "overall": 0.7}},
-                      # measured 1.0, 1.0, 0.75, 0.142, 0.768
+                      # measured 1.0, 1.0, 1.0, 1.0, 0.716, 0.915
+                      "T2V": {"gate_color": 0.75, "gate_shape": 0.75, "gate_direction": 0.75, "gate_speed": 0.5,
+                              "faithful": 0.3, "overall": 0.75}},
+                      # measured 1.0, 1.0, 1.0, 0.75, 0.403, 0.849
           "student": {"TI2V": {"gate_color": 0.75, "gate_shape": 0.75, "gate_direction": 0.75, "gate_speed": 0.75,
                                "faithful": 0.6, "overall": 0.85},
-                      # measured 1.0, 1.0, 1.0, 1.0, 0.688, 0.912
-                      "T2V": {"gate_color": 0.75, "gate_shape": 0.75, "gate_direction": 0.75, "overall": 0.7}}}
-                      # measured 1.0, 1.0, 1.0, 0.770
+                      # measured 1.0, 1.0, 1.0, 1.0, 0.694, 0.912
+                      "T2V": {"gate_color": 0.75, "gate_shape": 0.75, "gate_direction": 0.75, "gate_speed": 0.75,
+                              "faithful": 0.25, "overall": 0.7}}}
+                      # measured 1.0, 1.0, 1.0, 1.0, 0.329, 0.792
 
 
 def test_teacher_file_and_metadata():

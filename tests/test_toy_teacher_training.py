@@ -1,7 +1,7 @@
 """train.toy_teacher on the shared loop, with a 2-block teacher: a run killed mid-way and resumed ends exactly
 where an uninterrupted one does (weights, AdamW state and EMA); the export is the EMA, loads, and carries
 its config; --export-only re-exports the newest checkpoint; export settings may change on resume, the
-recipe may not."""
+recipe may not; toy_teacher.init continues an exported teacher."""
 from __future__ import annotations
 
 import json
@@ -110,3 +110,27 @@ def test_help_names_the_shared_options_and_export_only(capsys):
         toy_teacher.main(["--help"])
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and all(flag in out for flag in ("--set", "--resume", "--export-only"))
+
+
+def test_init_continues_an_exported_teacher_and_refuses_a_missing_or_other_shaped_one(tmp_path):
+    """toy_teacher.init starts from the file's weights (at learning rate 1e-9 the export is that file again); a missing
+    file or one of another shape stops the run before its folder is made, each naming the fix."""
+    first = tmp_path / "first"
+    toy_teacher.main(args(first))
+    start = read_checkpoint(first / "teacher.safetensors").state_dict
+    again = tmp_path / "again"
+    toy_teacher.main(args(again, **{"toy_teacher.init": first / "teacher.safetensors", "toy_teacher.lr": 1e-9,
+                                    "toy_teacher.iterations": 2}))
+    continued = read_checkpoint(again / "teacher.safetensors").state_dict
+    assert continued.keys() == start.keys()
+    assert all(torch.allclose(continued[k].float(), v.float(), rtol=0, atol=1e-6) for k, v in start.items())
+
+    missing = r"toy_teacher\.init .*missing\.safetensors does not exist: give a toy teacher"
+    with pytest.raises(SystemExit, match=missing):
+        toy_teacher.main(args(tmp_path / "none", **{"toy_teacher.init": tmp_path / "missing.safetensors"}))
+    assert not (tmp_path / "none").exists()
+    wider = json.dumps({**TINY, "ffn_dim": 96})
+    with pytest.raises(SystemExit, match=r"holds a teacher of shape .*'ffn_dim': 64.*set toy_teacher\.shape"):
+        toy_teacher.main(args(tmp_path / "other", **{"toy_teacher.init": first / "teacher.safetensors",
+                                                     "toy_teacher.shape": wider}))
+    assert not (tmp_path / "other").exists()

@@ -411,6 +411,24 @@ def test_first_frame_dropout_makes_t2v_batches(dropout, ti2v, expected):
     assert modes == [draw(torch.Generator().manual_seed(i), 1).ti2v for i in range(16)]  # a function of the seed
 
 
+@pytest.mark.parametrize("dropout, background, plain_only", [(1.0, "plain", True), (1.0, "any", False),
+                                                              (0.0, "plain", False)])
+def test_toy_t2v_background_setting_limits_t2v_batches_alone(dropout, background, plain_only):
+    """data.toy_t2v_background=plain puts every T2V batch on the plain background (every pixel away from the object
+    exactly gray); "any" draws textured ones too, and TI2V batches, whose first frame shows it, always do."""
+    from fastlightgen.toy.codec import decode_video
+    from train.config import load_config
+    from train.data import batch_source
+
+    cfg = load_config(None, [f"data.first_frame_dropout={dropout}", f"data.toy_t2v_background={background}",
+                             "model.ti2v=true", "data.source=toy"])
+    batch = batch_source(cfg)(torch.Generator().manual_seed(0), 32)
+    assert batch.ti2v == (dropout == 0.0)
+    gray = (decode_video(batch.x0).abs() < 1e-3).all(dim=1).flatten(2).float().mean(-1)  # (B, F) share of gray px
+    plain = (gray > 0.5).all(dim=1)  # the object never covers half the frame
+    assert bool(plain.all()) == plain_only and bool(plain.any()), plain.tolist()
+
+
 @pytest.mark.parametrize("stage", ["toy_teacher", "stage2", "stage3"])
 def test_every_trainer_follows_the_batch_first_frame_rule(stage, tiny, tmp_path, monkeypatch):
     """A T2V batch (first frame dropped) is trained with the plain flow rule: frame 0 noised and in the loss."""

@@ -57,6 +57,8 @@ class DataConfig:
     batch_size: int = 1  # per process
     caption_dropout: float = 0.1  # keeps the unconditional prediction trained: eq. 9 uses vP(null)
     first_frame_dropout: float = 0.0  # share of TI2V batches trained as T2V (no first frame given)
+    # toy T2V batches on every background, or on the plain one alone: the kind the T2V prompts are scored on
+    toy_t2v_background: str = one_of("any", "plain")
 
 
 @dataclass
@@ -159,10 +161,13 @@ class Stage3Config:
 
 @dataclass
 class ToyTeacherConfig:
-    """`train.toy_teacher`: the toy world's teacher trained from scratch by flow matching (batch size, caption
-    dropout, warm-up, seed and gradient clipping come from data, run and dist)."""
+    """`train.toy_teacher`: the toy world's teacher trained by flow matching, from scratch or from `init` (batch
+    size, caption dropout, warm-up, seed and gradient clipping come from data, run and dist)."""
     # fields of fastlightgen.toy.teacher.ToyTeacherShape to change; empty: the shipped 12-block shape
     shape: dict = field(default_factory=dict)
+    # a toy teacher file of this shape to continue training (a fine-tune with other data settings); empty: fresh
+    # weights seeded by run.seed
+    init: str = ""
     iterations: int = 1800
     lr: float = 3e-4
     lr_decay: str = one_of("constant", "cosine")  # cosine: the learning rate falls to zero at `iterations`
@@ -230,7 +235,7 @@ class Config:
             section.pop("iterations", None)
         if stage == "stage2" and section["target"] != "ema":  # the decay is read only by the EMA target
             section.pop("target_ema_decay")
-        if stage == "stage2":  # its init is named by contents only, so runs from the teacher keep their key
+        if stage in ("stage2", "toy_teacher"):  # init named by contents only: runs without one keep their key
             section.pop("init")
         for setting, (path, _) in stage_inputs(self, stage).items():
             name = setting.split(".")[1]

@@ -59,12 +59,12 @@ def _drop_captions(cond: Conditioning, null: Conditioning, generator: torch.Gene
                         choose(cond.pooled, null.pooled))
 
 
-def toy_batch(generator: torch.Generator, size: int) -> Batch:
+def toy_batch(generator: torch.Generator, size: int, backgrounds: tuple[str, ...]) -> Batch:
     from fastlightgen.toy.teacher import batch_latents, conditioning
     from fastlightgen.toy.world import make_batch
 
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator).item())
-    batch = make_batch("train", size, seed=seed)
+    batch = make_batch("train", size, seed=seed, backgrounds=backgrounds)
     return Batch(batch_latents(batch), conditioning(batch.captions), conditioning([""] * size),
                  f"toy train seed {seed}: {batch.captions}")
 
@@ -146,15 +146,21 @@ class ShardSet:
 def batch_source(cfg: Config) -> BatchFn:
     """Batches with caption dropout applied and, for a TI2V model, the first frame dropped (a T2V batch) with
     probability data.first_frame_dropout, as Wan 2.2 TI2V serves both."""
-    base = toy_batch if cfg.data.source == "toy" else ShardSet(cfg.data.shards).batch
+    from fastlightgen.toy.world import BACKGROUNDS
+
+    shards = None if cfg.data.source == "toy" else ShardSet(cfg.data.shards)
+    t2v_backgrounds = BACKGROUNDS if cfg.data.toy_t2v_background == "any" else (cfg.data.toy_t2v_background,)
 
     def draw(generator: torch.Generator, size: int) -> Batch:
-        batch = base(generator, size)
-        batch.cond = _drop_captions(batch.cond, batch.null, generator, cfg.data.caption_dropout)
         # A whole batch at a time: the first-frame helpers take one rule per tensor.
         p = cfg.data.first_frame_dropout
-        t2v = p > 0 and torch.rand((), generator=generator).item() < p
-        batch.ti2v = cfg.model.ti2v and not t2v
+        ti2v = cfg.model.ti2v and not (p > 0 and torch.rand((), generator=generator).item() < p)
+        if shards is None:
+            batch = toy_batch(generator, size, BACKGROUNDS if ti2v else t2v_backgrounds)
+        else:
+            batch = shards.batch(generator, size)
+        batch.cond = _drop_captions(batch.cond, batch.null, generator, cfg.data.caption_dropout)
+        batch.ti2v = ti2v
         return batch
     return draw
 

@@ -158,6 +158,10 @@ def plan_path(cfg: Config, configured: str) -> Path:
 def stage_inputs(cfg: Config, stage: str) -> dict[str, tuple[Path, str]]:
     """The earlier stages' outputs `stage` reads, by the setting naming each (defaults resolved), with how to
     make one that is missing."""
+    if stage == "toy_teacher":
+        return {"toy_teacher.init": (Path(cfg.toy_teacher.init), "give a toy teacher file (`toy_teacher.out` of an "
+                                     "earlier run), or leave toy_teacher.init empty to train from scratch")
+                } if cfg.toy_teacher.init else {}
     if stage not in ("stage2", "stage3"):
         return {}
     found = {f"{stage}.plan": (plan_path(cfg, getattr(cfg, stage).plan),
@@ -174,7 +178,8 @@ def stage_inputs(cfg: Config, stage: str) -> dict[str, tuple[Path, str]]:
 
 def check_stage_inputs(cfg: Config, stage: str) -> None:
     """Every file `stage` reads exists: checked before its run folder is made or any model loads."""
-    teacher_path(cfg)  # names a missing teacher setting itself
+    if stage != "toy_teacher":  # the one trainer that reads no teacher
+        teacher_path(cfg)  # names a missing teacher setting itself
     missing = [f"{setting} {path} does not exist: {fix}" for setting, (path, fix) in stage_inputs(cfg, stage).items()
                if not path.is_file()]
     if missing:

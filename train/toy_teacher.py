@@ -1,4 +1,5 @@
-"""`python -m train.toy_teacher -c configs/toy_teacher.yaml`: the toy world's Wan 2.2-style teacher, from scratch.
+"""`python -m train.toy_teacher -c configs/toy_teacher.yaml`: the toy world's Wan 2.2-style teacher, from scratch
+(or, with toy_teacher.init, continued from an exported teacher under other settings).
 
 Recipe (the `toy_teacher` section, with data, run and dist): flow matching in the project's convention
 (fastlightgen.flow) with sigmas drawn where the teacher's sampler (50-step Euler, shift 5) evaluates it:
@@ -10,8 +11,7 @@ shared loop (train.loop) seeds every batch and noise draw by (run.seed, step), c
 the EMA, resumes (--resume), logs and skips non-finite losses, as for every stage.
 Export, at the end or from the newest checkpoint (--export-only): the EMA in bf16, with the CFG scale whose
 50-step samples of training prompts (never held-out ones; TI2V and T2V) score the best `faithful` as the
-recommended one,
-and a provenance holding the whole config.
+recommended one, and a provenance holding the whole config.
 API: `run(cfg, resume, export_only)`.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from fastlightgen.adapters import adapt
-from fastlightgen.checkpoint import CheckpointMeta, save_checkpoint
+from fastlightgen.checkpoint import CheckpointMeta, load_wan, save_checkpoint
 from fastlightgen.distill import mse
 from fastlightgen.first_frame import frame_sigma
 from fastlightgen.flow import add_noise, sample_training_sigma, velocity_target
@@ -38,6 +38,7 @@ from .config import Config
 from .data import batch_source, data_fingerprint
 from .dist import init_dist
 from .loop import Run, learning_rate, log_path, train
+from .models import check_stage_inputs
 from .state import hold_run_dir
 from .units import EMA, AdapterModule, make_trainable
 
@@ -51,6 +52,20 @@ def teacher_shape(cfg: Config) -> ToyTeacherShape:
     if not isinstance(shape, dict) or set(shape) - set(valid):
         raise SystemExit(f"toy_teacher.shape takes a mapping of {', '.join(valid)}; got {shape!r}")
     return dataclasses.replace(TOY_TEACHER, **shape)
+
+
+def initial_teacher(cfg: Config) -> torch.nn.Module:
+    """Fresh weights seeded by run.seed, or those of toy_teacher.init, which must have the configured shape."""
+    shape = teacher_shape(cfg)
+    if not cfg.toy_teacher.init:
+        return build_toy_teacher(shape, seed=cfg.run.seed)
+    model, _ = load_wan(cfg.toy_teacher.init)
+    found = {f.name: model.config[f.name] for f in dataclasses.fields(shape)}
+    if found != dataclasses.asdict(shape):
+        raise SystemExit(f"toy_teacher.init {cfg.toy_teacher.init} holds a teacher of shape {found}, not the "
+                         f"configured {dataclasses.asdict(shape)}: set toy_teacher.shape to the file's, or give "
+                         "another file")
+    return model.float()
 
 
 def output_path(cfg: Config) -> Path:
@@ -97,15 +112,21 @@ def run(cfg: Config, resume: bool = False, export_only: bool = False) -> Path:
     """Trains the teacher (continuing the newest checkpoint with `resume`) and exports it, or with
     `export_only` exports the newest checkpoint; returns the exported file."""
     cfg.validate()
+    # the inputs are checked before a run folder is made: a wrong one leaves nothing to clean up
+    try:
+        check_stage_inputs(cfg, STAGE)
+    except FileNotFoundError as err:
+        raise SystemExit(str(err)) from None
+    model = initial_teacher(cfg)
     with hold_run_dir(cfg.stage_dir(STAGE)):
-        return train_and_export(cfg, resume, export_only)
+        return train_and_export(cfg, model, resume, export_only)
 
 
-def train_and_export(cfg: Config, resume: bool, export_only: bool) -> Path:
+def train_and_export(cfg: Config, model: torch.nn.Module, resume: bool, export_only: bool) -> Path:
     tt = cfg.toy_teacher
-    # models: a fresh teacher (seeded by run.seed), trained in place, and the EMA of its weights
+    # models: the teacher (fresh, or toy_teacher.init's), trained in place, and the EMA of its weights
     dist = init_dist(cfg)
-    model = build_toy_teacher(teacher_shape(cfg), seed=cfg.run.seed).train()
+    model.train()
     unit = make_trainable("model", AdapterModule(model, cfg.model.gradient_checkpointing), cfg, dist, tt.lr,
                           tt.weight_decay)
     ema = EMA("ema", unit, tt.ema_decay)

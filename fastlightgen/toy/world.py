@@ -277,11 +277,12 @@ def _item_seed(seed: int, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little")
 
 
-def dataset(split: str, n: int, seed: int) -> Iterator[tuple[torch.Tensor, str, Factors]]:
+def dataset(split: str, n: int, seed: int, backgrounds: Sequence[str] = BACKGROUNDS
+            ) -> Iterator[tuple[torch.Tensor, str, Factors]]:
     """n deterministic (video (3, F, H, W), caption, factors) drawn from the split's combinations."""
     combos = split_combinations(split)
     for i in range(n):
-        factors = sample_factors(_item_seed(seed, i), combos)
+        factors = sample_factors(_item_seed(seed, i), combos, backgrounds)
         yield render(factors), caption(factors), factors
 
 
@@ -292,7 +293,7 @@ class ToyBatch:
     factors: list[Factors]
 
 
-def make_batch(split: str, size: int, seed: int) -> ToyBatch:
+def make_batch(split: str, size: int, seed: int, backgrounds: Sequence[str] = BACKGROUNDS) -> ToyBatch:
     """A training batch; use a different seed per step for fresh samples."""
-    videos, captions, factors = zip(*dataset(split, size, seed))
+    videos, captions, factors = zip(*dataset(split, size, seed, backgrounds))
     return ToyBatch(torch.stack(videos), list(captions), list(factors))
