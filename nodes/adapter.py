@@ -1,11 +1,12 @@
 """FastLightGen Apply Student Adapter: a teacher MODEL from any stock loader + an adapter file -> the student.
 
 The adapter (`fastlightgen.student_adapter`) holds a prune plan and low-rank deltas in ComfyUI LoRA form.
-The output MODEL is a new ModelPatcher over a new Wan whose `blocks` ModuleList holds only the kept blocks
-(the teacher's own block modules, shared, not copied), so the dropped blocks never reach the GPU and the
-blocks are renumbered 0..k-1 exactly as in a student checkpoint. The deltas are remapped onto those numbers
-by `remap_lora` and applied by ComfyUI's own `comfy.lora.load_lora` + `add_patches`, so fp8 and fp8_scaled
-bases work as with any LoRA; the modulation tables, which ComfyUI's loader does not patch, become object
+The output MODEL is a new ModelPatcher over a new Wan whose `blocks` ModuleList holds only the kept blocks,
+renumbered 0..k-1 exactly as in a student checkpoint, so the dropped blocks never reach the GPU. Its modules
+and Parameters are new objects over the teacher's tensors (no weight copied), so nothing ComfyUI does to the
+student (patching, moving, unloading) reaches the teacher MODEL it keeps cached. The deltas are remapped
+onto the new numbers by `remap_lora` and applied by ComfyUI's own `comfy.lora.load_lora` + `add_patches`,
+so fp8 and fp8_scaled bases work as with any LoRA; the modulation tables, which ComfyUI's loader does not patch, become object
 patches. The MODEL is marked as a student (kept blocks, original count), so FastLightGen LoRA puts
 full-model style LoRAs on the right blocks and the misapplied-LoRA guard covers it.
 A MODEL that already carries weight patches is refused: apply style LoRAs after the adapter.
@@ -37,8 +38,11 @@ LOG = logging.getLogger(__name__)
 
 
 def register_adapter_folder() -> None:
-    """models/fastlightgen_adapters, holding .safetensors adapters."""
-    folder_paths.add_model_folder_path(ADAPTER_FOLDER, os.path.join(folder_paths.models_dir, ADAPTER_FOLDER))
+    """models/fastlightgen_adapters, holding .safetensors adapters; made on first start, so a creator finds where
+    an adapter goes (ComfyUI lists no files of a folder that does not exist)."""
+    default = os.path.join(folder_paths.models_dir, ADAPTER_FOLDER)
+    os.makedirs(default, exist_ok=True)
+    folder_paths.add_model_folder_path(ADAPTER_FOLDER, default)
     paths, _ = folder_paths.folder_names_and_paths[ADAPTER_FOLDER]
     folder_paths.folder_names_and_paths[ADAPTER_FOLDER] = (paths, {".safetensors"})
 
@@ -59,11 +63,18 @@ def base_weight(dit: torch.nn.Module, key: str) -> torch.Tensor:
     return weight * scale.detach().float().to(weight.device) if scale is not None else weight
 
 
-def _shallow_module(module: torch.nn.Module) -> torch.nn.Module:
-    """A new module object sharing `module`'s children and parameters, whose child list can be changed alone."""
-    new = copy.copy(module)
-    new._modules, new._parameters, new._buffers = dict(module._modules), dict(module._parameters), \
-        dict(module._buffers)
+def _alias(module: torch.nn.Module) -> torch.nn.Module:
+    """A new module tree over the same tensors: new module and Parameter objects, no storage copied.
+
+    ComfyUI patches a weight by replacing the module's Parameter, moves one by replacing its `.data`, and keeps
+    per-module lists of weight functions; a tree sharing any of those objects with the teacher would carry the
+    student's deltas and devices into the cached teacher MODEL.
+    """
+    new = module.__class__.__new__(module.__class__)
+    new.__dict__ = {k: copy.copy(v) if isinstance(v, (dict, list)) else v for k, v in module.__dict__.items()}
+    new._modules = {k: None if m is None else _alias(m) for k, m in module._modules.items()}
+    new._parameters = {k: None if p is None else torch.nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+                       for k, p in module._parameters.items()}
     return new
 
 
@@ -71,12 +82,11 @@ def pruned_patcher(model: ModelPatcher, kept: list[int]) -> ModelPatcher:
     """A ModelPatcher over a Wan holding only `kept` blocks (renumbered 0..k-1); `model` is left unchanged."""
     base = model.model
     if any(lm.model is not None and lm.model.model is base for lm in comfy.model_management.current_loaded_models):
-        comfy.model_management.unload_all_models()  # the shared blocks must start on the offload device
-    dit = _shallow_module(base.diffusion_model)
-    dit.blocks = torch.nn.ModuleList([base.diffusion_model.blocks[i] for i in kept])
+        comfy.model_management.unload_all_models()  # the aliased weights must be the unpatched, offloaded ones
+    student = _alias(base)
+    dit = student.diffusion_model
+    dit.blocks = torch.nn.ModuleList([dit.blocks[i] for i in kept])
     dit.num_layers = len(kept)
-    student = _shallow_module(base)
-    student.diffusion_model = dit
     student.model_config = copy.copy(base.model_config)
     student.model_config.unet_config = {**base.model_config.unet_config, "num_layers": len(kept)}
     student.device = model.offload_device

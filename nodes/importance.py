@@ -21,16 +21,15 @@ import numpy as np
 import torch
 from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io, ui
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from fastlightgen.importance import ImportanceResult, check_error, stage1_sigmas
 from fastlightgen.plan import PrunePlan, count_kept
-from fastlightgen.plot import importance_figure
+from fastlightgen.plot import importance_chart
 
 from .dit import (BlockPatch, Slot, block_patches, block_slots, fingerprint, skip_block, skipped_blocks,
                   with_block_patches)
 from .types import PrunePlanType
-from .validate import check_conditioning, check_finite, check_latent
+from .validate import check_clean_videos, check_conditioning, check_finite, check_latent
 
 NAME = "FastLightGen Block Importance"
 
@@ -105,7 +104,8 @@ def _copy_streams(streams: dict) -> dict:
 
 def run_stage1(model: ModelPatcher, latent: dict, positive, num_timesteps: int, num_samples: int, seed: int,
                prefix_reuse: bool = True) -> ImportanceResult:
-    samples = check_latent(latent, NAME, model)
+    samples = check_latent(latent, NAME)
+    check_clean_videos(samples, NAME, model)
     check_conditioning(positive, NAME, model)
     sigmas = stage1_sigmas(num_timesteps)
     probe = ImportanceProbe(block_slots(model), sigmas, num_samples, seed, prefix_reuse)
@@ -118,9 +118,7 @@ def run_stage1(model: ModelPatcher, latent: dict, positive, num_timesteps: int, 
 
 def importance_plot(result: ImportanceResult, plan: PrunePlan) -> torch.Tensor:
     """The library's importance chart as an IMAGE (1, H, W, 3)."""
-    canvas = FigureCanvasAgg(importance_figure(result, plan))
-    canvas.draw()
-    rgb = np.asarray(canvas.buffer_rgba())[..., :3].astype(np.float32) / 255.0
+    rgb = np.asarray(importance_chart(result, plan), dtype=np.float32) / 255.0
     return torch.from_numpy(rgb)[None]
 
 
@@ -137,8 +135,9 @@ class BlockImportance(io.ComfyNode):
                         "Prune Plan) is scored as it runs and its skipped blocks stay dropped.",
             inputs=[
                 io.Model.Input("model", tooltip="A Wan (or HunyuanVideo) diffusion model."),
-                io.Latent.Input("latent", tooltip="Clean latents (a batch of videos); a noise_mask keeps "
-                                                  "TI2V first frames clean, as at inference."),
+                io.Latent.Input("latent", tooltip="Clean videos encoded by the model's VAE (VAE Encode of video "
+                                                  "frames; not an empty latent); a noise_mask keeps TI2V first "
+                                                  "frames clean, as at inference."),
                 io.Conditioning.Input("positive", tooltip="Their prompts (one per latent, or one for all)."),
                 io.Int.Input("num_timesteps", default=4, min=1, max=100,
                              tooltip="Evenly spaced noise levels (k + 0.5) / T at which errors are averaged."),

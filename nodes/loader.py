@@ -33,8 +33,11 @@ WEIGHT_DTYPES = {
 
 
 def register_model_folder() -> None:
-    """models/fastlightgen, holding .safetensors only (extra_model_paths.yaml may add more paths)."""
-    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER), is_default=True)
+    """models/fastlightgen, holding .safetensors only (extra_model_paths.yaml may add more paths); made on first
+    start, so a creator finds where a student goes."""
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    os.makedirs(default, exist_ok=True)
+    folder_paths.add_model_folder_path(FOLDER, default, is_default=True)
     paths, _ = folder_paths.folder_names_and_paths[FOLDER]
     folder_paths.folder_names_and_paths[FOLDER] = (paths, {".safetensors"})
 

@@ -24,6 +24,12 @@ LATENT_SOURCES = {
                   "the Wan 2.1 VAE"),
     ("hunyuanvideo", 16): ("HunyuanVideo latents", "EmptyHunyuanLatentVideo or HunyuanImageToVideo"),
 }
+# (family, latent channels) -> the VAE whose encoding of real video frames Stage I scores against
+VIDEO_ENCODERS = {("wan", 48): "the Wan 2.2 VAE", ("wan", 16): "the Wan 2.1 VAE",
+                  ("hunyuanvideo", 16): "the HunyuanVideo VAE"}
+# Stage I runs (blocks + 1) x timesteps x draws passes; past four times the tokens of an 81-frame 720p Wan clip
+# (21 x 45 x 80 after patching) one pass alone takes minutes on an H100, so the whole probe would take hours.
+MAX_STAGE1_TOKENS = 4 * 21 * 45 * 80
 TEXT_SOURCES = {
     "wan": ("UMT5 conditioning", "CLIPLoader type wan (umt5_xxl) + CLIP Text Encode, or FastLightGen Toy Text "
             "Encode for the toy models"),
@@ -43,6 +49,38 @@ def expected_latent(model: ModelPatcher) -> tuple[int, str]:
     channels = model.get_model_object("latent_format").latent_channels
     name, sources = LATENT_SOURCES.get((family(model), channels), (f"{channels}-channel latents", "its own VAE"))
     return channels, f"{name} ({channels} channels): use {sources}"
+
+
+def clean_video_sources(model: ModelPatcher) -> str:
+    """Which nodes make the clean, VAE-encoded videos Stage I needs, for `model`."""
+    channels = model.get_model_object("latent_format").latent_channels
+    vae = VIDEO_ENCODERS.get((family(model), channels), "the model's own VAE")
+    return (f"clean videos encoded by {vae} ({channels} channels): load real video frames (Load Video + Get Video "
+            f"Components, or Load Image) and connect them through VAE Encode, or use FastLightGen Toy Dataset "
+            f"Latents for the toy models; empty-latent and image-to-video latent nodes make no video")
+
+
+def check_clean_videos(samples: torch.Tensor, node: str, model: ModelPatcher) -> None:
+    """Stage I scores each block against real videos: a constant frame (an empty latent, the empty frames an
+    image-to-video latent node adds) or a latent too large to probe is refused before any model pass."""
+    expected = clean_video_sources(model)
+    if samples.ndim != 5 or samples.shape[1] != model.get_model_object("latent_format").latent_channels:
+        raise ValueError(f"{node}: the LATENT has shape {tuple(samples.shape)}, but Stage I on this model needs "
+                         f"{expected}")
+    dit = model.model.diffusion_model
+    patch = tuple(getattr(dit, "patch_size", (1, 2, 2)))
+    tokens = math.prod(-(-size // step) for size, step in zip(samples.shape[2:], patch))
+    if tokens > MAX_STAGE1_TOKENS:
+        raise ValueError(f"{node}: a video of this LATENT is {tokens} tokens (shape {tuple(samples.shape)}), more "
+                         f"than {MAX_STAGE1_TOKENS} (four 81-frame 720p clips), and Stage I runs one pass per "
+                         "block per noise level; encode the videos at 720p or below and at most 81 frames (a few "
+                         "short clips at 480p rank the blocks as well)")
+    flat = samples.transpose(1, 2).flatten(2)  # (batch, frames, values)
+    constant = (flat.amax(-1) == flat.amin(-1)).nonzero().tolist()
+    if constant:
+        where = ", ".join(f"video {b} frame {f}" for b, f in constant[:4]) + (" ..." if len(constant) > 4 else "")
+        raise ValueError(f"{node}: the LATENT has constant frames ({where}; e.g. all zeros), so it is not an "
+                         f"encoded video and the block scores would mean nothing; it needs {expected}")
 
 
 def check_latent(latent: dict, node: str, model: ModelPatcher | None = None) -> torch.Tensor:

@@ -145,17 +145,18 @@ else
         log "linked ${#models[@]} model(s) into models/${dest}/"
     done
 fi
-# the demo LoRA of the student-LoRA workflow
-shopt -s nullglob
-loras=("${REPO_DIR}/models/loras"/*.safetensors)
-shopt -u nullglob
-if (( ${#loras[@]} > 0 )); then
-    mkdir -p "${COMFYUI_DIR}/models/loras"
-    for f in "${loras[@]}"; do
-        ln -sfn "${f}" "${COMFYUI_DIR}/models/loras/$(basename "${f}")"
+# the demo LoRA of the student-LoRA workflow and the adapter of the student-adapter workflow
+for kind in loras fastlightgen_adapters; do
+    shopt -s nullglob
+    files=("${REPO_DIR}/models/${kind}"/*.safetensors)
+    shopt -u nullglob
+    (( ${#files[@]} > 0 )) || continue
+    mkdir -p "${COMFYUI_DIR}/models/${kind}"
+    for f in "${files[@]}"; do
+        ln -sfn "${f}" "${COMFYUI_DIR}/models/${kind}/$(basename "${f}")"
     done
-    log "linked ${#loras[@]} LoRA(s) into models/loras/"
-fi
+    log "linked ${#files[@]} file(s) into models/${kind}/"
+done
 
 # ---------------------------------------------------------------- 5. chromium (optional)
 if [[ "${WITH_CHROMIUM}" == "1" ]]; then

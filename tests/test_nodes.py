@@ -441,7 +441,9 @@ def test_latents_and_conditioning_that_do_not_fit_the_model_name_the_stock_nodes
         pack["guidance"].TeacherMixSweep.execute(model, plan, toy_inputs["positive"], toy_inputs["negative"],
                                                  wan21_latent, SEED, comfy.samplers.sampler_object("euler"),
                                                  torch.linspace(1, 0, 3), "2", "0")
-    with pytest.raises(ValueError, match="Block Importance: " + latent_error):
+    with pytest.raises(ValueError, match=r"Block Importance: the LATENT has shape \(1, 16, 6, 8, 8\), but Stage I on "
+                                         r"this model needs clean videos encoded by the Wan 2.2 VAE \(48 channels\): "
+                                         r".*VAE Encode"):
         pack["importance"].BlockImportance.execute(model, wan21_latent, toy_inputs["positive"], 2, 1, SEED, 0.5, True)
     # an empty latent of another width is widened by ComfyUI, as in the stock samplers (EmptyHunyuanLatentVideo)
     empty = {"samples": torch.zeros(1, 16, 6, 8, 8)}
@@ -458,8 +460,19 @@ def test_block_importance_checks_its_inputs_before_stage1(pack, loaded, toy_inpu
     node = pack["importance"].BlockImportance
     with pytest.raises(ValueError, match="keep_ratio is nan"):
         node.execute(model, toy_inputs["latent"], toy_inputs["positive"], 2, 1, SEED, float("nan"), True)
+    videos = pack["toy"].ToyDatasetLatents.execute("train", 1, 3).args[0]
     with pytest.raises(ValueError, match="the positive conditioning is 768 wide"):
-        node.execute(model, toy_inputs["latent"], [[torch.randn(1, 7, 768), {}]], 2, 1, SEED, 0.5, True)
+        node.execute(model, videos, [[torch.randn(1, 7, 768), {}]], 2, 1, SEED, 0.5, True)
+    for empty in ({"samples": torch.zeros(1, 48, 6, 8, 8)}, {"samples": torch.zeros(1, 16, 6, 8, 8)}):  # empty latents
+        with pytest.raises(ValueError, match="VAE Encode.*Toy Dataset Latents.*empty-latent"):
+            node.execute(model, empty, toy_inputs["positive"], 2, 1, SEED, 0.5, True)
+    first_frame_only = videos["samples"].clone()
+    first_frame_only[:, :, 1:] = 0  # as an image-to-video latent node leaves the frames after the image
+    with pytest.raises(ValueError, match=r"constant frames \(video 0 frame 1, video 0 frame 2"):
+        node.execute(model, {"samples": first_frame_only}, toy_inputs["positive"], 2, 1, SEED, 0.5, True)
+    huge = {"samples": torch.randn(1, 48, 1, 1, 1).expand(1, 48, 1, 1120, 1120)}  # 313600 tokens, no memory
+    with pytest.raises(ValueError, match="313600 tokens .*more than 302400 .*720p or below"):
+        node.execute(model, huge, toy_inputs["positive"], 2, 1, SEED, 0.5, True)
 
 
 # ---------------------------------------------------------------- a model that already skips blocks
@@ -557,3 +570,36 @@ def test_bad_plans_fail_clearly(pack, loaded, plans_folder):
         with pytest.raises(ValueError, match="must be a plain file name"):
             nodes.SavePrunePlan.execute(_plan(pack, model, [1]), name, False)
     assert not list(plans_folder.iterdir())
+
+
+# ---------------------------------------------------------------- cached MODELs
+
+
+def _snapshot(model) -> tuple:
+    """What a later prompt would see of a cached MODEL: its modules' weights now, its patches and options."""
+    weights = {k: v.detach().clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    return weights, dict(model.patches), dict(model.object_patches), repr(model.model_options)
+
+
+def test_no_node_changes_the_model_it_received(pack, teacher_files, toy_inputs):
+    import comfy.samplers
+
+    model = pack["loader"].LoadCheckpoint.execute("t_full.safetensors").args[0]
+    toy = pack["toy"]
+    videos, captions = toy.ToyDatasetLatents.execute("train", 1, 3).args
+    before = _snapshot(model)
+    plan = _plan(pack, model, [1])
+    pruned = pack["plan"].ApplyPrunePlan.execute(model, plan).args[0]
+    pack["sampling"].FastLightGenSampler.execute(pruned, toy_inputs["positive"], toy_inputs["latent"], SEED)
+    pack["sampling"].FastLightGenSampler.execute(model, toy_inputs["positive"], toy_inputs["latent"], SEED)
+    guider = pack["guidance"].WellGuidedTeacher.execute(model, plan, toy_inputs["positive"], toy_inputs["negative"],
+                                                         3.0, 0.5).args[0]
+    _guided_sample(guider, toy_inputs["latent"], torch.linspace(1, 0, 3))
+    pack["guidance"].TeacherMixSweep.execute(model, plan, toy_inputs["positive"], toy_inputs["negative"],
+                                             toy_inputs["latent"], SEED, comfy.samplers.sampler_object("euler"),
+                                             torch.linspace(1, 0, 3), "2", "0, 0.5")
+    pack["importance"].BlockImportance.execute(model, videos, toy.ToyTextEncode.execute(captions).args[0], 1, 1,
+                                               SEED, 0.5, True)
+    after = _snapshot(model)
+    assert all(torch.equal(v, before[0][k]) for k, v in after[0].items())
+    assert after[1:] == before[1:]

@@ -176,3 +176,24 @@ def test_object_patches_before_the_adapter_are_kept(pack, files):
     teacher.add_object_patch("model_sampling", sampling)
     student = _apply(pack, teacher)[0]
     assert student.object_patches["model_sampling"] is sampling
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    """The weights a MODEL's modules hold right now, as ComfyUI left them (no unload first)."""
+    return {k: v.detach().float().clone() for k, v in model.model.diffusion_model.state_dict().items()}
+
+
+def test_the_teacher_is_unchanged_and_a_rerun_equals_a_fresh_run(pack, files):
+    """ComfyUI keeps the teacher MODEL and the last student loaded between prompts; neither may leak into the other."""
+    teacher = _stock("ad_teacher.safetensors")
+    weights, output = _state(teacher), _output(teacher)
+    patches, object_patches = dict(teacher.patches), dict(teacher.object_patches)
+    _output(pack["adapter"].ApplyStudentAdapter.execute(teacher, "ad.safetensors", 1.0).args[0])  # prompt 1
+    rerun, _, info = pack["adapter"].ApplyStudentAdapter.execute(teacher, "ad.safetensors", 0.5).args  # prompt 2
+    rerun_output = _output(rerun)
+    assert "WARNING" not in info
+    assert torch.equal(_output(teacher), output)  # the teacher sampled after both prompts
+    assert all(torch.equal(v, weights[k]) for k, v in _state(teacher).items())
+    assert teacher.patches == patches and teacher.object_patches == object_patches
+    fresh = pack["adapter"].ApplyStudentAdapter.execute(_stock("ad_teacher.safetensors"), "ad.safetensors", 0.5)
+    assert torch.equal(rerun_output, _output(fresh.args[0]))

@@ -235,11 +235,12 @@ def test_the_committed_toy_adapter_rebuilds_the_committed_student():
     from fastlightgen.checkpoint import load_wan
 
     models = Path(__file__).resolve().parent.parent / "models" / "fastlightgen"
-    adapter = read_adapter(models / "toy_student_adapter.safetensors")
+    adapter_file = models.parent / "fastlightgen_adapters" / "toy_student_adapter.safetensors"
+    adapter = read_adapter(adapter_file)
     teacher, _ = load_wan(models / "toy_teacher.safetensors", dtype=torch.float32)
     student, meta = load_wan(models / "toy_student.safetensors", dtype=torch.float32)
     assert adapter.meta.kept_blocks == meta.kept_blocks and adapter.meta.recommended == meta.recommended
-    assert adapter.meta.energy == 0.98 and (models / "toy_student_adapter.safetensors").stat().st_size < 12 * 2**20
+    assert adapter.meta.energy == 0.98 and adapter_file.stat().st_size < 12 * 2**20
     rebuilt, base = apply_adapter(teacher, adapter).state_dict(), adapt(teacher).pruned_state_dict(meta.kept_blocks)
     left = sum((rebuilt[k] - v).pow(2).sum() for k, v in student.state_dict().items())
     total = sum((base[k] - v).pow(2).sum() for k, v in student.state_dict().items())

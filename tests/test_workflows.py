@@ -64,7 +64,6 @@ def server(tmp_path_factory):
                       f"    {REPO / 'models' / 'fastlightgen'}\n    {models}\n"
                       "  diffusion_models: |\n"  # the stock Load Diffusion Model reads the teacher
                       f"    {REPO / 'models' / 'fastlightgen'}\n    {models}\n"
-                      f"  fastlightgen_adapters: {REPO / 'models' / 'fastlightgen'}\n"
                       f"  loras: {REPO / 'models' / 'loras'}\n"
                       f"  fastlightgen_plans: {models / 'plans'}\n")  # Save Prune Plan writes here
     handle = comfyui_harness.start_server(extra_args=["--extra-model-paths-config", str(config)])
@@ -111,6 +110,18 @@ def test_every_node_in_object_info_with_its_schema(object_info):
     assert weight_dtype == object_info["UNETLoader"]["input"]["required"]["weight_dtype"][0]
     assert object_info["FastLightGenLoadPrunePlan"]["output"] == ["FASTLIGHTGEN_PRUNE_PLAN", "STRING"]
     assert object_info["FastLightGenSavePrunePlan"]["output_node"]
+
+
+def test_a_fresh_setup_lists_the_adapter_where_the_adapter_workflow_needs_it(object_info):
+    """scripts/setup.sh alone puts the shipped adapter in models/fastlightgen_adapters (the server here adds no
+    adapter folder), and no checkpoint loader offers it as a model."""
+    adapters = object_info["FastLightGenApplyStudentAdapter"]["input"]["required"]["adapter_name"][1]["options"]
+    assert "toy_student_adapter.safetensors" in adapters
+    for node, section, name in (("UNETLoader", "required", "unet_name"),
+                                ("FastLightGenLoadCheckpoint", "required", "ckpt_name")):
+        spec = object_info[node]["input"][section][name]
+        options = spec[0] if isinstance(spec[0], list) else spec[1]["options"]
+        assert "toy_student_adapter.safetensors" not in options, node
 
 
 def test_workflows_are_served_as_templates(server):

@@ -16,7 +16,7 @@ import torch
 from fastlightgen.adapters import adapt
 from fastlightgen.importance import ImportanceResult, block_importance, stage1_sigmas
 from fastlightgen.plan import PrunePlan
-from fastlightgen.plot import importance_figure
+from fastlightgen.plot import importance_chart
 
 from .cli import dry_run, parse
 from .config import Config
@@ -62,7 +62,7 @@ def run(cfg: Config) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     plan.save(out)
     write_csv(out.parent / "scores.csv", result, plan)
-    importance_figure(result, plan).savefig(out.parent / "importance.png")
+    importance_chart(result, plan).save(out.parent / "importance.png")
     print(result.table())
     print(f"kept {plan.kept}, dropped {plan.dropped}; wrote {out}")
     return out
