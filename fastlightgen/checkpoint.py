@@ -12,6 +12,7 @@ files (`weight_scale`/`input_scale` tensors, per-layer formats in the header's `
 all-in-one files whose DiT keys carry the `model.diffusion_model.` prefix (the other components are left out,
 as ComfyUI's loader does). The scales stay beside the stored weights: `comfy_state_dict` gives ComfyUI the
 file as it is, `weights(dtype)` dequantizes (stored weight * scale, in float32, then `dtype`).
+`save_checkpoint` writes bf16/fp16/fp32, or fp8_scaled as ComfyUI distributes Wan (fastlightgen/fp8.py).
 Every failure is a `CheckpointError` naming the file and what is wrong.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .fp8 import FP8_SCALED, fp8_scaled_state_dict, marker
 from .io_utils import atomic_path
 from .plan import PrunePlan
 from .sampling import FEW_STEP, Sampling
@@ -123,26 +125,42 @@ class LoadedCheckpoint:
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: CheckpointMeta,
-                    dtype: torch.dtype | None = None) -> Path:
-    """Write `model` (a diffusers Wan, already physically pruned) with `meta`, atomically."""
+                    dtype: torch.dtype | str | None = None) -> Path:
+    """Write `model` (a diffusers Wan, already physically pruned) with `meta`, atomically. `dtype`: a torch dtype
+    for every floating tensor (None: as they are), or FP8_SCALED for ComfyUI's fp8_scaled (fastlightgen.fp8).
+    Every check runs before the file is opened: a refused model leaves no file."""
     path = Path(path)
     if meta.family not in FAMILIES:
         raise CheckpointError(f"{path}: family {meta.family!r} cannot be saved; supported: {FAMILIES}")
     if len(meta.kept_blocks) != len(model.blocks):
         raise CheckpointError(f"{path}: metadata keeps {len(meta.kept_blocks)} blocks but the model has "
                               f"{len(model.blocks)}; save the physically pruned model")
-    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous()
-               for k, v in diffusers_to_original(model.state_dict()).items()}
+    tensors = {k: v.detach().contiguous() for k, v in diffusers_to_original(_stored(path, model, dtype)).items()}
+    if dtype == FP8_SCALED:
+        tensors[SCALED_FP8_MARKER] = marker()
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={METADATA_KEY: meta.to_json()})
     return path
+
+
+def _stored(path: Path, model: torch.nn.Module, dtype: torch.dtype | str | None) -> dict[str, torch.Tensor]:
+    """`model`'s state dict (diffusers names) in the format `dtype` names."""
+    if dtype == FP8_SCALED:
+        try:
+            return fp8_scaled_state_dict(model)
+        except ValueError as err:
+            raise CheckpointError(f"{path}: {err}") from None
+    if isinstance(dtype, str):
+        raise CheckpointError(f"{path}: unknown dtype {dtype!r}; pass a torch dtype or {FP8_SCALED!r}")
+    return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+            for k, v in model.state_dict().items()}
 
 
 def read_checkpoint(path: str | Path, plan: PrunePlan | None = None) -> LoadedCheckpoint:
     """Validate and read a Wan DiT safetensors file: FastLightGen, original or diffusers layout, any of the
     weight formats above."""
     path = Path(path)
-    header = _read_header(path)
+    header = read_safetensors_header(path)
     file_metadata = dict(header.pop("__metadata__", None) or {})
     if ADAPTER_METADATA_KEY in file_metadata:
         raise CheckpointError(f"{path}: a FastLightGen student adapter, not a checkpoint: load its teacher with the "
@@ -240,7 +258,8 @@ def _check_mixed_formats(path: Path, text: str) -> None:
                               f"{list(MIXED_FORMATS)}); use the fp16, bf16 or fp8_scaled release of this model")
 
 
-def _read_header(path: Path) -> dict:
+def read_safetensors_header(path: Path) -> dict:
+    """The header of a complete safetensors file; an error naming the fix for anything else (a pickle never loads)."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     size = path.stat().st_size

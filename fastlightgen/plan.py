@@ -24,6 +24,14 @@ class PlanMismatchError(ValueError):
     """A plan applied to a model it was not made for."""
 
 
+def check_block_numbers(name: str, blocks: Sequence[int], num_blocks: int) -> None:
+    """Block numbers count from 0 in the model as it was given: an error naming the numbers out of range."""
+    bad = sorted(i for i in blocks if not 0 <= i < num_blocks)
+    if bad:
+        raise ValueError(f"{name} blocks {bad} do not exist in a model of {num_blocks} blocks (blocks are numbered "
+                         f"0..{num_blocks - 1}, counting from 0)")
+
+
 @dataclass
 class PrunePlan:
     fingerprint: ModelFingerprint
@@ -39,9 +47,9 @@ class PrunePlan:
         n = self.fingerprint.num_blocks
         self.kept = _blocks("kept", self.kept)
         self.already_dropped = _blocks("already_dropped", self.already_dropped)
-        bad = [i for i in self.kept if not 0 <= i < n]
-        if bad or not self.kept:
-            raise ValueError(f"a prune plan must keep at least one block within 0..{n - 1}; got kept={self.kept}")
+        check_block_numbers("kept", self.kept, n)
+        if not self.kept:
+            raise ValueError(f"a prune plan must keep at least one of the model's {n} blocks; got none")
         if self.scores is not None and len(self.scores) != n:
             raise ValueError(f"the plan has {len(self.scores)} scores for {n} blocks")
         _check_finite("scores", self.scores or [], STAGE1_NAN_HINT)
@@ -75,6 +83,7 @@ class PrunePlan:
         active = [i for i in range(n) if i not in dropped]
         count = count_kept(len(active), keep_ratio, keep_count)
         protected = sorted(set(int(i) for i in protected))
+        check_block_numbers("protected", protected, n)
         if set(protected) & set(dropped):
             raise ValueError(f"protected blocks {sorted(set(protected) & set(dropped))} are already dropped")
         if len(protected) > count:
@@ -87,9 +96,7 @@ class PrunePlan:
     @classmethod
     def from_blocks(cls, fingerprint: ModelFingerprint, dropped: Sequence[int]) -> "PrunePlan":
         n = fingerprint.num_blocks
-        bad = sorted(i for i in dropped if not 0 <= int(i) < n)
-        if bad:
-            raise ValueError(f"blocks {bad} do not exist in a model of {n} blocks (valid: 0..{n - 1})")
+        check_block_numbers("dropped", [int(i) for i in dropped], n)
         kept = [i for i in range(n) if i not in set(int(d) for d in dropped)]
         return cls(fingerprint, kept, "explicit", len(kept) / n)
 

@@ -165,11 +165,24 @@ def detect_layout(state_dict: Mapping[str, object]) -> Layout:
         return "diffusers"
     if original_only and not diffusers_only:
         return "original"
-    raise ValueError(
-        "state dict is neither a diffusers nor an original/ComfyUI Wan transformer: "
-        f"{diffusers_only} keys are diffusers-only and {original_only} are original-only "
-        f"(first keys: {list(state_dict)[:3]})"
-    )
+    if diffusers_only and original_only:
+        raise ValueError(f"the file mixes diffusers-layout and original-layout Wan keys ({diffusers_only} and "
+                         f"{original_only}); it was merged from two sources: export or download it again")
+    raise ValueError(f"this is not a Wan 2.x diffusion model: its keys look like {_guess_model(state_dict)} (first "
+                     f"keys: {list(state_dict)[:3]}). FastLightGen reads Wan 2.1/2.2 transformer files, e.g. "
+                     "wan2.1_t2v_1.3B_fp16.safetensors or wan2.2_ti2v_5B_fp16.safetensors as ComfyUI distributes "
+                     "them; load other models with ComfyUI's own loaders")
+
+
+# Key fragments that name the other model families a creator's models folder holds.
+_OTHER_MODELS = (("input_blocks.", "a Stable Diffusion 1.x/2.x/XL UNet"), ("down_blocks.", "a diffusers UNet"), ("joint_blocks.", "Stable Diffusion 3"),
+                 ("double_blocks.", "a Flux or HunyuanVideo DiT"), ("transformer_blocks.", "a diffusers DiT of "
+                 "another family"), ("encoder.", "a VAE or text encoder"))
+
+
+def _guess_model(state_dict: Mapping[str, object]) -> str:
+    return next((name for fragment, name in _OTHER_MODELS if any(fragment in k for k in state_dict)),
+                "no model FastLightGen knows")
 
 
 def to_diffusers_layout(state_dict: Mapping[str, T]) -> dict[str, T]:

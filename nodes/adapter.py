@@ -31,7 +31,7 @@ from fastlightgen.student_adapter import Adapter, AdapterError, check_base, read
 
 from .dit import fingerprint
 from .student import approve_patches, mark_student
-from .validate import check_finite
+from .validate import check_finite, file_choice
 
 ADAPTER_FOLDER = "fastlightgen_adapters"
 LOG = logging.getLogger(__name__)
@@ -155,6 +155,11 @@ class ApplyStudentAdapter(io.ComfyNode):
                 io.String.Output(display_name="info", tooltip="The plan, rank and base check."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, adapter_name: str) -> bool | str:
+        return file_choice(adapter_name, adapter_names(), "adapter", f"put it in models/{ADAPTER_FOLDER} and press "
+                           "R to refresh; an adapter is made with python -m train.export_adapter")
 
     @classmethod
     def execute(cls, model, adapter_name: str, strength: float = 1.0) -> io.NodeOutput:

@@ -20,9 +20,13 @@ from fastlightgen.checkpoint import LoadedCheckpoint, read_checkpoint
 from fastlightgen.sampling import FEW_STEP
 
 from .student import mark_student
+from .validate import file_choice
 
 FOLDER = "fastlightgen"
 SEARCHED = (FOLDER, "diffusion_models")
+MISSING_CHECKPOINT = (f"put the .safetensors file in models/{FOLDER} or models/diffusion_models and press R to "
+                      "refresh; a student of a real model is made with python -m train.export (README, 'Real "
+                      "models')")
 # The stock UNETLoader's weight_dtype choices and the model_options each one means.
 WEIGHT_DTYPES = {
     "default": {},
@@ -96,6 +100,10 @@ class LoadCheckpoint(io.ComfyNode):
                 io.String.Output(display_name="info", tooltip="What the metadata says, and the weight format."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, ckpt_name: str) -> bool | str:
+        return file_choice(ckpt_name, checkpoint_names(), "checkpoint", MISSING_CHECKPOINT)
 
     @classmethod
     def execute(cls, ckpt_name: str, weight_dtype: str = "default") -> io.NodeOutput:

@@ -11,6 +11,8 @@ the student file named in `student_checkpoint` (a student loaded by the stock Lo
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import comfy.lora
 import comfy.lora_convert
 import comfy.utils
@@ -19,13 +21,13 @@ from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io, ui
 from safetensors import safe_open
 
-from fastlightgen.checkpoint import METADATA_KEY, CheckpointMeta
+from fastlightgen.checkpoint import METADATA_KEY, CheckpointMeta, read_safetensors_header
 from fastlightgen.lora_remap import check_fit, diffusers_lora_names, remap_lora
 
 from .dit import fingerprint
-from .loader import checkpoint_names, checkpoint_path
+from .loader import MISSING_CHECKPOINT, checkpoint_names, checkpoint_path
 from .student import approve_patches, mark_student, student_mark
-from .validate import check_finite
+from .validate import check_finite, file_choice
 
 FROM_MODEL = "(from the model)"
 FULL_MODEL = "full model"
@@ -110,11 +112,20 @@ class StudentLoRA(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, lora_name: str, student_checkpoint: str) -> bool | str:
+        lora = file_choice(lora_name, folder_paths.get_filename_list("loras"), "LoRA", "put it in models/loras and "
+                           "press R to refresh")
+        return lora if lora is not True else file_choice(student_checkpoint, [FROM_MODEL, *checkpoint_names()],
+                                                         "student checkpoint", MISSING_CHECKPOINT)
+
+    @classmethod
     def execute(cls, model, lora_name: str, strength_model: float, made_for: str,
                 student_checkpoint: str) -> io.NodeOutput:
         check_finite("FastLightGen LoRA (pruned student)", strength_model=strength_model)
         kept, total = student_blocks(model, student_checkpoint)
-        lora = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", lora_name), safe_load=True)
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        read_safetensors_header(Path(path))  # a renamed pickle or a cut-short download: an error with the fix
+        lora = comfy.utils.load_torch_file(path, safe_load=True)
         lora = comfy.lora_convert.convert_lora(lora)
         if made_for == THIS_STUDENT:
             remapped, report = remap_lora(lora, range(len(kept)), len(kept))

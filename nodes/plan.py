@@ -17,7 +17,7 @@ from fastlightgen.plan import PrunePlan
 
 from .dit import check_plan, fingerprint, skip_patches, with_block_patches
 from .types import PrunePlanType
-from .validate import check_finite
+from .validate import check_finite, file_choice
 
 DROP_LIST = "drop listed blocks"
 KEEP_RATIO = "keep ratio over scores"
@@ -184,6 +184,11 @@ class LoadPrunePlan(io.ComfyNode):
             return plan_json
         path = folder_paths.get_full_path(PLAN_FOLDER, plan_name)
         return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else plan_name  # an edited file reloads
+
+    @classmethod
+    def validate_inputs(cls, plan_name: str) -> bool | str:
+        return file_choice(plan_name, [PASTED, *plan_names()], "prune plan", f"put the plan's JSON in "
+                           f"models/{PLAN_FOLDER} and press R to refresh, or paste it with '{PASTED}'")
 
     @classmethod
     def execute(cls, plan_name: str, plan_json: str) -> io.NodeOutput:

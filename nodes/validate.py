@@ -37,6 +37,12 @@ TEXT_SOURCES = {
 }
 
 
+def file_choice(value: str, options: list[str], what: str, fix: str) -> bool | str:
+    """`validate_inputs`' answer for a file COMBO: ComfyUI checks no V3 combo against its options, so without this
+    a missing file would pass validation and fail only when its node runs."""
+    return True if value in options else f"{what} {value!r} is not there: {fix}"
+
+
 def check_finite(node: str, **values: float) -> None:
     """NaN or inf in a FLOAT input: an error naming the input (call it first in `execute`)."""
     bad = [f"{name} is {value}" for name, value in values.items() if not math.isfinite(value)]

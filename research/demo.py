@@ -12,11 +12,13 @@ models timed in alternating rounds, the best of 10) and FLOPs (the same on every
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 from fastlightgen.adapters import adapt
 from fastlightgen.checkpoint import load_wan
@@ -40,6 +42,18 @@ Generate = Callable[[Prompts], torch.Tensor]  # videos (B, 3, F, H, W) of the pr
 SeededGenerate = Callable[[Prompts, int], torch.Tensor]  # the same, at a noise seed
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A model of the comparison: its name in the report, and how it makes the videos of prompts at a seed."""
+    name: str
+    generate: SeededGenerate
+
+    @property
+    def folder(self) -> str:
+        """Where its videos go: the name's first word ('teacher', 'student'), safe in any shell and file manager."""
+        return re.sub(r"[^a-z0-9]+", "_", self.name.split(" ", 1)[0].lower())
+
+
 def load_fp32(path: Path):
     model, meta = load_wan(path)
     return adapt(model.float()), meta
@@ -50,17 +64,20 @@ SUMMARY_COLUMNS = ("faithful", "correct", "gate_color", "gate_shape", "gate_dire
                    "overall")
 
 
-def score_model(name: str, generate: SeededGenerate, prompts: Prompts, seeds: list[int], out_dir: Path) -> EvalTable:
+def score_model(model: Candidate, prompts: Prompts, seeds: list[int], out_dir: Path, progress: tqdm) -> EvalTable:
     """Generates every prompt at every seed and scores the videos; writes the first seed's as mp4."""
     labels, rows = [], []
     for seed in seeds:
-        videos = generate(prompts, seed)
+        progress.set_postfix_str(f"{prompts.mode} {model.folder} seed {seed}")
+        videos = model.generate(prompts, seed)
         if seed == seeds[0]:
             for i, (video, label) in enumerate(zip(videos, prompts.captions)):
-                write_mp4(out_dir / prompts.mode / name / f"{i:02d}_{label.replace(' ', '_')}.mp4", video, upscale=8)
+                write_mp4(out_dir / prompts.mode / model.folder / f"{i:02d}_{label.replace(' ', '_')}.mp4", video,
+                          upscale=8)
         table = evaluate_batch(videos, list(prompts.factors), t2v=prompts.t2v)
         labels += [f"seed {seed}: {label}" for label in table.labels]
         rows += table.rows
+        progress.update(len(videos))
     return EvalTable(labels, rows)
 
 
@@ -88,11 +105,11 @@ def comparison_markdown(student: EvalTable, teacher: EvalTable, prompts: Prompts
     return "\n".join(lines)
 
 
-def mode_section(models: dict[str, SeededGenerate], prompts: Prompts, seeds: list[int], out_dir: Path,
-                 student_source: Path) -> str:
+def mode_section(models: list[Candidate], prompts: Prompts, seeds: list[int], out_dir: Path, student_source: Path,
+                 progress: tqdm) -> str:
     """One mode's part of the report: scores, the paired comparison, the sanity table, the per-video tables."""
     mode = prompts.mode
-    tables = {name: score_model(name, generate, prompts, seeds, out_dir) for name, generate in models.items()}
+    tables = {m.name: score_model(m, prompts, seeds, out_dir, progress) for m in models}
     teacher_table, *student_table = tables.values()
     parts = [f"## {mode}: scores over {len(teacher_table.rows)} videos (mean ± std)\n\n{summary_markdown(tables)}\n"]
     if student_table:
@@ -113,14 +130,13 @@ def one_video(generate: Generate, prompts: Prompts) -> Callable[[], torch.Tensor
     return lambda: generate(one)
 
 
-def models_to_compare(args: argparse.Namespace) -> dict[str, SeededGenerate]:
+def models_to_compare(args: argparse.Namespace) -> list[Candidate]:
     """The teacher at its recommended sampling (or the overrides) and, when its file exists, the student."""
     teacher, meta = load_fp32(args.teacher)
     overrides = {k: v for k, v in (("steps", args.steps), ("cfg_scale", args.cfg)) if v}
     teacher_cfg = replace(meta.recommended if meta else Sampling(), **overrides)
-    models: dict[str, SeededGenerate] = {
-        f"teacher ({teacher_cfg.steps}-step Euler, CFG {teacher_cfg.cfg_scale})":
-            lambda batch, seed: generate_teacher(teacher, batch, seed, teacher_cfg)}
+    models = [Candidate(f"teacher ({teacher_cfg.steps}-step Euler, CFG {teacher_cfg.cfg_scale})",
+                        lambda batch, seed: generate_teacher(teacher, batch, seed, teacher_cfg))]
     if args.student_adapter is not None:
         from fastlightgen.student_adapter import apply_adapter, read_adapter
 
@@ -131,9 +147,9 @@ def models_to_compare(args: argparse.Namespace) -> dict[str, SeededGenerate]:
     if (args.student_adapter or args.student).is_file():
         few = smeta.recommended
         origin = ", from adapter" if args.student_adapter else ""
-        models[f"student ({len(few.denoising_step_list)}-step, {len(smeta.kept_blocks)}/"
-               f"{smeta.original_num_blocks} blocks{origin})"] = lambda batch, seed: generate_few_step(student, batch,
-                                                                                                     seed, few)
+        models.append(Candidate(f"student ({len(few.denoising_step_list)}-step, {len(smeta.kept_blocks)}/"
+                                f"{smeta.original_num_blocks} blocks{origin})",
+                                lambda batch, seed: generate_few_step(student, batch, seed, few)))
     return models
 
 
@@ -160,10 +176,13 @@ def main(argv: list[str] | None = None) -> None:
     prompts = {mode: split_prompts(args.split, args.per_combination, 0, args.limit, t2v=mode == "T2V")
                for mode in MODES}
     models = models_to_compare(args)
-    sections = [mode_section(models, prompts[mode], seeds, args.out, source) for mode in MODES]
-    calls = [one_video(lambda batch, g=generate: g(batch, seeds[0]), prompts["TI2V"]) for generate in models.values()]
+    videos = len(models) * len(seeds) * sum(len(p.factors) for p in prompts.values())
+    with tqdm(total=videos, unit="video", desc="demo", dynamic_ncols=True) as progress:
+        sections = [mode_section(models, prompts[mode], seeds, args.out, source, progress) for mode in MODES]
+    print("timing one video of each model (alternating rounds) ...", flush=True)
+    calls = [one_video(lambda batch, g=m.generate: g(batch, seeds[0]), prompts["TI2V"]) for m in models]
     times = seconds_per_call(*calls)  # the models in alternating rounds
-    costs = {name: (t, flops_per_call(call)) for name, t, call in zip(models, times, calls)}
+    costs = {m.name: (t, flops_per_call(call)) for m, t, call in zip(models, times, calls)}
     sections.append(f"## Cost per video (one TI2V video per call)\n\n{cost_markdown(costs)}\n")
     if len(models) > 1:
         flops = [f for _, f in costs.values()]

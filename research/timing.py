@@ -4,7 +4,7 @@ operations, which do not drift.
 Calls compared with each other are timed in interleaved rounds, so a slow spell hits each of them alike;
 each round repeats a call for about `round_seconds`, so a short call is not decided by the timer's jitter.
 A call's time is its fastest round: load from elsewhere only ever adds time. Ten rounds by default, so that
-a quiet spell falls in a round of each call (README.md, "The paper's tables", has the spread this guards
+a quiet spell falls in a round of each call (research/README.md, "How the costs are measured", has the spread this guards
 against). On a GPU, pass the `device`: a round ends when the device has finished the work it was given, not
 when the calls have queued it.
 """

@@ -20,7 +20,7 @@ def test_write_mp4_round_trip(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_demo_writes_videos_and_table(tmp_path):
+def test_demo_writes_videos_and_table(tmp_path, capsys):
     model = build_toy_teacher(ToyTeacherShape(num_layers=2), seed=0)
     teacher = tmp_path / "teacher.safetensors"
     save_checkpoint(teacher, model, CheckpointMeta(2, [0, 1], recommended=Sampling(steps=3, cfg_scale=2.0)))
@@ -30,8 +30,11 @@ def test_demo_writes_videos_and_table(tmp_path):
     assert "teacher (3-step Euler, CFG 2.0)" in report and "| mean (n=24) |" in report
     assert "no student" in report and re.search(r"\| [0-9.]+ \| [0-9.]+ \|\n", report)  # s and GFLOP per video
     assert "Sanity table" in report and "ordering **" in report
-    for mode in ("TI2V", "T2V"):  # the first seed's videos, per mode
-        assert len(list((tmp_path / "out" / mode).rglob("*.mp4"))) == 12
+    for mode in ("TI2V", "T2V"):  # the first seed's videos, per mode, under a plain folder name
+        assert [p.name for p in (tmp_path / "out" / mode).iterdir()] == ["teacher"]
+        assert len(list((tmp_path / "out" / mode / "teacher").glob("*.mp4"))) == 12
+    progress = capsys.readouterr().err  # a bar over the 48 videos, with the time left
+    assert "demo: 100%" in progress and re.search(r"48/48 \[[0-9:]+<[0-9:]+, [0-9.]+(video/s|s/video)", progress)
     assert "## TI2V: scores" in report and "## T2V: scores" in report
 
 
@@ -46,3 +49,4 @@ def test_demo_compares_a_student_with_its_interval(tmp_path):
     rows = re.findall(r"\| (faithful|overall) \| ([+-][0-9.]+) \[([+-][0-9.]+), ([+-][0-9.]+)\] \| ([a-z, ]+) \|", report)
     assert [r[0] for r in rows] == ["faithful", "overall"] * 2  # TI2V, then T2V
     assert all(float(low) <= float(mean) <= float(high) for _, mean, low, high, _ in rows)
+    assert sorted(p.name for p in (tmp_path / "out" / "T2V").iterdir()) == ["student", "teacher"]

@@ -290,3 +290,16 @@ def test_bad_loras_fail_clearly(pack, models, files):
         save_file(tensors, str(files["loras"] / name))
         with pytest.raises(LoRAKeyError, match=message):
             _apply(pack, models["student"], name)
+    torch.save({"diffusion_model.blocks.0.norm3.diff": torch.ones(width)}, files["loras"] / "renamed_pickle.safetensors")
+    with pytest.raises(ValueError, match=r"renamed_pickle\.safetensors: not a safetensors file .*is it a pickle"):
+        _apply(pack, models["student"], "renamed_pickle.safetensors")
+
+
+def test_missing_files_stop_at_validation(pack, files):
+    """ComfyUI checks no V3 COMBO against its options: each file input of the pack checks its own."""
+    lora = pack["lora"].StudentLoRA
+    assert lora.validate_inputs("diff.safetensors", "(from the model)") is True
+    assert "LoRA 'gone.safetensors' is not there: put it in models/loras" in lora.validate_inputs(
+        "gone.safetensors", "(from the model)")
+    assert "student checkpoint 'gone.safetensors' is not there" in lora.validate_inputs("diff.safetensors",
+                                                                                        "gone.safetensors")

@@ -234,9 +234,9 @@ def test_detect_layout():
     assert detect_layout(source) == "diffusers"
     assert detect_layout(diffusers_to_original(source)) == "original"
     assert detect_layout({"blocks.3.ffn.0.weight": None}) == "original"  # blocks alone suffice
-    with pytest.raises(ValueError, match="neither"):
+    with pytest.raises(ValueError, match="not a Wan 2.x diffusion model: its keys look like no model"):
         detect_layout({"patch_embedding.weight": None, "unet.conv_in.weight": None})
-    with pytest.raises(ValueError, match="neither"):  # a half-converted mix
+    with pytest.raises(ValueError, match="mixes diffusers-layout and original-layout Wan keys"):  # a half-converted mix
         detect_layout({"proj_out.weight": None, "head.modulation": None})
 
 

@@ -124,6 +124,16 @@ def test_a_fresh_setup_lists_the_adapter_where_the_adapter_workflow_needs_it(obj
         assert "toy_student_adapter.safetensors" not in options, node
 
 
+def test_a_missing_file_stops_the_prompt_at_validation(server, object_info):
+    """The shipped Wan 2.2 workflow names a student this server does not have: /prompt refuses it before any
+    node runs, naming the file and how to make it (ComfyUI itself checks no V3 combo against its options)."""
+    with pytest.raises(comfyui_harness.PromptError) as refused:
+        server.queue_prompt(_prompt("fastlightgen_wan22_ti2v_5b_4step", object_info))
+    errors = json.dumps(refused.value.payload["node_errors"])
+    assert "checkpoint 'wan2.2_ti2v_5B_fastlightgen.safetensors' is not there" in errors
+    assert "python -m train.export" in errors
+
+
 def test_workflows_are_served_as_templates(server):
     names = server.get("/workflow_templates").get("FastLightGen", [])
     assert sorted(names) == sorted(p.stem for p in WORKFLOWS) and len(names) >= 5

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from fastlightgen.flow import SIGMA_LAWS
+from fastlightgen.fp8 import FP8_SCALED
 
 from .fingerprint import file_digest, json_digest
 from .ranges import problems
@@ -190,7 +191,9 @@ class ExportConfig:
     run: str = ""  # a stage run folder; default run_dir/stage3
     out: str = ""  # default run_dir/student.safetensors
     diffusers_out: str = ""  # also write a diffusers folder here
-    dtype: str = one_of("bfloat16", "float16", "float32")
+    # fp8_scaled: ComfyUI's fp8_scaled checkpoint (fastlightgen/fp8.py), about half the size of bfloat16; a
+    # diffusers folder (diffusers_out) holds only the other three
+    dtype: str = one_of("bfloat16", "float16", "float32", FP8_SCALED)
 
 
 @dataclass

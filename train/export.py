@@ -6,22 +6,30 @@ Euler with CFG). The file is `fastlightgen.checkpoint` format: original/ComfyUI 
 renumbered 0..K-1, metadata with the kept original indices, the recommended denoising list and shift,
 and provenance (betas, alpha, iterations, data fingerprint). `export.diffusers_out` also writes a
 diffusers folder (the only output for HunyuanVideo, which the checkpoint format does not cover).
-API: `run(cfg)`; the model itself: `train.models.student_model`.
+`export.dtype`: bfloat16 (default), float16, float32, or fp8_scaled (ComfyUI's fp8_scaled as it distributes Wan:
+every Linear weight in fp8 with a per-tensor scale, about half the size; the checkpoint only, no diffusers folder).
+
+An existing checkpoint file in another dtype (e.g. a bf16 student as fp8_scaled), metadata kept:
+    python -m train.export --convert student.safetensors --set export.dtype=fp8_scaled [--set export.out=OUT]
+(default out: beside it, student_fp8_scaled.safetensors; only export.dtype and export.out are read.)
+API: `run(cfg)`, `convert(cfg, source)`; the model itself: `train.models.student_model`.
 """
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import torch
 
-from fastlightgen.checkpoint import CheckpointMeta, save_checkpoint
+from fastlightgen.checkpoint import CheckpointError, CheckpointMeta, load_wan, save_checkpoint
+from fastlightgen.fp8 import FP8_SCALED
 from fastlightgen.io_utils import atomic_write_text
 from fastlightgen.plan import PrunePlan
 from fastlightgen.sampling import Sampling
 
 from .cli import parse
-from .config import Config
+from .config import Config, ExportConfig
 from .models import read_run_info, student_model
 
 
@@ -42,33 +50,69 @@ def metadata(model: torch.nn.Module, info: dict) -> CheckpointMeta:
 def run(cfg: Config) -> Path:
     """Exports the run export.run (default run_dir/stage3); returns the checkpoint, or the diffusers folder
     when the family has no checkpoint format."""
-    ex = cfg.validate().export
+    ex = checked(cfg)
     folder = Path(ex.run) if ex.run else cfg.stage_dir("stage3")
     info = read_run_info(folder)
     model = student_model(cfg, folder, info)
     meta = metadata(model, info)
-    dtype = getattr(torch, ex.dtype)
 
     out = None
     if meta.family == "wan":
         out = Path(ex.out) if ex.out else Path(cfg.run.run_dir) / "student.safetensors"
-        save_checkpoint(out, model, meta, dtype=dtype)
-        print(f"wrote {out}: {len(meta.kept_blocks)} of {meta.original_num_blocks} blocks, "
-              f"kept {meta.kept_blocks}, recommended {meta.recommended}")
+        _write(out, model, meta, ex.dtype)
     elif not ex.diffusers_out:
         raise SystemExit(f"the FastLightGen checkpoint format holds Wan models; for {meta.family} set "
                          "--set export.diffusers_out=FOLDER")
     if ex.diffusers_out:
-        model.to(dtype).save_pretrained(ex.diffusers_out, safe_serialization=True)
+        model.to(getattr(torch, ex.dtype)).save_pretrained(ex.diffusers_out, safe_serialization=True)
         meta_json = json.dumps(json.loads(meta.to_json()), indent=1)
         atomic_write_text(Path(ex.diffusers_out) / "fastlightgen.json", meta_json)
         print(f"wrote diffusers folder {ex.diffusers_out}")
     return out or Path(ex.diffusers_out)
 
 
+def convert(cfg: Config, source: str | Path) -> Path:
+    """The FastLightGen checkpoint `source` rewritten in export.dtype to export.out (default: beside it, named
+    after the dtype), with its metadata: kept blocks, recommended sampling, provenance."""
+    ex = checked(cfg)
+    source = Path(source)
+    model, meta = load_wan(source)
+    if meta is None:
+        raise CheckpointError(f"{source}: no FastLightGen metadata (kept blocks, recommended sampling) to keep: "
+                              "--convert rewrites a student train.export wrote")
+    out = Path(ex.out) if ex.out else source.with_name(f"{source.stem}_{ex.dtype}.safetensors")
+    _write(out, model, meta, ex.dtype)
+    return out
+
+
+def checked(cfg: Config) -> ExportConfig:
+    """The export settings, refused before any model is read when they cannot all be written."""
+    ex = cfg.validate().export
+    if ex.dtype == FP8_SCALED and ex.diffusers_out:
+        raise SystemExit(f"export.dtype={FP8_SCALED} is ComfyUI's checkpoint format; a diffusers folder holds "
+                         "bfloat16, float16 or float32: drop export.diffusers_out, or write the folder in a second "
+                         "export with another export.dtype")
+    return ex
+
+
+def _write(out: Path, model: torch.nn.Module, meta: CheckpointMeta, dtype: str) -> None:
+    save_checkpoint(out, model, meta, dtype=dtype if dtype == FP8_SCALED else getattr(torch, dtype))
+    print(f"wrote {out} ({dtype}, {out.stat().st_size / 2**20:.2f} MiB): {len(meta.kept_blocks)} of "
+          f"{meta.original_num_blocks} blocks, kept {meta.kept_blocks}, recommended {meta.recommended}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    cfg, _ = parse(__doc__, argv, training=False)
-    run(cfg)
+    own = argparse.ArgumentParser(add_help=False)  # --help is the config parser's, which prints __doc__
+    own.add_argument("--convert", default="", metavar="CHECKPOINT")
+    args, rest = own.parse_known_args(argv)
+    cfg, _ = parse(__doc__, rest, training=False)
+    try:
+        if args.convert:
+            convert(cfg, args.convert)
+        else:
+            run(cfg)
+    except CheckpointError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 
 Recipe (the `toy_teacher` section, with data, run and dist): flow matching in the project's convention
 (fastlightgen.flow) with sigmas drawn where the teacher's sampler (50-step Euler, shift 5) evaluates it:
-uniform, then the shift warp (README.md says what logit-normal sigmas did instead). TI2V when model.ti2v
+uniform, then the shift warp (research/README.md, "The toy teacher", says why). TI2V when model.ti2v
 (the first latent frame is given clean at sigma 0 and carries no loss) and T2V in data.first_frame_dropout of
 the batches, data.caption_dropout for CFG, AdamW with run.warmup (then toy_teacher.lr_decay; both restart every
 toy_teacher.lr_cycle steps when it is set), and an EMA of the weights that becomes the exported teacher. The
