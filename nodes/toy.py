@@ -11,6 +11,7 @@ import random
 import torch
 from comfy_api.latest import io
 
+from fastlightgen.captions import clean_caption
 from fastlightgen.toy import codec, text, world
 
 FIRST_FRAME_MASK_NOTE = "noise_mask is 0 on the first frame, so the samplers keep it (TI2V)"
@@ -116,7 +117,7 @@ class ToyTextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, prompt: str) -> io.NodeOutput:
-        captions = [line for line in prompt.splitlines() if line.strip()] or [""]
+        captions = [clean_caption(line) for line in prompt.splitlines() if line.strip()] or [""]
         return io.NodeOutput([[text.encode(captions), {}]])
 
 

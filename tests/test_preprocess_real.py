@@ -220,6 +220,42 @@ def test_dataset_forms(tmp_path):
         entries(PreprocessConfig(videos=str(tmp_path / "empty")))
 
 
+def test_captions_are_read_as_people_write_them(tmp_path, capsys):
+    """Byte-order marks (spreadsheets, Notepad), other encodings named per file, the right JSONL line, and
+    captions cleaned by the rule prompts are cleaned by at inference (fastlightgen.captions)."""
+    from fastlightgen.captions import clean_caption
+    from train.config import PreprocessConfig
+    from train.dataset import entries, videos
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        (folder / f"{name}.mp4").write_bytes(b"")
+    (folder / "a.txt").write_bytes("\ufeffa caf\u00e9 at  night\r\n".encode("utf-8"))  # Notepad: BOM, CRLF
+    (folder / "b.txt").write_bytes("a caf\u00e9 &amp;quot;noir&amp;quot;".encode("latin-1"))  # not UTF-8
+    (folder / "c.txt").write_text("Tom &amp; Jerry\n\trun")
+    got = {e.name: e for e in entries(PreprocessConfig(videos=str(folder)))}
+    assert got["a.mp4"].caption == "a caf\u00e9 at night" and got["c.mp4"].caption == "Tom & Jerry run"
+    assert got["b.mp4"].caption is None and "b.txt is not UTF-8" in got["b.mp4"].caption_error
+    skipped: dict[str, int] = {}
+    assert list(videos([got["b.mp4"]], PreprocessConfig(), skipped)) == [] and skipped == {"caption not UTF-8": 1}
+    assert "b.txt is not UTF-8 (byte 5); save it as UTF-8" in capsys.readouterr().out
+
+    sheet = tmp_path / "sheet.csv"  # Excel's "CSV UTF-8": a byte-order mark before the first field name
+    sheet.write_bytes("\ufeffvideo,caption\na.mp4,\"two\nlines\"\n".encode("utf-8"))
+    assert [(e.name, e.caption) for e in entries(PreprocessConfig(videos=str(folder), captions=str(sheet)))] == [
+        ("a.mp4", "two lines")]
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("video,caption\na.mp4,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.csv is not UTF-8 \(byte 23\); save it as UTF-8"):
+        entries(PreprocessConfig(videos=str(folder), captions=str(latin)))
+    lines = tmp_path / "meta.jsonl"
+    lines.write_text('{"file": "a.mp4", "caption": "one"}\n\n{"file": "b.mp4", "caption": "two"\n')
+    with pytest.raises(ValueError, match=r"meta\.jsonl: line 3 is not valid JSON"):
+        entries(PreprocessConfig(videos=str(folder), captions=str(lines)))
+    assert clean_caption(" x &amp;lt;b&amp;gt;\u3000 y ") == "x <b> y"
+
+
 def test_every_skip_is_reported_and_counted(tmp_path, capsys):
     from train import preprocess
 

@@ -7,6 +7,9 @@ Forms (preprocess.videos, preprocess.captions):
   preprocess.video_column / caption_column, by default the first present of VIDEO_FIELDS / CAPTION_FIELDS,
   so FastVideo's `[{"path": ..., "cap": [...]}]` and `{"file", "caption"}` lines both read as they are;
   a list of captions gives its first.
+Text files are read as UTF-8 with or without a byte-order mark (spreadsheets and Notepad write one); a caption
+file in another encoding skips its video (counted, the file named), a records file in another encoding is
+refused naming it. Every caption is cleaned by `fastlightgen.captions.clean_caption`, as prompts are at inference.
 Every video is sampled (every preprocess.frame_stride-th frame, or resampled to preprocess.fps), scaled
 with its aspect kept until it covers preprocess.width x preprocess.height, and center-cropped to it; its
 first preprocess.frames sampled frames are used. A video that cannot be used raises `BadVideo` (counted
@@ -15,6 +18,7 @@ by kind); a settings or records file that cannot be used raises ValueError / Fil
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Iterator
@@ -22,6 +26,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from fastlightgen.captions import clean_caption
 
 from .config import PreprocessConfig
 
@@ -42,6 +48,24 @@ class Entry(NamedTuple):
     name: str  # as the dataset names it, for reports and the shard index
     path: Path | None  # None: the record names no video
     caption: str | None  # None: the video has no caption
+    caption_error: str | None = None  # why its caption file could not be read
+
+
+TEXT_ENCODING = "utf-8-sig"  # UTF-8, a leading byte-order mark dropped
+
+
+def read_text(path: Path) -> str:
+    """A text file as people save it; UnicodeDecodeError names the file and the fix."""
+    try:
+        return path.read_text(encoding=TEXT_ENCODING)
+    except UnicodeDecodeError as err:
+        raise UnicodeDecodeError(err.encoding, err.object, err.start, err.end,
+                                 f"{path} is not UTF-8 (byte {err.start}); save it as UTF-8") from None
+
+
+def caption_or_none(text: object) -> str | None:
+    cleaned = clean_caption(str(text)) if text is not None else ""
+    return cleaned or None
 
 
 # ---- the list of videos -------------------------------------------------------------------------
@@ -63,9 +87,12 @@ def from_folder(folder: Path) -> list[Entry]:
                                 f"or set preprocess.captions to a JSONL/CSV/JSON list of records")
     out = []
     for video in videos:
-        text = video.with_suffix(".txt")
-        caption = text.read_text(encoding="utf-8").strip() if text.is_file() else None
-        out.append(Entry(str(video.relative_to(folder)), video, caption or None))
+        text, caption, error = video.with_suffix(".txt"), None, None
+        try:
+            caption = caption_or_none(read_text(text)) if text.is_file() else None
+        except UnicodeDecodeError as err:
+            error = err.reason
+        out.append(Entry(str(video.relative_to(folder)), video, caption, error))
     return out
 
 
@@ -73,22 +100,33 @@ def read_records(path: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"preprocess.captions {path} does not exist")
     kind = path.suffix.lower()
-    if kind == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    text = path.read_text(encoding="utf-8")
+    if kind not in (".csv", ".jsonl", ".json"):
+        raise ValueError(f"preprocess.captions {path}: a .jsonl, .csv or .json file is expected")
     try:
-        if kind == ".jsonl":
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        elif kind == ".json":
+        text = read_text(path)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"preprocess.captions {err.reason}") from None
+    if kind == ".csv":
+        return list(csv.DictReader(io.StringIO(text, newline="")))  # quoted fields may span lines
+    if kind == ".jsonl":
+        records = [_json_line(path, number, line) for number, line in enumerate(text.splitlines(), 1)
+                   if line.strip()]
+    else:
+        try:
             records = json.loads(text)
-        else:
-            raise ValueError(f"preprocess.captions {path}: a .jsonl, .csv or .json file is expected")
-    except json.JSONDecodeError as err:
-        raise ValueError(f"preprocess.captions {path}: not valid JSON ({err})") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"preprocess.captions {path}: not valid JSON ({err})") from None
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise ValueError(f"preprocess.captions {path}: expected a list of records (JSON objects)")
     return records
+
+
+def _json_line(path: Path, number: int, line: str) -> object:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"preprocess.captions {path}: line {number} is not valid JSON ({err.msg} at column "
+                         f"{err.colno}); fix or remove that line") from None
 
 
 def field_name(records: list[dict], configured: str, candidates: tuple[str, ...], setting: str, path: Path) -> str:
@@ -114,8 +152,7 @@ def from_records(path: Path, base: Path, p: PreprocessConfig) -> list[Entry]:
         text = record.get(caption)
         if isinstance(text, list):  # FastVideo keeps several captions per video
             text = next((t for t in text if isinstance(t, str) and t.strip()), None)
-        text = str(text).strip() if text is not None else ""
-        out.append(Entry(name or f"record {i + 1}", base / name if name else None, text or None))
+        out.append(Entry(name or f"record {i + 1}", base / name if name else None, caption_or_none(text)))
     return out
 
 
@@ -176,10 +213,12 @@ def read_video(path: Path, p: PreprocessConfig) -> torch.Tensor:
 
 def videos(items: list[Entry], p: PreprocessConfig, skipped: dict[str, int]) -> Iterator[tuple[str, torch.Tensor, str]]:
     """(name, video, caption) of every usable entry; the others are reported and counted by kind."""
-    for name, path, caption in items:
+    for name, path, caption, caption_error in items:
         try:
             if path is None:
                 raise BadVideo("no video", "the record names no video file")
+            if caption_error is not None:
+                raise BadVideo("caption not UTF-8", caption_error)
             if caption is None:
                 raise BadVideo("no caption", "none given (an empty one counts as none): add a same-name .txt "
                                              "beside the video or fill the record's caption")
