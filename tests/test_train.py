@@ -6,6 +6,7 @@ bit-identical weights, a planted NaN, too many NaNs, and a foreign checkpoint be
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -447,3 +448,62 @@ def test_every_trainer_follows_the_batch_first_frame_rule(stage, tiny, tmp_path,
                 "stage3.iterations": 1, "stage3.fake_updates": 1}
     module.main(train_args(teacher, plan, tmp_path / "run", **settings))
     assert rules and not any(rules)
+
+
+def test_a_damaged_or_foreign_shard_is_named_when_the_set_opens(tmp_path):
+    """Checked at start, not when a batch first draws the shard: size, header, rows, and the model's widths."""
+    from train.data import ShardSet
+
+    _shard_set(tmp_path, (3, 5))
+    ShardSet(tmp_path).check_model(4, 6)
+    with pytest.raises(ValueError, match=r"hold 4-channel latents and 6-wide text, but the teacher takes "
+                                         r"48-channel latents and 4096-wide text.*train\.preprocess"):
+        ShardSet(tmp_path).check_model(48, 4096)
+    shard = tmp_path / "shard_00001.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-100])  # a copy cut short
+    with pytest.raises(ValueError, match=r"shard .*shard_00001\.safetensors: truncated: .*copy it again; run `python -m train\.preprocess`"):
+        ShardSet(tmp_path)
+    shard.write_bytes(b"\x80\x04 a pickle")
+    with pytest.raises(ValueError, match=r"shard_00001\.safetensors: not a safetensors file .*pickle"):
+        ShardSet(tmp_path)
+    shard.unlink()
+    with pytest.raises(ValueError, match=r"shard_00001\.safetensors: no such file; run `python -m train\.preprocess`"):
+        ShardSet(tmp_path)
+    _shard_set(tmp_path, (3, 4))  # the second shard rewritten with fewer rows than the first index listed
+    index = json.loads((tmp_path / "index.json").read_text())
+    index["shards"][1]["items"].append({"file": "extra.mp4", "caption": ""})
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"holds \{.*'latents': 4.*\} rows where the index lists 5 items"):
+        ShardSet(tmp_path)
+
+
+def test_resume_identity_follows_contents_not_paths(tmp_path):
+    """A shard set and teacher copied elsewhere keep the identity; shards re-encoded in place change it."""
+    import shutil
+
+    from train import preprocess
+    from train.config import identity_diff, load_config
+
+    shards = tmp_path / "a" / "shards"
+    preprocess.main(["--set", f"preprocess.out={shards}", "--set", "preprocess.toy_samples=4",
+                     "--set", "preprocess.shard_size=2"])
+    index = json.loads((shards / "index.json").read_text())
+    assert all(len(s["sha256"]) == 64 and s["bytes"] > 0 for s in index["shards"])
+    teacher = REPO / "models" / "fastlightgen" / "toy_teacher.safetensors"
+    moved_teacher = tmp_path / "b" / "teacher.safetensors"
+    moved_teacher.parent.mkdir()
+    shutil.copy(teacher, moved_teacher)
+    shutil.copytree(shards, tmp_path / "b" / "shards")
+
+    def identity(folder: Path, model: Path) -> dict:
+        sets = ["data.source=shards", f"data.shards={folder}", f"model.teacher={model}"]
+        return load_config(str(REPO / "configs" / "toy.yaml"), sets).identity("stage2", 1)
+
+    before = identity(shards, teacher)
+    assert identity(tmp_path / "b" / "shards", moved_teacher) == before
+    data = (shards / "shard_00000.safetensors").read_bytes()
+    assert index["shards"][0]["sha256"] == hashlib.sha256(data).hexdigest()  # the latents' bytes, not their shapes
+    index["shards"][0]["sha256"] = hashlib.sha256(data + b"other latents").hexdigest()  # as a re-encoding records it
+    (shards / "index.json").write_text(json.dumps(index))
+    assert [d.split(":")[0] for d in identity_diff(before, identity(shards, teacher))] == ["data.shards (contents)"]

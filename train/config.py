@@ -70,6 +70,9 @@ class DistConfig:
     cpu_adam: bool = True  # DeepSpeedCPUAdam (compiled once); False: torch AdamW (zero_force_ds_cpu_optimizer off)
     bf16: bool = False
     world_size: int = 1  # GPUs the run is planned for; --dry-run estimates memory for it
+    # ZeRO-3: each rank builds the models under deepspeed.zero.Init and reads only its partitions from the files;
+    # false: every rank loads whole fp32 models first (~9.5 bytes per parameter per process more host RAM in Stage III)
+    sharded_load: bool = True
     param_persistence_threshold: int = 100_000  # ZeRO-3 keeps smaller params whole on every rank
     prefetch_bucket_size: int = 50_000_000  # 0 disables prefetch (skip-sets change the module order)
     grad_clip: float = 1.0
@@ -224,8 +227,9 @@ class Config:
 
     def identity(self, stage: str, world_size: int, whole_run: bool = False) -> dict:
         """What a checkpoint must agree with to be resumed: every setting that changes the result and the
-        contents of the files the stage reads ("<setting> (contents)": teacher, shard index, plan, Stage II
-        weights), but not logging, checkpointing, speed or memory settings, nor the length of the run unless
+        contents of the files the stage reads ("<setting> (contents)": teacher, shards, plan, Stage II weights)
+        in place of their paths, so a run whose inputs were copied elsewhere (per-job scratch) resumes and one
+        whose inputs changed at the same path does not; but not logging, checkpointing, speed or memory settings, nor the length of the run unless
         its learning-rate schedule depends on it (a cosine decay extended mid-run would jump back up), nor
         export settings. With `whole_run`, the length too: what a finished run's result depends on."""
         from .models import stage_inputs, teacher_path
@@ -242,14 +246,16 @@ class Config:
             section.pop("init")
         for setting, (path, _) in stage_inputs(self, stage).items():
             name = setting.split(".")[1]
+            section.pop(name, None)
             section[f"{name} (contents)"] = (json_digest if name == "plan" else file_digest)(path)
         try:
             teacher = file_digest(teacher_path(self))
         except FileNotFoundError:  # toy_teacher reads none; the other stages refuse to start without one
             teacher = None
-        model = {k: v for k, v in asdict(self.model).items() if k not in ("arch", "gradient_checkpointing")}
-        data = asdict(self.data)
-        if self.data.source == "shards":
+        model = {k: v for k, v in asdict(self.model).items()
+                 if k not in ("arch", "gradient_checkpointing", "path", "teacher")}
+        data = {k: v for k, v in asdict(self.data).items() if k != "shards"}
+        if self.data.source == "shards":  # the index holds every shard's content digest (train.preprocess)
             data["shards (contents)"] = json_digest(Path(self.data.shards) / "index.json")
         run = {k: v for k, v in asdict(self.run).items() if k in ("seed", "warmup")}
         dist = {k: v for k, v in asdict(self.dist).items() if k in ("deepspeed", "zero_stage", "cpu_adam", "bf16",

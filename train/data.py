@@ -8,6 +8,8 @@ batch carries it as `Batch.null` (eq. 9's vP(null), CFG), and caption dropout re
 conditioning by it, so the unconditional prediction that CFG and eq. 9 need keeps being trained on the
 very input they give it. The toy world's null is its encoder's "" too (all zeros there).
 A batch reads from the shard files only its rows' bytes (located by the files' headers), never whole files.
+Every shard's header and size are checked against the index when the set is opened, so a truncated, missing or
+foreign file stops the run at start with its name, not when a batch first draws it hours later.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from fastlightgen.adapters import Conditioning
+from fastlightgen.checkpoint import CheckpointError, read_safetensors_header
 
 from .config import Config
 
@@ -81,11 +84,16 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 
 def _header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
-    """The tensors of a safetensors file as (dtype, shape, offset of the first byte in the file)."""
+    """The tensors of a safetensors file as (dtype, shape, offset of the first byte in the file); ValueError
+    naming the file when it is missing, cut short or no safetensors file."""
+    try:
+        header = read_safetensors_header(path)  # whole, not cut short, no pickle
+    except CheckpointError as err:
+        raise ValueError(f"shard {err}; run `python -m train.preprocess` again with the same settings (it "
+                         "re-encodes what is missing)") from None
+    header.pop("__metadata__", None)
     with open(path, "rb", buffering=0) as f:  # unbuffered: the header's bytes alone are read
         (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
     return {k: (_DTYPES[v["dtype"]], tuple(v["shape"]), 8 + length + v["data_offsets"][0]) for k, v in header.items()}
 
 
@@ -112,6 +120,32 @@ class ShardSet:
             raise ValueError(f"{null_file} holds {shapes}, unlike the conditioning of the shards; write both with "
                              f"the same text encoder (`python -m train.preprocess`)")
         self.null = _conditioning(null)
+        self._check_files()
+
+    def _check_files(self) -> None:
+        """Each shard as the index lists it: its size (and so its tensors' bytes) and one row per item."""
+        for entry in self.index["shards"]:
+            path, rows = self.folder / entry["file"], len(entry["items"])
+            tensors = self.shard(entry["file"])
+            if "bytes" in entry and path.stat().st_size != entry["bytes"]:
+                raise ValueError(f"shard {path} is {path.stat().st_size} bytes, but the index recorded "
+                                 f"{entry['bytes']}: it was cut short or replaced; run `python -m train.preprocess` "
+                                 f"again, or copy the shard set whole")
+            bad = {k: shape[0] for k, (_, shape, _) in tensors.items() if shape[0] != rows}
+            if bad or "latents" not in tensors:
+                raise ValueError(f"shard {path} holds {bad or 'no latents'} rows where the index lists {rows} "
+                                 f"items: it belongs to another shard set; write the set again with "
+                                 f"`python -m train.preprocess`")
+
+    def check_model(self, latent_channels: int, text_dim: int) -> None:
+        """Latents and text of the width the model takes, named with the fix before the model loads."""
+        _, latents, _ = self.shard(self.items[0][0])["latents"]
+        _, text, _ = self.shard(self.items[0][0])["text"]
+        if latents[1] != latent_channels or text[-1] != text_dim:
+            raise ValueError(f"the shards in {self.folder} hold {latents[1]}-channel latents and {text[-1]}-wide "
+                             f"text, but the teacher takes {latent_channels}-channel latents and {text_dim}-wide text: they "
+                             f"were made for another model; run `python -m train.preprocess` with this config's "
+                             f"model, or point data.shards at that model's shards")
 
     def shard(self, name: str) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
         """Each tensor of shard `name` as (dtype, shape, file offset of its bytes), from the safetensors header."""

@@ -44,6 +44,16 @@ def json_digest(path: str | Path) -> str | None:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def file_sha256(path: Path) -> dict:
+    """{"bytes", "sha256"} of a whole file: what `train.preprocess` records of each shard it writes, so that a
+    shard set re-encoded at the same path (same shapes, other latents) is another shard set."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(16 * MIB), b""):
+            h.update(chunk)
+    return {"bytes": Path(path).stat().st_size, "sha256": h.hexdigest()}
+
+
 @functools.lru_cache(maxsize=None)
 def _sampled_digest(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256(str(size).encode())

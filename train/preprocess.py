@@ -45,6 +45,7 @@ from .data import SHARD_FORMAT
 from .dataset import Entry, entries, videos
 from .dist import Dist, init_workers
 from .encoders import ENCODERS, check_parts, default
+from .fingerprint import file_sha256
 from .models import model_class, model_part, teacher_config
 
 NULL_FILE = "null.safetensors"
@@ -288,11 +289,12 @@ class Encoding:
         for name, video, caption in self.clips(job, skipped):
             latents.append(self.encoders.video(video[None]))
             items.append({"file": name, "caption": caption})
-        file = None
+        file, content = None, {}
         if items:
             cond = self.encoders.text([item["caption"] for item in items])
             file = write_shard(self.out, job.name, torch.cat(latents), cond)
-        write_record(self.out, job.name, source, file=file, items=items, skipped=skipped)
+            content = file_sha256(self.out / file)
+        write_record(self.out, job.name, source, file=file, items=items, skipped=skipped, **content)
         print(f"{self.tag}encoded {job.name}: {len(items)} samples, {sum(skipped.values())} skipped")
 
     def null(self) -> dict:
@@ -315,7 +317,8 @@ class Encoding:
                 for kind, n in record["skipped"].items():
                     skipped[kind] = skipped.get(kind, 0) + n
                 if record["file"]:
-                    shards.append({"file": record["file"], "items": record["items"]})
+                    content = {k: record[k] for k in ("bytes", "sha256") if k in record}  # not in older records
+                    shards.append({"file": record["file"], "items": record["items"], **content})
         skipped = dict(sorted(skipped.items()))
         p = self.p
         write_index(self.out, shards, null, encoder=p.encoder, frames=p.frames, height=p.height, width=p.width,
