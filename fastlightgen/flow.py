@@ -47,10 +47,6 @@ def x0_from_velocity(x_t: torch.Tensor, v: torch.Tensor, sigma) -> torch.Tensor:
     return x_t - expand_sigma(sigma, x_t) * v
 
 
-def noise_from_velocity(x_t: torch.Tensor, v: torch.Tensor, sigma) -> torch.Tensor:
-    return x_t + (1 - expand_sigma(sigma, x_t)) * v
-
-
 def euler_step(x_t: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
     return x_t + (expand_sigma(sigma_next, x_t) - expand_sigma(sigma, x_t)) * v
 

@@ -3,7 +3,7 @@
 ComfyUI fixtures (need ``scripts/install_comfyui.sh``; skipped otherwise):
 
 * ``comfyui_server`` (session): a real ComfyUI server process started once per
-  session (``tests/comfyui_harness.ServerHandle``). Set $COMFYUI_URL to use an
+  session (``research.comfyui_harness.ServerHandle``, shared with the node benchmarks). Set $COMFYUI_URL to use an
   already running server instead of starting one.
 * ``comfy_in_process`` (session): ComfyUI importable in this process (CPU forced),
   so tests can ``import comfy.sd, comfy.samplers, nodes, comfy_extras.nodes_wan``.

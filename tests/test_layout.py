@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+PACK = "FastLightGen"  # the name ComfyUI imports the pack under: inside the pack every import is relative
 FORBIDDEN = {
-    "fastlightgen": {"train", "nodes", "research", "comfy", "comfy_api", "comfy_extras", "folder_paths"},
-    "train": {"nodes", "research", "comfy", "comfy_api", "comfy_extras", "folder_paths"},
-    "nodes": {"train", "research"},
+    "fastlightgen": {"train", "nodes", "research", "comfy", "comfy_api", "comfy_extras", "folder_paths", PACK},
+    "train": {"nodes", "research", "comfy", "comfy_api", "comfy_extras", "folder_paths", PACK},
+    "nodes": {"train", "research", PACK},
 }
 
 
@@ -46,3 +47,23 @@ def test_the_check_sees_a_forbidden_import(tmp_path):
 def test_the_library_has_no_entry_points():
     scripts = [str(p.relative_to(REPO)) for p in modules("fastlightgen") if "__main__" in p.read_text()]
     assert not scripts, "command-line entry points belong in train/ or research/"
+
+
+def test_the_wheel_holds_the_library_alone(tmp_path):
+    """No top-level `nodes` (ComfyUI's own module) or `train` in site-packages: built from a copy of the sources,
+    so the checkout gets no build folders."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    source = tmp_path / "src"
+    for part in ("fastlightgen", "nodes", "train"):
+        shutil.copytree(REPO / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for part in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(REPO / part, source / part)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(source)], check=True)
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"fastlightgen"}

@@ -87,12 +87,6 @@ def unflatten_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Ten
     opt.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
 
 
-def save_state(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], info: dict, keep: int = 2) -> Path:
-    tmp = staging_dir(run_dir, step, f"{os.getpid()}")
-    write_state_files(tmp, step, tensors, info)
-    return commit_state(run_dir, tmp, step, keep)
-
-
 def staging_dir(run_dir: Path, step: int, tag: str) -> Path:
     """An empty temporary folder for the state of `step`; several writers (ranks) may share it by tag."""
     tmp = Path(run_dir) / f".tmp_step_{step:07d}_{tag}"
