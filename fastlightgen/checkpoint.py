@@ -24,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .fp8 import FP8_SCALED, fp8_scaled_state_dict, marker
 from .io_utils import atomic_path
 from .plan import PrunePlan
 from .sampling import FEW_STEP, Sampling
+from .stored import StoredTensor, dequantized
 from .wan_config import DEFAULT_HEAD_DIM, build_wan_from_state_dict, infer_wan_config
 from .wan_keys import COMFY_PREFIX, INPUT_SCALES, WEIGHT_SCALES, diffusers_to_original, to_diffusers_layout
 
@@ -42,6 +44,7 @@ QUANT_METADATA_KEY = "_quantization_metadata"  # ComfyUI's mixed precision: {"la
 MIXED_FORMATS = ("float8_e4m3fn",)  # per-tensor scaled formats `weights` can dequantize
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_COMPUTE_DTYPE = torch.bfloat16  # what fp8 files are dequantized to when no dtype is asked for (Wan's own)
+FP8_STORED = ("F8_E4M3", "F8_E5M2")  # FP8_DTYPES as a safetensors header names them
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
                 torch.float8_e4m3fn: "fp8_e4m3fn", torch.float8_e5m2: "fp8_e5m2"}
 
@@ -106,22 +109,19 @@ class LoadedCheckpoint:
         unquantized file's dtypes and gives an fp8 file in bfloat16 (fp8 cannot compute in diffusers)."""
         if dtype is None and any(t.dtype in FP8_DTYPES for t in self.state_dict.values()):
             dtype = FP8_COMPUTE_DTYPE
-        out = {}
-        for key, tensor in self.state_dict.items():
-            scale = self._weight_scale(key)
-            if scale is not None:
-                tensor = tensor.float() * scale.float()
-            out[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-        return out
+        return {key: dequantized(tensor, _weight_scale(self.scales, key), dtype)
+                for key, tensor in self.state_dict.items()}
 
     def build_model(self, dtype: torch.dtype | None = None):
         return build_wan_from_state_dict(self.weights(dtype), self.meta.head_dim if self.meta else DEFAULT_HEAD_DIM)
 
-    def _weight_scale(self, key: str) -> torch.Tensor | None:
-        if not key.endswith(".weight"):
-            return None
-        module = key[: -len("weight")]
-        return next((self.scales[module + leaf] for leaf in WEIGHT_SCALES if module + leaf in self.scales), None)
+
+def _weight_scale(scales: dict[str, torch.Tensor], key: str) -> torch.Tensor | None:
+    """The fp8 scale of weight `key` (diffusers names), if it has one."""
+    if not key.endswith(".weight"):
+        return None
+    module = key[: -len("weight")]
+    return next((scales[module + leaf] for leaf in WEIGHT_SCALES if module + leaf in scales), None)
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: CheckpointMeta,
@@ -160,6 +160,29 @@ def read_checkpoint(path: str | Path, plan: PrunePlan | None = None) -> LoadedCh
     """Validate and read a Wan DiT safetensors file: FastLightGen, original or diffusers layout, any of the
     weight formats above."""
     path = Path(path)
+    _, file_metadata, meta, config = _checked_header(path, plan)
+    state_dict, scales, marker, left_out = _split(path, load_file(str(path)))
+    _check_scales(path, scales)
+    return LoadedCheckpoint(path, state_dict, meta, config, scales, marker, file_metadata, left_out)
+
+
+def checkpoint_tensors(path: str | Path) -> dict[str, StoredTensor]:
+    """Every weight of a Wan DiT file by its diffusers name, located but not read (the fp8 scales are): each
+    reads as `read_checkpoint(path).weights()` gives it. The file is checked as `read_checkpoint` checks it."""
+    path = Path(path)
+    header, _, _, _ = _checked_header(path, None)
+    keys, scale_keys, _, _ = _split(path, {key: key for key in header})  # the values: each tensor's key in the file
+    with safe_open(path, "pt") as f:
+        scales = {name: f.get_tensor(key) for name, key in scale_keys.items()}
+    _check_scales(path, scales)
+    fp8 = any(header[key]["dtype"] in FP8_STORED for key in keys.values())
+    return {name: StoredTensor(path, key, tuple(header[key]["shape"]), _weight_scale(scales, name),
+                               FP8_COMPUTE_DTYPE if fp8 else None) for name, key in keys.items()}
+
+
+def _checked_header(path: Path, plan: PrunePlan | None) -> tuple[dict, dict, CheckpointMeta | None, dict]:
+    """(tensor entries, `__metadata__`, FastLightGen metadata, diffusers config) of a Wan DiT file whose names,
+    shapes, quantization and metadata (and fit to `plan`) are checked: from its header, before any weight is read."""
     header = read_safetensors_header(path)
     file_metadata = dict(header.pop("__metadata__", None) or {})
     if ADAPTER_METADATA_KEY in file_metadata:
@@ -181,11 +204,13 @@ def read_checkpoint(path: str | Path, plan: PrunePlan | None = None) -> LoadedCh
                               f"{config['num_layers']}; the file was altered after export, re-export it")
     if plan is not None:
         _check_plan(path, plan, meta, config)
-    state_dict, scales, marker, left_out = _split(path, load_file(str(path)))
+    return header, file_metadata, meta, config
+
+
+def _check_scales(path: Path, scales: dict[str, torch.Tensor]) -> None:
     bad = [f"{k} is {v.item()}" for k, v in scales.items() if not torch.isfinite(v.float()).all()]
     if bad:
         raise CheckpointError(f"{path}: fp8 scale {bad[0]}; the file is damaged, download it again")
-    return LoadedCheckpoint(path, state_dict, meta, config, scales, marker, file_metadata, left_out)
 
 
 def load_wan(path: str | Path, plan: PrunePlan | None = None, dtype: torch.dtype | None = None):

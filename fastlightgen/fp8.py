@@ -1,12 +1,13 @@
-"""Writing ComfyUI's fp8_scaled format: every Linear weight in float8_e4m3fn with a per-tensor float32 scale.
+"""Writing ComfyUI's fp8_scaled format: every Linear layer in float8_e4m3fn, each weight with a per-tensor scale.
 
 Which tensors are quantized follows what ComfyUI's loader does with such a file (comfy/model_detection.py,
 comfy/ops.py `scaled_fp8_ops`): the `scaled_fp8` marker makes it build every Linear layer of its Wan, in the
-blocks and outside them (text and time embeddings, time projection, head), with an fp8 weight and a
-`scale_weight` parameter that defaults to 1; everything else (norms, biases, modulation, the patch Conv3d) it
-keeps in its compute dtype. So every Linear weight is quantized here, each with its own scale: a Linear weight
-left in bf16 would be cast to fp8 by ComfyUI anyway, unscaled (weights below fp8's smallest step flush to zero),
-and the file would then be another model in ComfyUI than in `read_checkpoint`. The other tensors stay bf16.
+blocks and outside them (text and time embeddings, time projection, head), with an fp8 weight, a `scale_weight`
+parameter that defaults to 1 and an fp8 bias (no scale); the rest (norms, modulation, the patch Conv3d) it keeps
+in its compute dtype. So every Linear weight is quantized here, each with its own scale (one left in bf16 would be
+cast to fp8 by ComfyUI anyway, unscaled: weights below fp8's smallest step flush to zero), and every Linear bias is
+stored as the fp8 value ComfyUI's loader would cast it to: the file holds the model ComfyUI runs, and
+`read_checkpoint` rebuilds that same model rather than a better one nobody runs. The other tensors stay bf16.
 
 Scale = amax / 448, e4m3fn's largest finite value: the largest weight lands on the top of the fp8 range.
 The marker has two elements, which ComfyUI's model_detection reads as "fp8 matrix multiplication off": every
@@ -22,7 +23,7 @@ from .wan_keys import WEIGHT_SCALES
 
 FP8_SCALED = "fp8_scaled"  # the name export settings and save_checkpoint use for this format
 WEIGHT_DTYPE = torch.float8_e4m3fn
-OTHER_DTYPE = torch.bfloat16  # norms, biases, modulation, patch embedding: as ComfyUI's Wan fp8_scaled files
+OTHER_DTYPE = torch.bfloat16  # norms, modulation, patch embedding: Wan's own (ComfyUI holds them in its compute dtype)
 _MAX = torch.finfo(WEIGHT_DTYPE).max  # 448
 _SCALE = WEIGHT_SCALES[0]  # "scale_weight", fp8_scaled's spelling (mixed-precision files use "weight_scale")
 
@@ -32,9 +33,9 @@ def marker() -> torch.Tensor:
     return torch.zeros(2, dtype=WEIGHT_DTYPE)
 
 
-def linear_weight_keys(model: torch.nn.Module) -> set[str]:
-    """State-dict keys of the weights ComfyUI holds in fp8 under the marker: every Linear layer's."""
-    return {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+def linear_modules(model: torch.nn.Module) -> set[str]:
+    """Names of the modules ComfyUI holds in fp8 under the marker: every Linear layer."""
+    return {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,24 +45,32 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = w.abs().amax()
     # an all-zero weight has no range to map; any positive scale stores it exactly
     scale = amax / _MAX if amax > 0 else torch.tensor(1.0)
-    # the division can land a hair above 448, which e4m3fn (no infinity) would turn into NaN
-    return (w / scale).clamp(-_MAX, _MAX).to(WEIGHT_DTYPE), scale.reshape(())
+    return _to_fp8(w / scale), scale.reshape(())
+
+
+def _to_fp8(values: torch.Tensor) -> torch.Tensor:
+    # clamped: w / scale can land a hair above 448, and older torch versions cast what lies past 448 to NaN
+    # (e4m3fn has no infinity; newer ones saturate)
+    return values.float().clamp(-_MAX, _MAX).to(WEIGHT_DTYPE)
 
 
 def fp8_scaled_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """`model`'s state dict (its own key names) as an fp8_scaled file holds it: each Linear weight quantized with
-    its `scale_weight` beside it, the other floating tensors in OTHER_DTYPE. Raises ValueError naming the first
-    tensor holding NaN or inf: its scale would be NaN or inf, and with it the whole layer."""
+    its `scale_weight` beside it, each Linear bias in fp8, the other floating tensors in OTHER_DTYPE. Raises
+    ValueError naming the first tensor holding NaN or inf: its scale would be NaN or inf, and with it the layer."""
     state = model.state_dict()
     bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
         raise ValueError(f"{bad} holds NaN or inf values: a model with non-finite weights cannot be quantized "
                          "(nor run); export a checkpoint from before the training diverged")
-    linear = linear_weight_keys(model)
+    linear = linear_modules(model)
     out = {}
     for key, tensor in state.items():
-        if key in linear:
-            out[key], out[key[: -len("weight")] + _SCALE] = quantize(tensor)
+        module, _, leaf = key.rpartition(".")
+        if module in linear and leaf == "weight":
+            out[key], out[f"{module}.{_SCALE}"] = quantize(tensor)
+        elif module in linear:  # the bias: the value ComfyUI's loader casts it to
+            out[key] = _to_fp8(tensor.detach())
         else:
             out[key] = tensor.to(OTHER_DTYPE) if tensor.is_floating_point() else tensor
     return out

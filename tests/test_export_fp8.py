@@ -13,11 +13,14 @@ from safetensors import safe_open
 
 from fastlightgen.checkpoint import CheckpointError, load_wan, save_checkpoint
 from fastlightgen.fp8 import FP8_SCALED
+from fastlightgen.toy.prompts import split_prompts
+from fastlightgen.toy.teacher import conditioning
 
 TOY = Path(__file__).resolve().parent.parent / "models" / "fastlightgen" / "toy_student.safetensors"
-# ComfyUI's prediction from the fp8_scaled file against the bf16 file's, relative L2 error on the fixed inputs
-# below: measured 0.0105; fp8 e4m3 keeps 3 mantissa bits, about 2.5% per weight.
-PREDICTION_TOLERANCE = 0.02
+# ComfyUI's prediction from the fp8_scaled file against the bf16 file's, relative L2 error on `_prediction`'s
+# inputs: measured 0.0507. (e4m3fn keeps 3 mantissa bits: each weight is off by 2.6% RMS; the velocity by 3.5%,
+# reports/fp8_export.md, and apply_model's denoised latent, noise - velocity, has the smaller norm.)
+PREDICTION_TOLERANCE = 0.07
 
 
 def _convert(source: Path, out: Path, dtype: str = FP8_SCALED) -> None:
@@ -48,11 +51,12 @@ def loader(pack_package, exported):
 
 
 def _prediction(model) -> torch.Tensor:
-    """The model's prediction on fixed noise, text and sigma, through ComfyUI's apply_model."""
-    gen = torch.Generator().manual_seed(0)
-    x, context = torch.randn(1, 48, 2, 8, 8, generator=gen), torch.randn(1, 8, 4096, generator=gen)
+    """ComfyUI's prediction (apply_model) at the student's first step: pure noise at sigma 1, the toy's text
+    embeddings of two held-out prompts."""
+    prompts = split_prompts("heldout", 1, 0, 2, t2v=True)
+    noise = torch.randn((2, *prompts.latent_shape()), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        return model.model.apply_model(x, torch.tensor([0.7]), c_crossattn=context).float()
+        return model.model.apply_model(noise, torch.ones(2), c_crossattn=conditioning(prompts.captions).text).float()
 
 
 def _tensors(path: Path) -> dict[str, tuple[str, list[int]]]:
@@ -74,6 +78,7 @@ def test_stock_and_pack_loaders_agree_exactly_and_stay_close_to_bf16(loader, exp
     for model in (stock, ours):
         head = model.model.diffusion_model.head.head  # outside the blocks: ComfyUI holds it in fp8 too
         assert head.weight.dtype == torch.float8_e4m3fn and head.scale_weight.item() != 1.0  # scaled, not cast
+    assert stock.model.model_config.optimizations["fp8"] is False  # the 2-element marker: no fp8 activations
     assert "8 of 12 blocks kept [0, 5, 6, 7, 8, 9, 10, 11]" in info and "weights fp8_scaled (fp8_e4m3fn)" in info
     assert sigmas.tolist() == loader.LoadCheckpoint.execute("toy_bf16.safetensors").args[1].tolist()
     got, reference = _prediction(stock), _prediction(bf16)
@@ -82,12 +87,13 @@ def test_stock_and_pack_loaders_agree_exactly_and_stay_close_to_bf16(loader, exp
     assert 0 < rel < PREDICTION_TOLERANCE, rel
 
 
-def test_linear_weights_are_fp8_with_a_scale_and_the_file_about_half(exported):
+def test_linear_layers_are_fp8_with_a_scale_and_the_file_about_half(exported):
     bf16, fp8 = _tensors(exported / "toy_bf16.safetensors"), _tensors(exported / "toy_fp8.safetensors")
-    linear = {k for k, (_, shape) in bf16.items() if k.endswith(".weight") and len(shape) == 2}
-    assert {k for k, (dtype, _) in fp8.items() if dtype == "F8_E4M3"} == linear | {"scaled_fp8"}
-    assert {k: fp8[k[: -len("weight")] + "scale_weight"] for k in linear} == {k: ("F32", []) for k in linear}
-    assert all(fp8[k] == v for k, v in bf16.items() if k not in linear)  # norms, biases, modulation: bf16
+    linear = {k[: -len(".weight")] for k, (_, shape) in bf16.items() if k.endswith(".weight") and len(shape) == 2}
+    quantized = {f"{m}.{leaf}" for m in linear for leaf in ("weight", "bias")}  # ComfyUI holds both in fp8
+    assert {k for k, (dtype, _) in fp8.items() if dtype == "F8_E4M3"} == quantized | {"scaled_fp8"}
+    assert {m: fp8[f"{m}.scale_weight"] for m in linear} == {m: ("F32", []) for m in linear}
+    assert all(fp8[k] == v for k, v in bf16.items() if k not in quantized)  # norms, modulation, patch: bf16
     assert _metadata(exported / "toy_fp8.safetensors") == _metadata(exported / "toy_bf16.safetensors")
     ratio = (exported / "toy_fp8.safetensors").stat().st_size / (exported / "toy_bf16.safetensors").stat().st_size
     assert ratio < 0.55, ratio  # block weights halve exactly (1 byte instead of 2); the rest is a few percent
@@ -108,4 +114,10 @@ def test_bad_input_is_refused_before_any_file_is_written(tmp_path, capsys):
         _convert(TOY, out / "fp4.safetensors", dtype="fp4")
     assert usage.value.code == 2
     assert "export.dtype must be one of bfloat16, float16, float32, fp8_scaled" in capsys.readouterr().err
+    assert list(out.iterdir()) == []
+    from train import export_adapter
+
+    with pytest.raises(SystemExit, match="an adapter's deltas are stored in bfloat16, float16, float32"):
+        export_adapter.main(["-c", str(TOY.parents[2] / "configs" / "toy.yaml"), "--rank", "4",
+                             "--set", "export.dtype=fp8_scaled", "--set", f"run.run_dir={out}"])
     assert list(out.iterdir()) == []

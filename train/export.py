@@ -6,8 +6,8 @@ Euler with CFG). The file is `fastlightgen.checkpoint` format: original/ComfyUI 
 renumbered 0..K-1, metadata with the kept original indices, the recommended denoising list and shift,
 and provenance (betas, alpha, iterations, data fingerprint). `export.diffusers_out` also writes a
 diffusers folder (the only output for HunyuanVideo, which the checkpoint format does not cover).
-`export.dtype`: bfloat16 (default), float16, float32, or fp8_scaled (ComfyUI's fp8_scaled as it distributes Wan:
-every Linear weight in fp8 with a per-tensor scale, about half the size; the checkpoint only, no diffusers folder).
+`export.dtype`: bfloat16 (default), float16, float32, or fp8_scaled (ComfyUI's fp8_scaled, fastlightgen/fp8.py: every
+Linear layer in fp8, each weight with a per-tensor scale; about half the size; the checkpoint only, no diffusers folder).
 
 An existing checkpoint file in another dtype (e.g. a bf16 student as fp8_scaled), metadata kept:
     python -m train.export --convert student.safetensors --set export.dtype=fp8_scaled [--set export.out=OUT]

@@ -63,6 +63,9 @@ def run(cfg: Config, rank: int = 0, energy: float | None = None, out: str | Path
 
     check_setting(rank, energy)
     ex = cfg.validate().export
+    if ex.dtype not in DTYPES:  # before the run's weights load
+        raise SystemExit(f"export.dtype={ex.dtype}: an adapter's deltas are stored in {', '.join(DTYPES)} (fp8 "
+                         "would round deltas far smaller than the weights to zero); set export.dtype to one of them")
     folder = Path(ex.run) if ex.run else cfg.stage_dir("stage3")
     info = read_run_info(folder)
     student = student_model(cfg, folder, info)

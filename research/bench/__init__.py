@@ -5,4 +5,5 @@ training  the training shortcuts (Stage II shared prefix, eq. 9's passes, DeepSp
 gpu       Stage II/III steps and sampling of a real-sized Wan on GPUs
 nodes     the ComfyUI sampler node against the stock one, and a pruned model's memory in ComfyUI
 shards    the bytes the shard loader reads per byte of the rows it draws
+fp8       the student exported as fp8_scaled against bf16: file size and output difference on the toy
 """
