@@ -17,6 +17,8 @@ A sigma may be a scalar, a (B,) tensor or any tensor broadcastable to the latent
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -73,15 +75,24 @@ def euler_sigmas(steps: int, shift: float) -> torch.Tensor:
     return shift_sigma(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).float()
 
 
+def denoising_list_problem(steps: Sequence[float]) -> str | None:
+    """Why a denoising_step_list cannot be sampled (None if it can): the one rule for the sampler and the
+    training settings."""
+    if not steps:
+        return "is empty; give timesteps such as [1000, 750, 500, 250]"
+    if any(not 0 < t <= NUM_TRAIN_TIMESTEPS for t in steps):
+        return f"must hold timesteps in (0, {NUM_TRAIN_TIMESTEPS}]"
+    if any(a <= b for a, b in zip(steps, steps[1:])):
+        return "must be strictly decreasing (the first is the noisiest)"
+    return None
+
+
 def denoising_list_sigmas(denoising_step_list, shift: float) -> torch.Tensor:
     """Sigmas of a LightX2V-style denoising_step_list (timesteps in (0, 1000]) plus a final 0."""
     steps = [float(t) for t in denoising_step_list]
-    if not steps:
-        raise ValueError("denoising_step_list is empty; give timesteps such as [1000, 750, 500, 250]")
-    if any(not 0 < t <= NUM_TRAIN_TIMESTEPS for t in steps):
-        raise ValueError(f"denoising_step_list {steps} must hold timesteps in (0, {NUM_TRAIN_TIMESTEPS}]")
-    if any(a <= b for a, b in zip(steps, steps[1:])):
-        raise ValueError(f"denoising_step_list {steps} must be strictly decreasing")
+    problem = denoising_list_problem(steps)
+    if problem:
+        raise ValueError(f"denoising_step_list {steps} {problem}")
     sig = shift_sigma(timestep_to_sigma(torch.tensor(steps, dtype=torch.float64)), shift)
     return torch.cat([sig, sig.new_zeros(1)]).float()
 

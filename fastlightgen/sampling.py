@@ -23,6 +23,11 @@ from .flow import denoising_list_sigmas, euler_sigmas, euler_step, x0_from_veloc
 Progress = Callable[[int, int], None]
 
 
+# The distilled student's default contract (LightX2V's): four timesteps warped by shift 5.
+FEW_STEP_LIST = (1000, 750, 500, 250)
+FEW_STEP_SHIFT = 5.0
+
+
 @dataclass(frozen=True)
 class Sampling:
     """Euler with CFG when `denoising_step_list` is empty; otherwise the few-step list, whose length is
@@ -41,7 +46,7 @@ class Sampling:
                              f"steps without CFG, not {self.steps} steps at CFG {self.cfg_scale:g}")
 
     @classmethod
-    def few_step(cls, denoising_step_list: Sequence[int] = (1000, 750, 500, 250), shift: float = 5.0) -> "Sampling":
+    def few_step(cls, denoising_step_list: Sequence[int] = FEW_STEP_LIST, shift: float = FEW_STEP_SHIFT) -> "Sampling":
         steps = tuple(int(t) for t in denoising_step_list)
         return cls(len(steps), shift, 1.0, steps)
 

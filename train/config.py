@@ -18,6 +18,7 @@ import yaml
 
 from fastlightgen.flow import SIGMA_LAWS
 from fastlightgen.fp8 import FP8_SCALED
+from fastlightgen.sampling import FEW_STEP_LIST, FEW_STEP_SHIFT
 
 from .fingerprint import file_digest, json_digest
 from .ranges import problems
@@ -158,8 +159,8 @@ class Stage3Config:
     fake_updates: int = 5  # TTUR: fake-score updates per generator update
     lora_rank: int = 16
     lora_alpha: float = 16.0
-    denoising_step_list: list = field(default_factory=lambda: [1000, 750, 500, 250])
-    shift: float = 5.0
+    denoising_step_list: list = field(default_factory=lambda: list(FEW_STEP_LIST))
+    shift: float = FEW_STEP_SHIFT
     dmd_sigma_range: list = field(default_factory=lambda: [0.02, 0.98])  # before the shift warp
 
 

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Callable
 
-from fastlightgen.flow import NUM_TRAIN_TIMESTEPS
+from fastlightgen.flow import NUM_TRAIN_TIMESTEPS, denoising_list_problem
 
 
 def is_int(v: Any) -> bool:
@@ -36,8 +36,7 @@ def between(low: float, high: float, open_low: bool = False, open_high: bool = F
 
 
 def is_timesteps(v: Any) -> bool:
-    return isinstance(v, list) and len(v) > 0 and all(is_int(t) and 1 <= t <= NUM_TRAIN_TIMESTEPS for t in v) \
-        and all(a > b for a, b in zip(v, v[1:]))
+    return isinstance(v, list) and all(is_int(t) for t in v) and denoising_list_problem(v) is None
 
 
 POSITIVE = Range("a finite number > 0", lambda v: is_finite(v) and v > 0)
