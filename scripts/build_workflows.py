@@ -27,6 +27,8 @@ STUDENT = "toy_student.safetensors"
 TEACHER = "toy_teacher.safetensors"
 STUDENT_ADAPTER = "toy_student_adapter.safetensors"
 DEMO_LORA = "toy_teacher_demo_lora.safetensors"  # scripts/make_toy_lora.py
+# the Wan 2.2 tiny decoder under the name ComfyUI's Load VAE takes from models/vae_approx (nodes.py, video_taes)
+WAN22_TINY_VAE = "lighttaew2_2.safetensors"
 COLUMN_WIDTH, ROW_GAP = 380, 40
 
 
@@ -40,10 +42,19 @@ class Node:
 
 
 @dataclass
+class Note:
+    """A note for the reader (a frontend-only MarkdownNote), below the nodes of the column of node `beside`."""
+    title: str
+    text: str
+    beside: str
+
+
+@dataclass
 class Workflow:
     name: str
     note: str
     nodes: list[Node]
+    notes: list[Note] = field(default_factory=list)
 
 
 def _first_frame(key: str = "latent", **widgets: Any) -> Node:
@@ -183,7 +194,8 @@ WORKFLOWS = [
     Workflow("fastlightgen_wan22_ti2v_5b_4step",
              "# FastLightGen: 4-step Wan 2.2 TI2V-5B (not run in tests)\nPut the FastLightGen student of "
              "Wan 2.2 TI2V-5B in models/fastlightgen, umt5_xxl_fp8_e4m3fn_scaled.safetensors in "
-             "models/text_encoders, wan2.2_vae.safetensors in models/vae and a start image in input/. "
+             "models/text_encoders, wan2.2_vae.safetensors in models/vae and a start image in input/ "
+             f"({WAN22_TINY_VAE} in models/vae_approx for the draft branch: see its note). "
              "Same graph as the toy one with the stock UMT5, Wan VAE and Wan22ImageToVideoLatent.", [
                  Node("student", "FastLightGenLoadCheckpoint",
                       {"ckpt_name": "wan2.2_ti2v_5B_fastlightgen.safetensors"}),
@@ -203,6 +215,24 @@ WORKFLOWS = [
                  Node("video", "CreateVideo", {"fps": 24.0}, {"images": ("decode", 0)}),
                  Node("save_video", "SaveVideo", {"filename_prefix": "fastlightgen/wan22_4step", "format": "auto",
                                                   "codec": "auto"}, {"video": ("video", 0)}),
+                 Node("tiny_vae", "VAELoader", {"vae_name": WAN22_TINY_VAE}, title="Load VAE (tiny decoder, drafts)"),
+                 Node("tiny_decode", "VAEDecode", links={"samples": ("sampler", 0), "vae": ("tiny_vae", 0)},
+                      title="VAE Decode (tiny, drafts)"),
+                 Node("tiny_video", "CreateVideo", {"fps": 24.0}, {"images": ("tiny_decode", 0)}),
+                 Node("save_tiny_video", "SaveVideo", {"filename_prefix": "fastlightgen/wan22_4step_tiny_draft",
+                                                       "format": "auto", "codec": "auto"},
+                      {"video": ("tiny_video", 0)}, title="Save Video (tiny decoder draft)"),
+             ], [
+                 Note("Tiny decoder: drafts and previews",
+                      "The draft branch decodes the same latent with a tiny video decoder instead of the Wan 2.2 "
+                      "VAE. It is a distilled approximation of the VAE: a much faster decode (the full VAE is "
+                      "over half of the 4-step student's time), softer detail and some color shift. Use it for "
+                      "previews and drafts, the full VAE for finals; mute the branch you do not need.\n\n"
+                      f"File: `{WAN22_TINY_VAE}` in `models/vae_approx/`, the name ComfyUI's Load VAE lists "
+                      "for the Wan 2.2 tiny decoder (LightX2V's, Hugging Face `lightx2v/Autoencoders`). "
+                      "madebyollin's original `taew2_2.safetensors` (GitHub `madebyollin/taehv`, folder "
+                      "`safetensors/`) has the same architecture; Load VAE lists it from `models/vae/` under its "
+                      "own name. Decode only: these files do not encode.", beside="tiny_vae"),
              ]),
 ]
 
@@ -236,13 +266,16 @@ def _depths(wf: Workflow) -> dict[str, int]:
     return depth
 
 
+def _markdown_note(node_id: int, pos: list[float], width: float, text: str, title: str) -> dict:
+    return {"id": node_id, "type": "MarkdownNote", "pos": pos, "size": [width, 200], "flags": {}, "order": 0,
+            "mode": 0, "inputs": [], "outputs": [], "properties": {}, "widgets_values": [text], "title": title}
+
+
 def to_ui(wf: Workflow, object_info: dict) -> dict:
-    ids = {n.key: i + 2 for i, n in enumerate(wf.nodes)}  # id 1 is the note
+    ids = {n.key: i + 2 for i, n in enumerate(wf.nodes)}  # id 1 is the note; wf.notes come after the nodes
     depth = _depths(wf)
     column_y: dict[int, float] = {}
-    ui_nodes = [{"id": 1, "type": "MarkdownNote", "pos": [0, -260], "size": [520, 200], "flags": {}, "order": 0,
-                 "mode": 0, "inputs": [], "outputs": [], "properties": {}, "widgets_values": [wf.note],
-                 "title": "About this workflow"}]
+    ui_nodes = [_markdown_note(1, [0, -260], 520, wf.note, "About this workflow")]
     links: list[list] = []
     outputs_of: dict[str, list[dict]] = {}
     for order, n in enumerate(sorted(wf.nodes, key=lambda n: depth[n.key]), start=1):
@@ -287,11 +320,17 @@ def to_ui(wf: Workflow, object_info: dict) -> dict:
         if n.title:
             node["title"] = n.title
         ui_nodes.append(node)
+    for i, note in enumerate(wf.notes, start=len(wf.nodes) + 2):
+        column = depth[note.beside]
+        ui_nodes.append(_markdown_note(i, [column * COLUMN_WIDTH, column_y.get(column, 0.0)], COLUMN_WIDTH - 40,
+                                       note.text, note.title))
+        column_y[column] = column_y.get(column, 0.0) + 200 + ROW_GAP
     by_id = {ids[k]: k for k in ids}
     for link_id, src, slot, *_ in links:
         outputs_of[by_id[src]][slot]["links"].append(link_id)
     return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, "fastlightgen/" + wf.name)), "revision": 0,
-            "last_node_id": len(wf.nodes) + 1, "last_link_id": len(links), "nodes": ui_nodes, "links": links,
+            "last_node_id": len(wf.nodes) + len(wf.notes) + 1, "last_link_id": len(links), "nodes": ui_nodes,
+            "links": links,
             "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [40, 300]}}, "version": 0.4}
 
 

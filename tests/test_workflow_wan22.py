@@ -1,6 +1,7 @@
 """The shipped Wan 2.2 TI2V-5B workflow (workflows/fastlightgen_wan22_ti2v_5b_4step.json) in a real ComfyUI server.
 
-Its three model files go through three stock loaders, and only the diffusion model's size is read from the file:
+Its four model files go through four stock loaders, and only the diffusion model's size and the tiny
+decoder's latent width are read from the files:
 
 * the DiT (Load FastLightGen Checkpoint -> comfy.sd.load_diffusion_model_state_dict): model_detection.py infers
   Wan's width, depth, heads and the TI2V-5B variant (48 latent channels) from the weights, so the random toy
@@ -15,11 +16,15 @@ Its three model files go through three stock loaders, and only the diffusion mod
   builds the model from the fixed text_encoders/umt5_config_xxl.json (24 layers, width 4096, vocabulary 256384:
   5.7B parameters, 11 GB in bf16), so neither a tiny UMT5 nor a random full one fits a test. The graph run here
   replaces CLIPLoader + CLIP Text Encode by the pack's Toy Text Encode, whose CONDITIONING has UMT5-XXL's shape
-  per token (4096 wide); test_a_tiny_umt5_is_not_detected pins that the stock detection refuses a tiny UMT5.
+  per token (4096 wide); test_a_tiny_umt5_is_not_detected pins that the stock detection refuses a tiny UMT5;
+* the tiny decoder of the draft branch (VAELoader from models/vae_approx -> comfy.sd.VAE): a file is one when it
+  has `decoder.22.bias`, and its latent width (48: Wan 2.2) is read from `decoder.1.weight`; the test writes
+  comfy.taesd.taehv.TAEHV with random weights (research.bench.e2e.random_taehv, 11M parameters) under the
+  workflow's file name.
 
 Everything else is the shipped graph as it stands: LoadImage -> Wan22ImageToVideoLatent (stock VAE encode of the
 start image) -> FastLightGen Sampler with the checkpoint's SIGMAS -> VAE Decode -> Create Video -> Save Video,
-at a reduced size (64x64, 5 frames).
+and the same latent through the tiny decoder's branch, at a reduced size (64x64, 5 frames).
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from workflow_to_prompt import workflow_to_prompt  # noqa: E402
 
 NAME = "fastlightgen_wan22_ti2v_5b_4step"
+VAE, TINY_VAE = "wan2.2_vae.safetensors", "lighttaew2_2.safetensors"  # the workflow's own file names
 SIZE, LENGTH = 64, 5  # pixels, frames: a 4x4 latent of 2 frames
 
 
@@ -64,6 +70,15 @@ def _random_wan22_vae(path: Path) -> None:
     save_file(tensors, str(path))
 
 
+def _random_tiny_vae(path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from research.bench.e2e import random_taehv
+
+    path.parent.mkdir()
+    save_file(random_taehv(48).state_dict(), str(path))
+
+
 @pytest.fixture(scope="module")
 def server(comfy_in_process, tmp_path_factory):
     from test_workflows import _export_stand_ins
@@ -71,17 +86,18 @@ def server(comfy_in_process, tmp_path_factory):
     models = tmp_path_factory.mktemp("wan22_models")
     _export_stand_ins(models)
     (models / "vae").mkdir()
-    _random_wan22_vae(models / "vae" / "wan2.2_vae.safetensors")  # the workflow's own file name
+    _random_wan22_vae(models / "vae" / VAE)
+    _random_tiny_vae(models / "vae_approx" / TINY_VAE)
     config = models / "extra_model_paths.yaml"
     config.write_text("fastlightgen_wan22_tests:\n  base_path: /\n  fastlightgen: |\n"
                       f"    {REPO / 'models' / 'fastlightgen'}\n    {models}\n"
-                      f"  vae: {models / 'vae'}\n")
+                      f"  vae: {models / 'vae'}\n  vae_approx: {models / 'vae_approx'}\n")
     handle = comfyui_harness.start_server(extra_args=["--extra-model-paths-config", str(config)])
     try:
         yield handle
     finally:
         handle.stop()
-        (models / "vae" / "wan2.2_vae.safetensors").unlink()  # 1.4 GB: not kept in pytest's tmp folders
+        (models / "vae" / VAE).unlink()  # 1.4 GB: not kept in pytest's tmp folders
 
 
 def test_a_tiny_umt5_is_not_detected(comfy_in_process):
@@ -100,8 +116,8 @@ def test_the_wan22_workflow_runs_with_the_stock_vae_and_a_toy_text_encoder(serve
     import av
 
     prompt = workflow_to_prompt(json.loads((REPO / "workflows" / f"{NAME}.json").read_text()), server.object_info())
-    by_class = {v["class_type"]: k for k, v in prompt.items()}
-    assert prompt[by_class["VAELoader"]]["inputs"]["vae_name"] == "wan2.2_vae.safetensors"
+    by_class = {v["class_type"]: k for k, v in prompt.items()}  # of the classes the graph holds once
+    assert sorted(v["inputs"]["vae_name"] for v in prompt.values() if v["class_type"] == "VAELoader") == [TINY_VAE, VAE]
     assert prompt[by_class["LoadImage"]]["inputs"]["image"] == "example.png"  # the harness copies it to input/
     # the one replaced part: UMT5 (CLIPLoader + CLIP Text Encode) -> Toy Text Encode, in the encoder's place
     del prompt[by_class["CLIPLoader"]]
@@ -112,9 +128,13 @@ def test_the_wan22_workflow_runs_with_the_stock_vae_and_a_toy_text_encoder(serve
 
     entry = server.run_prompt(prompt, timeout=900)
     assert entry["status"]["status_str"] == "success"
-    (video,) = [item for k, v in entry["outputs"].items() for item in v.get("images", [])
-                if item["filename"].endswith(".mp4")]
-    with av.open(str(server.output_path(video))) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    assert len(frames) == LENGTH and frames[0].shape == (SIZE, SIZE, 3)
-    assert all(np.isfinite(f).all() for f in frames) and np.std(frames) > 0
+    videos = {}  # the full VAE's and the tiny decoder's, by their Save Video's prefix
+    for k, v in entry["outputs"].items():
+        (item,) = [item for item in v.get("images", []) if item["filename"].endswith(".mp4")]
+        with av.open(str(server.output_path(item))) as container:
+            videos[prompt[k]["inputs"]["filename_prefix"]] = np.stack(
+                [f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    assert sorted(videos) == ["fastlightgen/wan22_4step", "fastlightgen/wan22_4step_tiny_draft"]
+    for frames in videos.values():
+        assert frames.shape == (LENGTH, SIZE, SIZE, 3) and np.std(frames) > 0
+    assert not np.array_equal(*videos.values())  # two decoders, not one video saved twice

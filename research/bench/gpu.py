@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -37,14 +38,24 @@ from ..timing import seconds_per_call
 # Wan VAEs by latent channels: (temporal, spatial) compression. 2.1: 16 channels at 4x8x8; 2.2 TI2V: 48 at 4x16x16.
 WAN_VAE_STRIDE = {16: (4, 8), 48: (4, 16)}
 TEXT_TOKENS = 512  # UMT5 sequence length the Wan pipelines pad to
+Video = Callable[[], torch.Tensor]  # one video's sampling, as seconds_per_call times it
+
+if TYPE_CHECKING:
+    from fastlightgen.adapters import Conditioning, DiTAdapter
+    from fastlightgen.sampling import Sampling
+
+
+def random_wan(cfg: Config) -> torch.nn.Module:
+    """The config's architecture with random weights (seed 0), on the default device."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel.from_config(cfg.model.arch)
 
 
 def random_teacher(cfg: Config, folder: Path) -> None:
     """A diffusers folder holding the config's architecture with random weights."""
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(0)
-    WanTransformer3DModel.from_config(cfg.model.arch).save_pretrained(str(folder))
+    random_wan(cfg).save_pretrained(str(folder))
 
 
 def latent_shape(cfg: Config, samples: int) -> tuple[int, ...]:
@@ -74,13 +85,30 @@ def middle_plan(cfg: Config, out: Path) -> list[int]:
     return plan.dropped
 
 
+def sampler_calls(teacher: DiTAdapter, student: DiTAdapter, noise: torch.Tensor, cond: Conditioning,
+                  null: Conditioning, ti2v: bool, teacher_cfg: Sampling) -> tuple[Video, Video]:
+    """One video each, as a creator samples it: the teacher's Euler with CFG on `teacher_cfg`, the student's
+    4 steps (seeded re-noising); under TI2V both keep the noise's first frame as the given one."""
+    from fastlightgen.sampling import FEW_STEP, sample_euler_cfg, sample_few_step
+
+    first = noise[:, :, :1] if ti2v else None
+
+    def teacher_video() -> torch.Tensor:
+        return sample_euler_cfg(teacher, noise, cond, null, teacher_cfg, first_frame=first)
+
+    def student_video() -> torch.Tensor:
+        return sample_few_step(student, noise, cond, FEW_STEP, generator=torch.Generator().manual_seed(1),
+                               first_frame=first)
+    return teacher_video, student_video
+
+
 def sampling_speedup(cfg: Config, teacher_dir: Path, plan_path: Path, repeats: int) -> dict:
     """Seconds per video: the teacher's 50-step Euler with CFG vs the student's 4 steps on the pruned model."""
     from diffusers import WanTransformer3DModel
 
     from fastlightgen.adapters import Conditioning, adapt
     from fastlightgen.plan import PrunePlan
-    from fastlightgen.sampling import FEW_STEP, Sampling, sample_euler_cfg, sample_few_step
+    from fastlightgen.sampling import FEW_STEP, Sampling
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -90,14 +118,9 @@ def sampling_speedup(cfg: Config, teacher_dir: Path, plan_path: Path, repeats: i
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(latent_shape(cfg, 1), generator=g).to(device, dtype)
     cond = Conditioning(text=torch.randn(1, TEXT_TOKENS, cfg.model.arch["text_dim"], generator=g).to(device, dtype))
-    first = noise[:, :, :1] if cfg.model.ti2v else None
     teacher_cfg, few = Sampling(), FEW_STEP
-
-    def student_video():
-        sample_few_step(student, noise, cond, few, generator=torch.Generator().manual_seed(1), first_frame=first)
-
-    def teacher_video():
-        sample_euler_cfg(teacher, noise, cond, cond.null_like(), teacher_cfg, first_frame=first)
+    teacher_video, student_video = sampler_calls(teacher, student, noise, cond, cond.null_like(), cfg.model.ti2v,
+                                                 teacher_cfg)
     student_s, teacher_s = seconds_per_call(student_video, teacher_video, rounds=repeats, round_seconds=0.0,
                                             device=device)
     block_evals = (teacher_cfg.nfe * teacher.num_blocks, few.nfe * len(kept))
