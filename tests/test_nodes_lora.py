@@ -303,3 +303,20 @@ def test_missing_files_stop_at_validation(pack, files):
         "gone.safetensors", "(from the model)")
     assert "student checkpoint 'gone.safetensors' is not there" in lora.validate_inputs("diff.safetensors",
                                                                                         "gone.safetensors")
+
+
+def test_the_student_it_received_is_unchanged(pack, models, toy_inputs):
+    """ComfyUI caches the student between prompts: sampling the LoRA'd clone leaves it as it was. (A clone
+    shares the weights, which ComfyUI patches in place while the clone is loaded and restores when another
+    clone loads, as with the stock Load LoRA; the weights compared are those after unloading.)"""
+    import comfy.model_management
+    from test_nodes import _snapshot
+
+    student = models["student"]
+    before, plain = _snapshot(student), _sample(pack, student, toy_inputs)
+    patched = _apply(pack, student, "comfy_lora_AB.safetensors")[0]
+    assert not torch.equal(_sample(pack, patched, toy_inputs), plain)  # the LoRA is there
+    comfy.model_management.unload_all_models()
+    after = _snapshot(student)
+    assert all(torch.equal(v, before[0][k]) for k, v in after[0].items()) and after[1:] == before[1:]
+    assert torch.equal(_sample(pack, student, toy_inputs), plain)
