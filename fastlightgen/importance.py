@@ -44,11 +44,15 @@ class ImportanceResult:
         return "\n".join(lines)
 
 
-def stage1_sigmas(num_timesteps: int) -> list[float]:
-    """Evenly spaced interior noise levels; the ends say nothing (sigma 0 is exact, sigma 1 is pure noise)."""
+def stage1_sigmas(num_timesteps: int, low: float = 0.0, high: float = 1.0) -> list[float]:
+    """Evenly spaced interior noise levels of [low, high]; the ends say nothing (sigma 0 is exact, sigma 1 is
+    pure noise). A part of the schedule ([boundary, 1] or [0, boundary]) scores one expert of a two-expert
+    model (`fastlightgen.experts`) where it runs."""
     if num_timesteps < 1:
         raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
-    return [(k + 0.5) / num_timesteps for k in range(num_timesteps)]
+    if not 0.0 <= low < high <= 1.0:
+        raise ValueError(f"the sigma range must be 0 <= low < high <= 1, got [{low}, {high}]")
+    return [low + (high - low) * (k + 0.5) / num_timesteps for k in range(num_timesteps)]
 
 
 def check_error(error: float, block: int | None, sigma: float) -> float:

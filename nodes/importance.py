@@ -103,11 +103,11 @@ def _copy_streams(streams: dict) -> dict:
 
 
 def run_stage1(model: ModelPatcher, latent: dict, positive, num_timesteps: int, num_samples: int, seed: int,
-               prefix_reuse: bool = True) -> ImportanceResult:
+               prefix_reuse: bool = True, sigma_range: tuple[float, float] = (0.0, 1.0)) -> ImportanceResult:
     samples = check_latent(latent, NAME)
     check_clean_videos(samples, NAME, model)
     check_conditioning(positive, NAME, model)
-    sigmas = stage1_sigmas(num_timesteps)
+    sigmas = stage1_sigmas(num_timesteps, *sigma_range)
     probe = ImportanceProbe(block_slots(model), sigmas, num_samples, seed, prefix_reuse)
     guider = comfy.samplers.CFGGuider(model)
     guider.inner_set_conds({"positive": positive})  # scale 1: eq. 3 scores the conditional prediction
@@ -149,6 +149,12 @@ class BlockImportance(io.ComfyNode):
                 io.Boolean.Input("prefix_reuse", default=True,
                                  tooltip="Replay the full pass's outputs of the blocks before the skipped one "
                                          "(same scores, about half the compute)."),
+                io.Float.Input("sigma_min", default=0.0, min=0.0, max=1.0, step=0.005, optional=True,
+                               tooltip="The noise levels scored lie in [sigma_min, sigma_max]. One expert of Wan "
+                                       "2.2 A14B is scored where it runs: the high-noise one on [0.875, 1] (T2V; "
+                                       "I2V 0.9), the low-noise one on [0, 0.875]."),
+                io.Float.Input("sigma_max", default=1.0, min=0.0, max=1.0, step=0.005, optional=True,
+                               tooltip="The upper end of the noise levels scored (see sigma_min)."),
             ],
             outputs=[
                 io.Image.Output(display_name="plot"),
@@ -160,11 +166,13 @@ class BlockImportance(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, latent: dict, positive, num_timesteps: int, num_samples: int, seed: int,
-                keep_ratio: float, prefix_reuse: bool) -> io.NodeOutput:
-        check_finite(NAME, keep_ratio=keep_ratio)
+                keep_ratio: float, prefix_reuse: bool, sigma_min: float = 0.0, sigma_max: float = 1.0) -> io.NodeOutput:
+        check_finite(NAME, keep_ratio=keep_ratio, sigma_min=sigma_min, sigma_max=sigma_max)
         fp, skipped = fingerprint(model), skipped_blocks(model)
         count_kept(fp.num_blocks - len(skipped), keep_ratio)  # a bad ratio fails now, not after Stage I
-        result = run_stage1(model, latent, positive, num_timesteps, num_samples, seed, prefix_reuse)
+        stage1_sigmas(num_timesteps, sigma_min, sigma_max)  # so does a bad range
+        result = run_stage1(model, latent, positive, num_timesteps, num_samples, seed, prefix_reuse,
+                            (sigma_min, sigma_max))
         plan = PrunePlan.from_scores(fp, result.scores, keep_ratio=keep_ratio, reference_error=result.reference_error,
                                      already_dropped=skipped)
         plot = importance_plot(result, plan)

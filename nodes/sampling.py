@@ -3,6 +3,9 @@
 The sampler is ComfyUI's own machinery (CFGGuider at scale 1, the `lcm` sampler, KSampler's preview
 callback): `lcm` predicts x0 and re-noises it to the next sigma with fresh noise, which is exactly
 FastLightGen's few-step rule, so the node equals the stock SamplerCustom with lcm and the same sigmas.
+Given a second, low-noise model (Wan 2.2 A14B's two experts), each step goes to the expert whose range holds
+its sigma (`fastlightgen.experts`): the high-noise part, then the low-noise part continuing without new noise,
+as the stock graph of two samplers on split sigmas does.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import latent_preview
 import torch
 from comfy_api.latest import io, ui
 
+from fastlightgen.experts import T2V_BOUNDARY, split_sigmas
 from fastlightgen.flow import denoising_list_sigmas
 from fastlightgen.sampling import FEW_STEP
 
@@ -58,10 +62,12 @@ class FewStepSigmas(io.ComfyNode):
         return io.NodeOutput(sigmas, ui=ui.PreviewText(text))
 
 
-def sample_lcm(model, positive, latent: dict, seed: int, sigmas: torch.Tensor) -> dict:
-    """What SamplerCustom does with add_noise, cfg 1 and lcm, with only a positive conditioning."""
+def sample_lcm(model, positive, latent: dict, seed: int, sigmas: torch.Tensor, add_noise: bool = True) -> dict:
+    """What SamplerCustom does with cfg 1 and lcm, with only a positive conditioning; without `add_noise` it
+    continues a latent that already holds the noise of sigmas[0]."""
     samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index")) if add_noise else \
+        torch.zeros(samples.size(), dtype=samples.dtype, layout=samples.layout, device="cpu")
     guider = comfy.samplers.CFGGuider(model)
     guider.inner_set_conds({"positive": positive})  # scale 1: the negative would never be evaluated
     guider.set_cfg(1.0)
@@ -92,18 +98,34 @@ class FastLightGenSampler(io.ComfyNode):
                 io.Sigmas.Input("sigmas", optional=True,
                                 tooltip="Override the schedule, e.g. the SIGMAS recommended by the checkpoint "
                                         "loader; default [1000, 750, 500, 250] with shift 5."),
+                io.Model.Input("model_low_noise", optional=True,
+                               tooltip="A two-expert model (Wan 2.2 A14B): the low-noise expert; 'model' is then "
+                                       "the high-noise one. Each step goes to the expert whose range holds its "
+                                       "sigma."),
+                io.Float.Input("boundary", default=T2V_BOUNDARY, min=0.01, max=0.99, step=0.005, optional=True,
+                               tooltip="The sigma where the low-noise expert takes over: 0.875 for Wan 2.2 "
+                                       "T2V-A14B, 0.9 for I2V-A14B. Used only with model_low_noise."),
             ],
             outputs=[io.Latent.Output()],
         )
 
     @classmethod
-    def execute(cls, model, positive, latent_image: dict, seed: int,
-                sigmas: torch.Tensor | None = None) -> io.NodeOutput:
-        check_latent(latent_image, SAMPLER, model)
-        check_conditioning(positive, SAMPLER, model)
+    def execute(cls, model, positive, latent_image: dict, seed: int, sigmas: torch.Tensor | None = None,
+                model_low_noise=None, boundary: float = T2V_BOUNDARY) -> io.NodeOutput:
+        check_finite(SAMPLER, boundary=boundary)
+        for expert in (model, model_low_noise):
+            if expert is not None:
+                check_latent(latent_image, SAMPLER, expert)
+                check_conditioning(positive, SAMPLER, expert)
         if sigmas is None:
             sigmas = FEW_STEP.sigmas
         if sigmas.shape[-1] < 2 or float(sigmas[-1]) != 0.0 or not torch.isfinite(sigmas).all():
             raise ValueError(f"FastLightGen Sampler needs finite sigmas ending at 0 with at least one step, got "
                              f"{sigmas.tolist()}")
-        return io.NodeOutput(sample_lcm(model, positive, latent_image, seed, sigmas))
+        if model_low_noise is None:
+            return io.NodeOutput(sample_lcm(model, positive, latent_image, seed, sigmas))
+        high, low = split_sigmas(sigmas, boundary)
+        latent = sample_lcm(model, positive, latent_image, seed, high) if len(high) else latent_image
+        if len(low):
+            latent = sample_lcm(model_low_noise, positive, latent, seed, low, add_noise=not len(high))
+        return io.NodeOutput(latent)

@@ -119,6 +119,32 @@ def test_sampler_equals_stock_sampler_custom_lcm(pack, loaded, toy_inputs):
     assert torch.allclose(ours[:, :, 0], toy_inputs["latent"]["samples"][:, :, 0], atol=1e-6)
 
 
+@pytest.mark.parametrize("boundary", [0.875, 0.95, 0.5])
+def test_two_experts_equal_the_stock_graph_of_two_samplers(pack, loaded, teacher_files, toy_inputs, boundary):
+    """A14B's graph: SplitSigmas at the boundary, SamplerCustom on the high-noise expert, then SamplerCustom
+    without new noise on the low-noise one. The toy teacher and its pruned copy stand in for the experts."""
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
+    from fastlightgen.experts import split_sigmas
+
+    high_model, sigmas = loaded
+    low_model = pack["loader"].LoadCheckpoint.execute("t_pruned.safetensors").args[0]
+    ours = pack["sampling"].FastLightGenSampler.execute(high_model, toy_inputs["positive"], toy_inputs["latent"],
+                                                       SEED, sigmas, low_model, boundary).args[0]["samples"]
+    high, low = split_sigmas(sigmas, boundary)
+    latent, noise = toy_inputs["latent"], True
+    for model, part in ((high_model, high), (low_model, low)):
+        if len(part):
+            latent = SamplerCustom.execute(model, noise, SEED, 1.0, toy_inputs["positive"], toy_inputs["negative"],
+                                           comfy.samplers.sampler_object("lcm"), part, latent).args[0]
+            noise = False
+    assert torch.equal(ours, latent["samples"])
+    one_expert = pack["sampling"].FastLightGenSampler.execute(high_model, toy_inputs["positive"],
+                                                             toy_inputs["latent"], SEED, sigmas).args[0]["samples"]
+    assert torch.equal(ours, one_expert) == (len(low) == 0)  # the low-noise expert really took its steps
+
+
 def test_few_step_sigmas_equal_stock_shift5_simple(pack, loaded):
     from comfy_extras.nodes_custom_sampler import BasicScheduler
     from comfy_extras.nodes_model_advanced import ModelSamplingSD3
@@ -207,6 +233,27 @@ def test_block_importance_matches_library_stage1(pack, loaded, teacher_files):
     assert plan.reference_error == pytest.approx(library.reference_error, rel=2e-3)
     assert len(plan.kept) == 2 and plan.method == "scores"
     assert plot.shape[0] == 1 and plot.shape[-1] == 3 and "full model" in table
+
+
+def test_block_importance_scores_one_expert_on_its_part_of_the_schedule(pack, loaded, teacher_files):
+    from fastlightgen.adapters import Conditioning, adapt
+    from fastlightgen.importance import block_importance, stage1_sigmas
+    from fastlightgen.toy import codec
+
+    model, _ = loaded
+    latent, captions = pack["toy"].ToyDatasetLatents.execute("train", 2, 3).args
+    positive = pack["toy"].ToyTextEncode.execute(captions).args[0]
+    node = pack["importance"].BlockImportance
+    _, plan, table = node.execute(model, latent, positive, 2, 1, SEED, 0.5, True, 0.875, 1.0).args
+    library = block_importance(adapt(teacher_files["teacher"]),
+                               [(codec.from_comfy_latent(latent["samples"]), Conditioning(text=positive[0][0]))],
+                               stage1_sigmas(2, 0.875, 1.0), seed=SEED, pin_first_frame=True)
+    assert stage1_sigmas(2, 0.875, 1.0) == [0.90625, 0.96875]
+    assert torch.allclose(torch.tensor(plan.scores), torch.tensor(library.scores), rtol=2e-3)
+    whole = node.execute(model, latent, positive, 2, 1, SEED, 0.5, True).args[1]
+    assert not torch.allclose(torch.tensor(plan.scores), torch.tensor(whole.scores), rtol=1e-2)
+    with pytest.raises(ValueError, match=r"sigma range must be 0 <= low < high <= 1, got \[0.9, 0.5\]"):
+        node.execute(model, latent, positive, 2, 1, SEED, 0.5, True, 0.9, 0.5)
 
 
 def test_prune_plan_from_scores_and_teacher_sweep_grid(pack, loaded, toy_inputs):
@@ -374,8 +421,10 @@ def test_every_float_input_of_every_node_refuses_nan_first(pack):
                     node.execute(**{**kwargs, name: bad})
             checked.append(f"{schema.node_id}.{name}")
     assert sorted(checked) == ["FastLightGenApplyStudentAdapter.strength",
-                               "FastLightGenBlockImportance.keep_ratio", "FastLightGenFewStepSigmas.shift",
-                               "FastLightGenPrunePlan.keep_ratio", "FastLightGenStudentLoRA.strength_model",
+                               "FastLightGenBlockImportance.keep_ratio", "FastLightGenBlockImportance.sigma_max",
+                               "FastLightGenBlockImportance.sigma_min", "FastLightGenFewStepSigmas.shift",
+                               "FastLightGenPrunePlan.keep_ratio", "FastLightGenSampler.boundary",
+                               "FastLightGenStudentLoRA.strength_model",
                                "FastLightGenWellGuidedTeacher.beta1", "FastLightGenWellGuidedTeacher.beta2"]
 
 
