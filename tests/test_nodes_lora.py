@@ -313,6 +313,7 @@ def test_the_student_it_received_is_unchanged(pack, models, toy_inputs):
     from test_nodes import _snapshot
 
     student = models["student"]
+    comfy.model_management.unload_all_models()  # earlier tests' clones may still hold it patched
     before, plain = _snapshot(student), _sample(pack, student, toy_inputs)
     patched = _apply(pack, student, "comfy_lora_AB.safetensors")[0]
     assert not torch.equal(_sample(pack, patched, toy_inputs), plain)  # the LoRA is there
