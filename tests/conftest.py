@@ -22,6 +22,10 @@ import pytest
 from research import comfyui_harness
 
 COMFYUI_FIXTURES = {"comfyui_server", "comfy_in_process"}
+# Files that train, sample the committed toy models at length or start several processes: minutes each (the
+# CI run's --durations). `pytest -m "not slow"` leaves them out; `.ci/run` runs everything.
+SLOW_FILES = {"test_reproduce.py", "test_demo.py", "test_toy_teacher.py", "test_toy_teacher_training.py",
+              "test_train_distributed.py", "test_preprocess_dist.py", "test_train.py"}
 
 
 def pytest_configure(config):
@@ -30,12 +34,15 @@ def pytest_configure(config):
         "comfyui: needs a real ComfyUI install (scripts/install_comfyui.sh); "
         "auto-applied to tests using the comfyui_server / comfy_in_process fixtures",
     )
+    config.addinivalue_line("markers", "slow: a test file that takes minutes (SLOW_FILES); auto-applied")
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if COMFYUI_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.comfyui)
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
 
 
 class _ExternalServer(comfyui_harness.ServerHandle):
