@@ -191,12 +191,8 @@ def _checked_header(path: Path, plan: PrunePlan | None) -> tuple[dict, dict, Che
                               "(in Python: fastlightgen.student_adapter.apply_adapter)")
     meta = _parse_meta(path, file_metadata)
     # Every check of names and shapes runs on the header, before gigabytes of weights are read.
-    shapes = {k: torch.empty(v["shape"], device="meta") for k, v in header.items()}
-    layout, scale_shapes, marker, _ = _split(path, shapes)
-    try:
-        config = infer_wan_config(layout, meta.head_dim if meta else DEFAULT_HEAD_DIM)
-    except ValueError as err:
-        raise CheckpointError(f"{path}: {err}") from None
+    layout, scale_shapes, marker, _ = _split(path, _meta_tensors(header))
+    config = _config(path, layout, meta)
     _check_complete(path, layout, config)
     _check_quantization(path, layout, scale_shapes, marker is not None, file_metadata)
     if meta is not None and len(meta.kept_blocks) != config["num_layers"]:
@@ -205,6 +201,26 @@ def _checked_header(path: Path, plan: PrunePlan | None) -> tuple[dict, dict, Che
     if plan is not None:
         _check_plan(path, plan, meta, config)
     return header, file_metadata, meta, config
+
+
+def header_config(path: str | Path, header: dict) -> dict:
+    """The diffusers config of a Wan DiT file from its safetensors header alone (tensor names and shapes, and
+    `__metadata__`; the tensor data may be absent): the model `read_checkpoint` would build."""
+    path, header = Path(path), dict(header)
+    meta = _parse_meta(path, dict(header.pop("__metadata__", None) or {}))
+    layout, _, _, _ = _split(path, _meta_tensors(header))
+    return _config(path, layout, meta)
+
+
+def _meta_tensors(header: dict) -> dict[str, torch.Tensor]:
+    return {k: torch.empty(v["shape"], device="meta") for k, v in header.items()}
+
+
+def _config(path: Path, layout: dict[str, torch.Tensor], meta: CheckpointMeta | None) -> dict:
+    try:
+        return infer_wan_config(layout, meta.head_dim if meta else DEFAULT_HEAD_DIM)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
 
 
 def _check_scales(path: Path, scales: dict[str, torch.Tensor]) -> None:

@@ -22,11 +22,15 @@ class LoRALinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # the very same Parameters: no copy
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_down = nn.Linear(base.in_features, rank, bias=False, **factory)
-        self.lora_up = nn.Linear(rank, base.out_features, bias=False, **factory)
+        # Drawn in float32 where the generator lives, then given the base weight's device and dtype: a seeded
+        # LoRA is the same whether the base is a float32 CPU model or a bf16 ZeRO-3 partition on a GPU.
+        draw = {"device": base.weight.device if generator is None else generator.device, "dtype": torch.float32}
+        self.lora_down = nn.Linear(base.in_features, rank, bias=False, **draw)
+        self.lora_up = nn.Linear(rank, base.out_features, bias=False, **draw)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=5 ** 0.5, generator=generator)
         nn.init.zeros_(self.lora_up.weight)
+        self.lora_down.to(base.weight.device, base.weight.dtype)
+        self.lora_up.to(base.weight.device, base.weight.dtype)
         self.scale = alpha / rank
         self.enabled = False
 

@@ -68,7 +68,7 @@ def test_a_missing_init_stops_the_run_before_the_teacher_is_read(runs, tmp_path,
     from train import stage2
 
     teacher, plan, _ = runs
-    monkeypatch.setattr(stage2, "load_teacher", lambda cfg: pytest.fail("the teacher was read"))
+    monkeypatch.setattr(stage2, "load_start", lambda cfg, init: pytest.fail("the teacher was read"))
     missing = tmp_path / "nowhere" / "model.safetensors"
     with pytest.raises(FileNotFoundError, match=r"stage2\.init .*nowhere/model\.safetensors does not exist: give a "
                                                 r"finished Stage II run's model\.safetensors"):

@@ -193,7 +193,7 @@ def test_a_bad_target_setting_is_a_config_error(sets, message):
 def test_ema_under_deepspeed_is_a_usage_error_before_anything_loads(tmp_path, monkeypatch, capsys):
     from train import stage2
 
-    monkeypatch.setattr(stage2, "load_teacher", lambda cfg: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(stage2, "load_start", lambda cfg, init: pytest.fail("a model was loaded"))
     with pytest.raises(SystemExit) as stop:
         stage2.main(["--set", "stage2.target=ema", "--set", "dist.deepspeed=true", "--set", f"run.run_dir={tmp_path}"])
     assert stop.value.code == 2 and "stage2.target=ema needs the plain loop" in capsys.readouterr().err
@@ -218,12 +218,15 @@ def test_the_target_is_in_the_identity_and_its_decay_only_for_ema(tiny):
         == ["stage2.target_ema_decay: 0.99 != 0.5"]
 
 
-def test_the_memory_estimate_counts_the_target_copy_whole_on_every_rank():
+def test_the_memory_estimate_counts_the_target_copy_whole_or_partitioned():
+    """Whole on every rank in the plain loop and with dist.sharded_load off; partitioned (bytes / W) under
+    sharded ZeRO-3 loading."""
     from train.memory import GIB, ParamCounts, estimate
 
     counts = ParamCounts(total=10_000, per_block=[2_000] * 4, lora_per_block=[10] * 4, width=8, ffn=16)
+    zero3 = ["dist.deepspeed=true", "dist.world_size=4", "dist.bf16=true", "stage2.target=frozen"]
     for sets, whole in ([], 0), (["stage2.target=frozen"], 4), (["stage2.target=ema"], 4), \
-            (["dist.deepspeed=true", "dist.world_size=4", "dist.bf16=true", "stage2.target=frozen"], 2):
+            ([*zero3, "dist.sharded_load=false"], 2), (zero3, 2 / 4):
         cfg = load_config(None, sets)
         shared = estimate(load_config(None, [s for s in sets if not s.startswith("stage2.")]), counts)
         assert estimate(cfg, counts)["stage2"]["parameters"] - shared["stage2"]["parameters"] == \

@@ -2,8 +2,12 @@
 with the setting, the path and the fix, before its run folder is made or the teacher is read."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from test_train import make_tiny_teacher, train_args
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +36,44 @@ def test_a_missing_input_stops_the_run_before_the_teacher_is_read(case, tiny, tm
 
     stage, settings, error = CASES[case]
     module = importlib.import_module(f"train.{stage}")
-    monkeypatch.setattr(module, "load_teacher", lambda cfg: pytest.fail("the teacher was read"))
+    monkeypatch.setattr(module, "load_start", lambda cfg, init: pytest.fail("the teacher was read"))
     teacher, plan = tiny
     given = {k: v.format(tmp=tmp_path) for k, v in settings.items()}
     with pytest.raises(FileNotFoundError, match=error):
         module.main(train_args(teacher, plan, tmp_path / "run", **given))
     assert not (tmp_path / "run" / stage).exists()
+
+
+def test_stage1_refuses_protected_blocks_the_model_lacks_before_it_loads(tmp_path, monkeypatch):
+    from train import stage1
+
+    monkeypatch.setattr(stage1, "load_teacher", lambda cfg: pytest.fail("the teacher loaded first"))
+    with pytest.raises(ValueError, match=r"stage1\.protected blocks \[99\] do not exist in a model of 12 blocks"):
+        stage1.main(["-c", str(REPO / "configs" / "toy.yaml"), "--set", "stage1.protected=[99]",
+                     "--set", f"run.run_dir={tmp_path}"])
+
+
+def test_shards_that_do_not_fit_stop_the_stage_before_its_run_folder(tmp_path, monkeypatch):
+    """Truncated shards, or shards of another model's widths, are named before the teacher or the run folder."""
+    from test_train import _shard_set
+
+    from train import stage2
+    from train.config import load_config
+
+    monkeypatch.setattr(stage2, "build", lambda cfg: pytest.fail("the models were built first"))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _shard_set(shards, (2,))  # 4-channel latents, 6-wide text: not the toy teacher's 48 and 4096
+    from fastlightgen.plan import ModelFingerprint, PrunePlan
+
+    PrunePlan.from_blocks(ModelFingerprint("wan", 12, 256), [1, 2]).save(tmp_path / "plan.json")
+    cfg = load_config(str(REPO / "configs" / "toy.yaml"), ["data.source=shards", f"data.shards={shards}",
+                                                           f"stage2.plan={tmp_path / 'plan.json'}",
+                                                           f"run.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match="4-channel latents and 6-wide text, but the teacher takes 48-channel"):
+        stage2.run(cfg)
+    shard = shards / "shard_00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-64])
+    with pytest.raises(ValueError, match=r"shard_00000\.safetensors: truncated"):
+        stage2.run(cfg)
+    assert not (tmp_path / "run").exists()

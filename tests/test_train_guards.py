@@ -234,8 +234,10 @@ def nothing_loads(monkeypatch):
     def loaded(*args, **kwargs):
         raise AssertionError("a model was loaded before the settings were checked")
 
-    for module in (models, stage1, stage2, stage3):
+    for module in (models, stage1):
         monkeypatch.setattr(module, "load_teacher", loaded)
+    for module in (models, stage2, stage3):  # Stage II and III load whole or ZeRO-3-partitioned models through it
+        monkeypatch.setattr(module, "load_start", loaded)
     monkeypatch.setattr(toy_teacher, "build_toy_teacher", loaded)
 
 

@@ -239,16 +239,24 @@ def test_activations_count_block_inputs_and_one_recomputed_block(wan21_counts):
     assert activations(cfg, wan21_counts)["stage2"] == pytest.approx((n * t * d * 2 + full) / GIB)
 
 
-def test_host_ram_is_the_offloaded_optimizer_of_one_node(wan21_counts):
-    from train.memory import GIB, GPUS_PER_NODE, estimate
+def test_host_ram_is_the_processes_and_offloaded_optimizer_of_one_node(wan21_counts):
+    """Sharded loading (the default): per rank the process and 20 bytes per trained parameter / W; loading whole
+    models first (dist.sharded_load false) makes the fp32 models every rank loads the larger term."""
+    from train.memory import GIB, GPUS_PER_NODE, PROCESS_GIB, estimate
 
+    total = wan21_counts.total
     for world in (4, 16):
         rows = estimate(load_config(str(MEMORY_CONFIG), [f"dist.world_size={world}"]), wan21_counts)
         per_node = min(world, GPUS_PER_NODE)
         assert rows["stage2"]["host_ram_per_node"] == pytest.approx(
-            12 * wan21_counts.total / world * per_node / GIB, rel=1e-12)
-        assert rows["stage3"]["host_ram_per_node"] == pytest.approx(rows["stage3"]["optimizer"] * per_node)
+            per_node * (PROCESS_GIB + 20 * total / world / GIB), rel=1e-12)
+        assert rows["stage3"]["host_ram_per_node"] == pytest.approx(
+            per_node * (PROCESS_GIB + rows["stage3"]["optimizer"] * 20 / 12))
         r = rows["stage2"]
         assert r["gpu_total"] == pytest.approx(r["parameters"] + r["gradients"] + r["gathered"] + r["activations"])
+    whole = estimate(load_config(str(MEMORY_CONFIG), ["dist.sharded_load=false"]), wan21_counts)
+    assert whole["stage2"]["host_ram_per_node"] == pytest.approx(GPUS_PER_NODE * (PROCESS_GIB + 4 * total / GIB))
     on_gpu = estimate(load_config(str(MEMORY_CONFIG), ["dist.offload_optimizer=false"]), wan21_counts)
-    assert on_gpu["stage2"]["host_ram_per_node"] == 0.0
+    assert on_gpu["stage2"]["host_ram_per_node"] == pytest.approx(GPUS_PER_NODE * PROCESS_GIB)
+    plain = estimate(load_config(str(MEMORY_CONFIG), ["dist.deepspeed=false", "dist.bf16=false"]), wan21_counts)
+    assert plain["stage2"]["host_ram_per_node"] == 0.0

@@ -72,7 +72,7 @@ class DistConfig:
     bf16: bool = False
     world_size: int = 1  # GPUs the run is planned for; --dry-run estimates memory for it
     # ZeRO-3: each rank builds the models under deepspeed.zero.Init and reads only its partitions from the files;
-    # false: every rank loads whole fp32 models first (~9.5 bytes per parameter per process more host RAM in Stage III)
+    # false: every rank first loads them whole in fp32 (4 bytes x teacher + student per process; same results)
     sharded_load: bool = True
     param_persistence_threshold: int = 100_000  # ZeRO-3 keeps smaller params whole on every rank
     prefetch_bucket_size: int = 50_000_000  # 0 disables prefetch (skip-sets change the module order)

@@ -3,12 +3,12 @@
 The architecture comes from model.arch, else from the teacher's config.json (a diffusers folder) or its
 safetensors header (a file); the model is built once, on the meta device. ZeRO-3 splits parameters,
 gradients and optimizer states evenly over the W ranks. Per GPU:
-  parameters  (every model the stage holds) * bytes / W, + Stage II's own target weights (stage2.target
-              frozen or ema) * bytes, whole on every rank
+  parameters  (every model the stage holds) * bytes / W; Stage II's own target weights (stage2.target
+              frozen) are partitioned the same way when loaded sharded (dist.sharded_load), else whole on
+              every rank (* bytes), as the EMA target (plain loop) is
   gradients   (trainable parameters) * bytes / W
   optimizer   (trainable parameters) * 12 / W   (fp32 master copy + AdamW's two moments; on the CPU
-              when dist.offload_optimizer is set, then counted as host RAM per node instead:
-              12 * trainable / W * GPUS_PER_NODE)
+              when dist.offload_optimizer is set, then counted in the host RAM below instead)
   gathered    the largest block, whole, twice (the one running and the one prefetched)
   activations B (data.batch_size) samples of T tokens, width D, FFN width F, at `bytes` (bf16: 2):
               T = latent frames / patch_t * latent height / patch_h * latent width / patch_w, the latent
@@ -34,22 +34,51 @@ blocks). Stage III holds the student (the kept blocks, trainable), the frozen te
 LoRA, which sits on the kept blocks (on every block with stage3.plan_teacher=unpruned).
 The verdict compares the largest stage's GPU total with 80 GB = 80e9 bytes (74.5 GiB; an H100 80GB shows
 79.6 GiB, the rest is left for the CUDA context and the allocator's fragmentation).
+Host RAM per node (DeepSpeed runs; GPUS_PER_NODE ranks, or W if fewer), per rank:
+  PROCESS_GIB (the process itself: Python, torch, DeepSpeed, diffusers)
+  + the larger of
+    loading     with dist.sharded_load off only: 4 bytes * the models every rank loads whole in fp32 before
+                DeepSpeed partitions them (the teacher; in Stage III the student too). Sharded loading
+                (train/units.py, `partitioned_model`) keeps at most the largest module's initial values and
+                a few rows of one stored tensor beyond the rank's partitions, which live on the GPU.
+    training    20 bytes * trainable / W with the optimizer offloaded (OPTIMIZER_HOST_BYTES: fp32 master 4,
+                AdamW moments 8, two fp32 gradient partitions 8)
+On a CPU accelerator (DS_ACCELERATOR=cpu, as the tests and research.bench.host_memory run) the GPU's terms
+are host RAM too, and `training` adds: the parameter partitions (bytes * every model / W), the parameters
+DeepSpeed keeps gathered between reuses (bytes * each engine's model, at most MAX_LIVE_PARAMETERS each: in
+Stage III the student stays gathered while the teacher's pass runs), each trained engine's gradient reduce
+bucket (bytes * its trained parameters, at most REDUCE_BUCKET) plus the largest one's flattened copy while it is
+reduce-scattered, and the activations. (On GPUs the gathered parameters and the buckets sit on the GPU, and
+the GPU columns leave them out: they count two blocks gathered and no bucket.) Measured against this on the
+CPU: reports/host_memory_2026-12-04.md.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .config import Config
-from .models import model_class, teacher_config
+from .models import model_class, sharded, teacher_config
 
 GIB = 1024 ** 3
 LIMIT_GIB = 80e9 / GIB  # the paper's "< 80 GB per GPU" (H100 80GB)
 GPUS_PER_NODE = 8  # the paper's nodes (8 x H100); the config names only the world size
 # the full activations of one block per token, in units of (width, FFN width): see the module docstring
 FULL_PER_TOKEN = (13, 2)
+# host bytes per trained parameter and rank (/ W) with the optimizer offloaded: fp32 master copy 4, AdamW moments 8,
+# and two fp32 gradient partitions 8 (the offloaded optimizer's and ZeRO-3's own, on the CPU with it)
+OPTIMIZER_HOST_BYTES = 20
+# one process's own resident set: Python, torch, DeepSpeed and diffusers imported (0.79 GiB measured on the CPU,
+# research.bench.host_memory); a GPU process adds CUDA's host-side runtime, not measured here
+PROCESS_GIB = 0.8
+# DeepSpeed's ZeRO-3 defaults, which train/units.py leaves as they are: parameters kept gathered between reuses
+# (stage3_max_live_parameters) and the gradient reduce bucket (reduce_bucket_size), in elements
+MAX_LIVE_PARAMETERS = 1e9
+REDUCE_BUCKET = 5e8
 
 
 @dataclass
@@ -133,7 +162,33 @@ def activations(cfg: Config, counts: ParamCounts) -> dict[str, float]:
     return {"stage1": full / GIB, "stage2": (stage2_blocks * kept_block + full) / GIB, "stage3": stage3 / GIB}
 
 
-def estimate(cfg: Config, counts: ParamCounts | None = None) -> dict[str, dict[str, float]]:
+class Held(NamedTuple):
+    """The parameters a training stage holds: every model's (`held`, ZeRO-3-partitioned), the trained ones'
+    (`trainable`), the model of each DeepSpeed engine (`engines`) and the trained part of each (`trained`), a copy
+    whole on every rank (`whole`), and with dist.sharded_load off what every rank loads whole in fp32 before
+    DeepSpeed partitions it (`loaded`)."""
+    held: int
+    trainable: int
+    engines: tuple[int, ...]
+    trained: tuple[int, ...]
+    whole: int = 0
+    loaded: int = 0
+
+
+def host_per_rank(cfg: Config, h: Held, b: int, w: int, activation_gib: float, on_cpu: bool) -> float:
+    """Host RAM of one process in GiB, the module docstring's terms: the process itself, then the larger of the
+    models loaded whole (dist.sharded_load off) and what training holds on the host."""
+    training = OPTIMIZER_HOST_BYTES * h.trainable / w if cfg.dist.offload_optimizer or on_cpu else 0.0
+    if on_cpu:  # what DeepSpeed keeps on the accelerator is in the host's RAM too
+        buckets = [min(t, REDUCE_BUCKET) for t in h.trained if t]
+        training += b * (h.held / w + h.whole + sum(min(e, MAX_LIVE_PARAMETERS) for e in h.engines)
+                         + sum(buckets) + max(buckets, default=0)) + activation_gib * GIB
+    return PROCESS_GIB + max(4 * h.loaded, training) / GIB
+
+
+def estimate(cfg: Config, counts: ParamCounts | None = None, on_cpu: bool = False) -> dict[str, dict[str, float]]:
+    """Per stage, GiB per GPU by term, `gpu_total` and `host_ram_per_node`; `on_cpu`: DeepSpeed runs on the CPU
+    (DS_ACCELERATOR=cpu), so the host holds every term."""
     counts = counts or count_params(cfg)
     w = max(1, cfg.dist.world_size) if cfg.dist.deepspeed else 1
     offload = cfg.dist.deepspeed and cfg.dist.offload_optimizer
@@ -148,20 +203,27 @@ def estimate(cfg: Config, counts: ParamCounts | None = None) -> dict[str, dict[s
     gathered = 2 * max(counts.per_block) * b / GIB if cfg.dist.deepspeed else 0.0
     act = activations(cfg, counts)
 
-    def stage(name: str, held: int, trainable: int, whole: int = 0) -> dict[str, float]:
-        row = {"parameters": held * b / w / GIB + whole * b / GIB, "gradients": trainable * b / w / GIB,
-               "optimizer": trainable * 12 / w / GIB, "gathered": gathered, "activations": act[name]}
+    def stage(name: str, h: Held) -> dict[str, float]:
+        row = {"parameters": h.held * b / w / GIB + h.whole * b / GIB, "gradients": h.trainable * b / w / GIB,
+               "optimizer": h.trainable * 12 / w / GIB, "gathered": gathered, "activations": act[name]}
         on_gpu = ["parameters", "gradients", "gathered", "activations"] + ([] if offload else ["optimizer"])
         row["gpu_total"] = sum(row[k] for k in on_gpu)
-        row["host_ram_per_node"] = row["optimizer"] * per_node if offload else 0.0
+        row["host_ram_per_node"] = host_per_rank(cfg, h, b, w, act[name], on_cpu) * per_node \
+            if cfg.dist.deepspeed else 0.0
         return row
 
     stage1 = {"parameters": counts.total * b / GIB, "gradients": 0.0, "optimizer": 0.0, "gathered": 0.0,
               "activations": act["stage1"], "host_ram_per_node": 0.0}
     stage1["gpu_total"] = stage1["parameters"] + stage1["activations"]
-    target_copy = counts.total if cfg.stage2.target != "shared" else 0
-    return {"stage1": stage1, "stage2": stage("stage2", counts.total, counts.total, target_copy),
-            "stage3": stage("stage3", counts.total + student + lora, student + lora)}
+    # stage2.target frozen or ema: a second copy of the weights, partitioned like them when loaded sharded
+    target = counts.total if cfg.stage2.target != "shared" else 0
+    if sharded(cfg):
+        stage2 = Held(counts.total + target, counts.total, (counts.total, target), (counts.total,))
+    else:
+        stage2 = Held(counts.total, counts.total, (counts.total,), (counts.total,), whole=target, loaded=counts.total)
+    stage3 = Held(counts.total + student + lora, student + lora, (student, counts.total + lora), (student, lora),
+                  loaded=0 if sharded(cfg) else counts.total + student)
+    return {"stage1": stage1, "stage2": stage("stage2", stage2), "stage3": stage("stage3", stage3)}
 
 
 def verdict(rows: dict[str, dict[str, float]]) -> str:
@@ -171,7 +233,8 @@ def verdict(rows: dict[str, dict[str, float]]) -> str:
 
 def report(cfg: Config) -> str:
     counts = count_params(cfg)
-    rows = estimate(cfg, counts)
+    on_cpu = os.environ.get("DS_ACCELERATOR") == "cpu"
+    rows = estimate(cfg, counts, on_cpu)
     d = cfg.dist
     offload = d.deepspeed and d.offload_optimizer
     where = "CPU (offloaded)" if offload else "GPU"
@@ -191,8 +254,12 @@ def report(cfg: Config) -> str:
                      f"{r['gathered']:>8.2f} | {r['activations']:>11.2f} | {r['gpu_total']:>9.2f} | "
                      f"{r['host_ram_per_node']:>13.2f}")
     notes = "stage1 runs unsharded on one GPU"
-    if offload:
-        notes += (f"; host RAM/node: the offloaded fp32 master weights + AdamW moments of "
-                  f"{min(max(1, d.world_size), GPUS_PER_NODE)} ranks per node")
+    if d.deepspeed:
+        notes += (f"; host RAM/node: {min(max(1, d.world_size), GPUS_PER_NODE)} processes of {PROCESS_GIB} GiB + "
+                  + (f"{OPTIMIZER_HOST_BYTES} bytes per trained parameter / W (offloaded optimizer)" if offload else
+                     "no optimizer states")
+                  + ("" if sharded(cfg) else " or, if more, the fp32 models each loads whole (dist.sharded_load off)")
+                  + ("; DS_ACCELERATOR=cpu: what DeepSpeed keeps on the accelerator is host RAM too" if on_cpu
+                     else ""))
     lines += [f"({notes}; activations: train/memory.py's formula, an estimate)", verdict(rows)]
     return "\n".join(lines)

@@ -17,11 +17,13 @@ from torch import nn
 
 from fastlightgen.io_utils import atomic_path, atomic_write_text
 from fastlightgen.plan import PrunePlan
+from fastlightgen.stored import StoredTensor, stored_tensors
 
 from .config import Config
 
 MODEL_FILE = "model.safetensors"
 RUN_FILE = "run.json"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"  # a diffusers folder's weights (or their index)
 
 
 def model_class(family: str) -> type[nn.Module]:
@@ -76,26 +78,86 @@ def load_teacher(cfg: Config) -> nn.Module:
     return model.float().train()
 
 
+def sharded(cfg: Config) -> bool:
+    """Whether a stage's models load as this rank's ZeRO-3 partitions (ZeRO stage 3, dist.sharded_load) rather than
+    whole on every rank before DeepSpeed partitions them."""
+    return cfg.dist.deepspeed and cfg.dist.zero_stage == 3 and cfg.dist.sharded_load
+
+
+def load_start(cfg: Config, init: str | Path | None) -> nn.Module:
+    """The teacher's architecture holding the weights a stage starts from: `init` (another stage's
+    model.safetensors), else the teacher's; in train mode. Whole in fp32 (DeepSpeed casts for bf16), or with
+    `sharded(cfg)` only this rank's partitions in DeepSpeed's training dtype, read from the files one parameter
+    at a time."""
+    if sharded(cfg):
+        from .units import partitioned_model
+
+        return partitioned_model(cfg, model_class(cfg.model.family), teacher_config(cfg), start_tensors(cfg, init))
+    return load_weights(load_teacher(cfg), init) if init else load_teacher(cfg)
+
+
+def load_pruned(cfg: Config, model: nn.Module, init: str | Path | None, kept: list[int]) -> nn.Module:
+    """The physically pruned copy of `model` (a `load_start(cfg, init)`): its `kept` blocks, renumbered. Whole, or
+    with `sharded(cfg)` only this rank's partitions, read from the files `model` was read from."""
+    from fastlightgen.adapters import adapt
+
+    adapter = adapt(model)
+    if not sharded(cfg):
+        return adapter.pruned_model(kept)
+    from .units import partitioned_model
+
+    tensors = start_tensors(cfg, init)
+    return partitioned_model(cfg, type(model), adapter.pruned_config(kept),
+                             {new: tensors[old] for new, old in adapter.pruned_keys(kept).items()})
+
+
+def start_tensors(cfg: Config, init: str | Path | None) -> dict[str, StoredTensor]:
+    """The weights of `load_start(cfg, init)` by parameter name, located in their files but not read."""
+    if init is None:
+        return teacher_tensors(cfg)
+    return stored_tensors(stage_file(init))
+
+
+def teacher_tensors(cfg: Config) -> dict[str, StoredTensor]:
+    """The teacher's weights by diffusers name, as `load_teacher` reads them, located but not read: a diffusers
+    folder's safetensors files, or a Wan file of any layout and format (fastlightgen.checkpoint)."""
+    path = teacher_path(cfg)
+    if path.is_dir():
+        return folder_tensors(path)
+    from fastlightgen.checkpoint import checkpoint_tensors
+
+    return checkpoint_tensors(wan_file(cfg, path))
+
+
+def folder_tensors(folder: Path) -> dict[str, StoredTensor]:
+    """The weights of a diffusers model folder: its one safetensors file, or the files its index names."""
+    index = folder / f"{DIFFUSERS_WEIGHTS}.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+        else [DIFFUSERS_WEIGHTS]
+    missing = [name for name in files if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"teacher folder {folder} has no {missing[0]}: ZeRO-3's sharded loading reads "
+                                f"safetensors weights ({DIFFUSERS_WEIGHTS} or its index); download them, or set "
+                                f"dist.sharded_load=false")
+    return {name: stored for file in files for name, stored in stored_tensors(folder / file).items()}
+
+
+def wan_file(cfg: Config, path: Path) -> Path:
+    """A teacher given as one file, which only a Wan teacher may be (fastlightgen.checkpoint reads it)."""
+    if cfg.model.family != "wan":
+        raise ValueError(f"teacher {path}: a {cfg.model.family} teacher is a diffusers folder, not a file")
+    return path
+
+
 def teacher_config(cfg: Config) -> dict:
     """The teacher's diffusers config from its folder's config.json or its file's safetensors header (shapes
     and FastLightGen metadata): the architecture `load_teacher` would build, without reading a weight."""
     path = teacher_path(cfg)
     if path.is_dir():
         return model_class(cfg.model.family).load_config(str(path))
-    if cfg.model.family != "wan":
-        raise ValueError(f"teacher {path}: a {cfg.model.family} teacher is a diffusers folder, not a file")
-    from fastlightgen.checkpoint import METADATA_KEY, CheckpointMeta
-    from fastlightgen.wan_config import DEFAULT_HEAD_DIM, infer_wan_config
+    from fastlightgen.checkpoint import header_config
 
-    header = _safetensors_header(path)
-    metadata = header.pop("__metadata__", None) or {}
-    head_dim = CheckpointMeta.from_json(metadata[METADATA_KEY]).head_dim if METADATA_KEY in metadata \
-        else DEFAULT_HEAD_DIM  # as `load_wan` decides it
-    shapes = {k: torch.empty(v["shape"], device="meta") for k, v in header.items()}
-    try:
-        return infer_wan_config(shapes, head_dim)
-    except ValueError as err:
-        raise ValueError(f"teacher {path}: {err}") from None
+    return header_config(path, _safetensors_header(wan_file(cfg, path)))
 
 
 def _safetensors_header(path: Path) -> dict:
@@ -111,11 +173,17 @@ def _safetensors_header(path: Path) -> dict:
         raise ValueError(f"{path}: not a safetensors file (no JSON header)") from None
 
 
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a stage's `model.safetensors` (must match the model exactly)."""
+def stage_file(path: str | Path) -> Path:
+    """An earlier stage's `model.safetensors`, which must exist."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; run the previous stage first or set its path")
+    return path
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a stage's `model.safetensors` (must match the model exactly)."""
+    path = stage_file(path)
     weights = load_file(str(path))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
@@ -184,6 +252,11 @@ def check_stage_inputs(cfg: Config, stage: str) -> None:
                if not path.is_file()]
     if missing:
         raise FileNotFoundError("; ".join(missing))
+    if stage != "toy_teacher" and cfg.data.source == "shards":  # every shard, and the model's widths
+        from .data import ShardSet
+
+        arch = teacher_config(cfg)
+        ShardSet(cfg.data.shards).check_model(arch["out_channels"], arch.get("text_dim") or arch["text_embed_dim"])
 
 
 def load_plan(cfg: Config, configured: str, model: nn.Module) -> PrunePlan:

@@ -15,13 +15,14 @@ import torch
 
 from fastlightgen.adapters import adapt
 from fastlightgen.importance import ImportanceResult, block_importance, stage1_sigmas
-from fastlightgen.plan import PrunePlan
+from fastlightgen.plan import PrunePlan, check_block_numbers
 from fastlightgen.plot import importance_chart
 
 from .cli import dry_run, parse
 from .config import Config
 from .data import batch_source
 from .dist import step_generator
+from .memory import meta_model
 from .models import load_teacher, plan_path
 from .units import compute_dtype
 
@@ -40,6 +41,7 @@ def run(cfg: Config) -> Path:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit("Stage I is inference: run it as one process (python -m train.stage1)")
     s1 = cfg.validate().stage1
+    check_block_numbers("stage1.protected", s1.protected, adapt(meta_model(cfg)).num_blocks)  # before any load
 
     # models and data: the teacher and stage1.samples batches drawn like training batches
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -6,7 +6,9 @@ stop-gradient unpruned path (alpha = 1), plus flow matching on both paths when a
 target comes from stage2.target: `shared`, the same weights (the paper's form: both passes share the
 blocks before the first skipped one; with alpha = 1 only the pruned branch records gradients); `frozen`,
 a copy of the starting weights; `ema`, an exponential moving average of the trained weights (checkpointed
-with them). The copies are plain modules on every rank, run without gradients. The weights start from the
+with them; plain loop only). Both run without gradients: the EMA and, whole models loaded (the plain loop,
+dist.sharded_load false), the frozen copy as plain modules on every rank; under sharded ZeRO-3 loading the
+frozen copy is partitioned like the trained weights (`frozen_target`). The weights start from the
 teacher's, or from stage2.init: another Stage II run's, so that a smaller plan continues a larger one's run
 (progressive pruning). Writes run_dir/stage2/model.safetensors (all blocks) for Stage III.
 API: `run(cfg, resume)`.
@@ -20,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from fastlightgen.adapters import DiTAdapter, adapt
 from fastlightgen.distill import sample_skip, stage2_loss
 from fastlightgen.first_frame import frame_sigma
 from fastlightgen.flow import add_noise, sample_training_sigma, velocity_target
@@ -29,12 +30,11 @@ from fastlightgen.plan import PrunePlan
 from .cli import stage_main
 from .config import Config
 from .data import BatchFn, batch_source, data_fingerprint
-from .dist import init_dist
+from .dist import Dist, init_dist
 from .loop import Run, learning_rate, train
-from .models import (MODEL_FILE, check_stage_inputs, load_plan, load_teacher, load_weights, plan_path,
-                     save_stage_output)
+from .models import MODEL_FILE, check_stage_inputs, load_plan, load_start, plan_path, save_stage_output
 from .state import hold_run_dir
-from .units import EMA, AdapterModule, Trainable, compute_dtype, make_trainable
+from .units import EMA, AdapterModule, Predictor, Trainable, compute_dtype, is_partitioned, make_trainable, predictor
 
 
 @dataclass
@@ -46,26 +46,34 @@ class Stage2Models:
     plan: PrunePlan  # which blocks may be skipped
     draw_batch: BatchFn
     dtype: torch.dtype
-    target: DiTAdapter | None = None  # the unpruned target's own weights (stage2.target frozen or ema)
+    target: Predictor | None = None  # the unpruned target's own weights (stage2.target frozen or ema)
     ema: EMA | None = None  # stage2.target=ema: updated after every step, checkpointed with the unit
 
 
 def build(cfg: Config) -> Stage2Models:
     s2 = cfg.stage2
     dist = init_dist(cfg)
-    model = load_teacher(cfg) if not s2.init else load_weights(load_teacher(cfg), s2.init)
+    model = load_start(cfg, s2.init or None)  # under ZeRO-3, this rank's partitions only (models.sharded)
     plan = load_plan(cfg, cfg.stage2.plan, model)
     dtype = compute_dtype(cfg)
-    # copied before DeepSpeed partitions `model`, whole on every rank, in the dtype of the inputs
-    frozen = copy.deepcopy(model).to(dist.device, dtype).eval().requires_grad_(False) \
-        if s2.target == "frozen" else None
+    frozen = frozen_target(cfg, dist, model, dtype) if s2.target == "frozen" else None
     unit = make_trainable("model", AdapterModule(model, cfg.model.gradient_checkpointing), cfg, dist, s2.lr,
                           s2.weight_decay)
     # the EMA starts at the teacher's weights, so its decay needs no warm-up (that forgets a random init)
     ema = EMA("target_ema", unit, s2.target_ema_decay, warmup=False) if s2.target == "ema" else None
-    target = ema.model if ema is not None else frozen
-    return Stage2Models(cfg, Run(cfg, "stage2", dist), unit, plan, batch_source(cfg), dtype,
-                        None if target is None else adapt(target), ema)
+    target = AdapterModule(ema.model) if ema is not None else frozen
+    return Stage2Models(cfg, Run(cfg, "stage2", dist), unit, plan, batch_source(cfg), dtype, target, ema)
+
+
+def frozen_target(cfg: Config, dist: Dist, model: torch.nn.Module, dtype: torch.dtype) -> Predictor:
+    """stage2.target=frozen: the starting weights, never trained. A whole `model` is copied before DeepSpeed
+    partitions it (whole on every rank, in the dtype of the inputs); under sharded ZeRO-3 loading the weights are
+    read again as this rank's partitions and predict through an inference engine."""
+    if is_partitioned(model):
+        frozen = load_start(cfg, cfg.stage2.init or None)
+    else:
+        frozen = copy.deepcopy(model).to(dist.device, dtype)
+    return predictor(AdapterModule(frozen.eval().requires_grad_(False)), cfg)
 
 
 def train_one_step(m: Stage2Models, i: int) -> dict:
@@ -82,7 +90,7 @@ def train_one_step(m: Stage2Models, i: int) -> dict:
     unpruned_target = None
     if m.target is not None:
         with torch.no_grad():
-            unpruned_target = m.target.forward(x_t, sigma.to(device), batch.cond)
+            unpruned_target = m.target(lambda a: a.forward(x_t, sigma.to(device), batch.cond))
     loss, parts = m.unit(lambda a: stage2_loss(a, x_t, sigma.to(device), batch.cond, target, skip, s2.alpha,
                                                batch.ti2v, unpruned_target))
     m.unit.update(loss, batch.desc, learning_rate(s2.lr, i, cfg.run.warmup, s2.lr_decay, s2.iterations))

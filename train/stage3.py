@@ -40,8 +40,7 @@ from .config import Config
 from .data import Batch, BatchFn, batch_source, data_fingerprint
 from .dist import init_dist, step_generator
 from .loop import Run, learning_rate, train
-from .models import (MODEL_FILE, check_stage_inputs, load_plan, load_teacher, load_weights, plan_path,
-                     save_stage_output)
+from .models import MODEL_FILE, check_stage_inputs, load_plan, load_pruned, load_start, plan_path, save_stage_output
 from .state import hold_run_dir
 from .units import AdapterModule, Trainable, compute_dtype, make_trainable
 
@@ -74,14 +73,15 @@ class GeneratorSample(NamedTuple):
 
 
 def build(cfg: Config) -> Stage3Models:
-    """Generator = the pruned copy of the Stage II weights; fake = those weights frozen, plus a LoRA."""
+    """Generator = the pruned copy of the Stage II weights; fake = those weights frozen, plus a LoRA. Under ZeRO-3
+    each rank reads only its partitions of both (train/models.py, `sharded`); the frozen teacher of eq. 9 is the
+    fake engine's module, so its weights stay partitioned with the fake score's."""
     s3 = cfg.stage3
     dist = init_dist(cfg)
-    teacher = load_teacher(cfg)
-    if s3.init != "teacher":
-        teacher = load_weights(teacher, s3.init or cfg.stage_dir("stage2") / MODEL_FILE)
+    init = None if s3.init == "teacher" else s3.init or cfg.stage_dir("stage2") / MODEL_FILE
+    teacher = load_start(cfg, init)
     plan = load_plan(cfg, s3.plan, teacher)
-    student = adapt(teacher).pruned_model(plan.kept).train()
+    student = load_pruned(cfg, teacher, init, plan.kept).train()
     teacher.requires_grad_(False)
     skip = plan.skip if s3.plan_teacher == "pruned" else frozenset()
     lora_blocks = [b for i, b in enumerate(adapt(teacher).blocks()) if i not in skip]

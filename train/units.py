@@ -9,6 +9,10 @@ submodules (blocks, embedders, heads) directly and read a few parameters directl
 `scale_shift_table` in `end`), so every call goes through `AdapterModule.forward` and the root model's
 own parameters are registered as external parameters of that wrapper: they are gathered for the whole
 call. Blocks and embedders are called as modules and gather themselves.
+
+Under ZeRO-3 the models are built partitioned (`partitioned_model`: deepspeed.zero.Init, then each rank reads
+its own elements of every parameter from the files), so no rank ever holds a whole model; a frozen model that
+only predicts runs in an inference engine (`predictor`).
 """
 from __future__ import annotations
 
@@ -16,12 +20,13 @@ import copy
 import math
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import torch
 from torch import nn
 
 from fastlightgen.adapters import DiTAdapter, adapt
+from fastlightgen.stored import StoredTensor
 
 from .config import Config
 from .dist import Dist
@@ -61,6 +66,10 @@ class Resumable(Protocol):
 
     def all_finite(self) -> bool:
         """Whether this rank's part of the state is finite: a checkpoint is never written otherwise."""
+
+
+# a model that only predicts: called as `predictor(fn)` with fn(adapter), like a Trainable
+Predictor = Callable[[Callable[[DiTAdapter], Any]], Any]
 
 
 class AdapterModule(nn.Module):
@@ -194,16 +203,11 @@ class PlainTrainable(Trainable):
 
 class DeepSpeedTrainable(Trainable):
     def __init__(self, name, module, dist, grad_clip, lr: float, weight_decay: float, cfg: Config):
-        import deepspeed
-
         super().__init__(name, module, dist, grad_clip)
         params = list(self.trainable_named().values())
         ds_config = deepspeed_config(cfg, lr, weight_decay)
         optimizer = None if cfg.dist.cpu_adam else torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        self.engine, *_ = deepspeed.initialize(model=module, model_parameters=params, optimizer=optimizer,
-                                               config=ds_config)
-        for p in module.model.parameters(recurse=False):
-            deepspeed.zero.register_external_parameter(module, p)
+        self.engine = engine(module, model_parameters=params, optimizer=optimizer, config=ds_config)
 
     def __call__(self, fn):
         return self.engine(fn)
@@ -313,21 +317,108 @@ def compute_dtype(cfg: Config) -> torch.dtype:
     return torch.bfloat16 if cfg.dist.bf16 else torch.float32
 
 
-def deepspeed_config(cfg: Config, lr: float, weight_decay: float) -> dict:
+def zero_config(cfg: Config) -> dict:
+    """DeepSpeed's settings of the ZeRO stage, precision and batch, with no optimizer: what `zero.Init` and an
+    inference engine read."""
     d = cfg.dist
     on_cpu = not torch.cuda.is_available()
     zero: dict[str, Any] = {"stage": d.zero_stage, "stage3_param_persistence_threshold": d.param_persistence_threshold,
                             "stage3_prefetch_bucket_size": d.prefetch_bucket_size}
     if d.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": not on_cpu}
-    out: dict[str, Any] = {"train_micro_batch_size_per_gpu": cfg.data.batch_size, "gradient_accumulation_steps": 1,
-                           "gradient_clipping": d.grad_clip, "bf16": {"enabled": d.bf16}, "zero_optimization": zero,
-                           "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
-    if d.cpu_adam:
+    return {"train_micro_batch_size_per_gpu": cfg.data.batch_size, "gradient_accumulation_steps": 1,
+            "gradient_clipping": d.grad_clip, "bf16": {"enabled": d.bf16}, "zero_optimization": zero,
+            "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+
+
+def deepspeed_config(cfg: Config, lr: float, weight_decay: float) -> dict:
+    out = zero_config(cfg)
+    if cfg.dist.cpu_adam:
         out["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay}}
     else:
         out["zero_force_ds_cpu_optimizer"] = False
     return out
+
+
+def partitioned_model(cfg: Config, cls: type[nn.Module], config: dict,
+                      weights: Mapping[str, StoredTensor]) -> nn.Module:
+    """`cls.from_config(config)` holding `weights`, of which this rank only ever holds its ZeRO-3 partitions.
+
+    Built under deepspeed.zero.Init, which partitions each module's parameters as soon as that module is made
+    (their throwaway initial values, whole, one module at a time); then each rank reads from the files the
+    elements of its own partition of each parameter (`read_partition`). A parameter gathers whole only when a
+    forward runs its module (units.py's docstring)."""
+    import deepspeed
+
+    with deepspeed.zero.Init(config_dict_or_path=zero_config(cfg)):
+        model = cls.from_config(config)
+    _plain_buffers(model, cls, config)
+    names = set(model.state_dict())
+    if set(weights) != names:
+        files = sorted({str(t.file) for t in weights.values()})
+        raise ValueError(f"{', '.join(files)} does not fit this model: missing {sorted(names - set(weights))[:5]}, "
+                         f"unexpected {sorted(set(weights) - names)[:5]}")
+    for name, p in model.named_parameters():
+        read_partition(p, weights[name])
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():  # buffers are whole on every rank
+            if name in names:
+                buffer.copy_(weights[name].read().view(buffer.shape))
+    return model
+
+
+def _plain_buffers(model: nn.Module, cls: type[nn.Module], config: dict) -> None:
+    """zero.Init makes every floating tensor created in a module's __init__ in the training dtype, so buffers
+    computed there differ from a plain model's (Wan's rotary tables, computed in float64, by up to 5e-6 in fp32
+    and wholly wrong in bf16): take them from a build whose parameters stay on the meta device."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        plain = cls.from_config(config)
+    for name, buffer in plain.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        setattr(module, leaf, buffer.to(getattr(module, leaf).device))
+
+
+def read_partition(p: nn.Parameter, stored: StoredTensor) -> None:
+    """Fill this rank's ZeRO-3 partition of `p` from `stored`, reading only its elements. DeepSpeed's layout
+    (partition_parameters.py, `_partition_param`): the flattened tensor, padded to a multiple of the world size,
+    is cut into equal partitions, rank i holding elements [i * size, (i + 1) * size)."""
+    import deepspeed.comm as ds_comm
+
+    if stored.shape != tuple(p.ds_shape):
+        raise ValueError(f"{stored.file}: {stored.key} has shape {stored.shape}, the model's parameter "
+                         f"{tuple(p.ds_shape)}")
+    part = p.ds_tensor
+    start = min(part.numel() * ds_comm.get_rank(group=p.ds_process_group), p.ds_numel)
+    stop = min(start + part.numel(), p.ds_numel)
+    with torch.no_grad():
+        part.zero_()  # the padding past the tensor's end, as deterministic as the rest
+        part[:stop - start].copy_(stored.read(start, stop))
+
+
+def is_partitioned(model: nn.Module) -> bool:
+    """Whether `model`'s parameters are ZeRO-3 partitions (`partitioned_model`)."""
+    return any(hasattr(p, "ds_tensor") for p in model.parameters())
+
+
+def predictor(module: AdapterModule, cfg: Config) -> Predictor:
+    """A model that only predicts, never trains (a frozen target): called as `predictor(fn)` like a Trainable.
+    A whole model is its own AdapterModule; a partitioned one runs in a DeepSpeed inference engine (ZeRO-3, no
+    optimizer), whose hooks gather each block as it runs, as a Trainable's engine does."""
+    return engine(module, config=zero_config(cfg)) if is_partitioned(module.model) else module
+
+
+def engine(module: AdapterModule, **initialize: Any) -> Any:
+    """A DeepSpeed engine running `module` (deepspeed.initialize's other arguments: `initialize`), with the
+    root model's own parameters gathered for every call (units.py's docstring)."""
+    import deepspeed
+
+    wrapped, *_ = deepspeed.initialize(model=module, **initialize)
+    for p in module.model.parameters(recurse=False):
+        deepspeed.zero.register_external_parameter(module, p)
+    return wrapped
 
 
 def make_trainable(name: str, module: AdapterModule, cfg: Config, dist: Dist, lr: float,

@@ -193,19 +193,26 @@ class DiTAdapter(ABC):
         return s.expand(x.shape[0]) if s.ndim == 0 else s
 
     # ---- physical pruning -------------------------------------------------------------------
-    def pruned_state_dict(self, keep: Sequence[int]) -> dict[str, torch.Tensor]:
-        """State dict without the dropped blocks, kept blocks renumbered 0..K-1 in each list."""
+    def pruned_keys(self, keep: Sequence[int]) -> dict[str, str]:
+        """{key in the physically pruned model: key in this model}: the dropped blocks left out, the kept
+        blocks renumbered 0..K-1 in each list. Names only: a model whose weights are elsewhere (ZeRO-3
+        partitions) gives them too."""
         keep = sorted(set(int(i) for i in keep))
         self.check_skip(keep)
         dropped = [self.block_key_prefix(i) for i in range(self.num_blocks) if i not in keep]
         renames = {self.block_key_prefix(i): self.renumbered_prefix(i, keep) for i in keep}
         out = {}
-        for key, value in self.model.state_dict().items():
+        for key in self.model.state_dict():
             if any(key.startswith(p) for p in dropped):
                 continue
             prefix = next((p for p in renames if key.startswith(p)), None)
-            out[key if prefix is None else renames[prefix] + key[len(prefix):]] = value
+            out[key if prefix is None else renames[prefix] + key[len(prefix):]] = key
         return out
+
+    def pruned_state_dict(self, keep: Sequence[int]) -> dict[str, torch.Tensor]:
+        """State dict without the dropped blocks, kept blocks renumbered 0..K-1 in each list."""
+        state = self.model.state_dict()
+        return {new: state[old] for new, old in self.pruned_keys(keep).items()}
 
     def pruned_model(self, keep: Sequence[int]) -> nn.Module:
         """A new, smaller model of the same class holding copies of the kept blocks (dtype/device kept)."""
