@@ -4,6 +4,7 @@ import torch
 from tiny_models import hunyuan_inputs, tiny_hunyuan, tiny_wan, wan_inputs
 
 from fastlightgen.adapters import adapt
+from fastlightgen.toy.teacher import null_like
 
 SIGMA = torch.tensor([0.3, 0.8])
 
@@ -77,7 +78,7 @@ def _guided_cases():
         model = tiny_wan(variant, layers=6)
         x, cond = wan_inputs(model)
         sigma = torch.tensor([[0.0, 0.4, 0.4], [0.0, 0.9, 0.9]])[:, :x.shape[2]] if variant == "ti2v" else SIGMA
-        yield variant, model, x, sigma, cond, cond.null_like()
+        yield variant, model, x, sigma, cond, null_like(cond)
     model = tiny_hunyuan(double=3, single=3)
     x, cond = hunyuan_inputs()
     yield "hunyuan", model, x, SIGMA, cond, hunyuan_inputs(seed=2)[1]  # another text mask: mask rows are sliced

@@ -20,6 +20,7 @@ from fastlightgen.guidance import TeacherMix, well_guided_velocity
 from fastlightgen.importance import block_importance, stage1_sigmas
 from fastlightgen.plan import PlanMismatchError, PrunePlan
 from fastlightgen.sampling import FEW_STEP, Sampling, sample_euler_cfg, sample_few_step
+from fastlightgen.toy.teacher import null_like
 
 
 def test_tweedie_inverts_noising():
@@ -124,7 +125,7 @@ def test_well_guided_teacher_limits():
     model = tiny_wan("ti2v", layers=6)
     adapter = adapt(model)
     x, cond = wan_inputs(model)
-    null = cond.null_like()
+    null = null_like(cond)
     sigma, skip = torch.tensor([0.5, 0.7]), {2, 3}
     with torch.no_grad():
         v_c = adapter(x, sigma, cond, skip=skip)
@@ -154,7 +155,7 @@ def test_samplers_are_deterministic_and_pin_the_first_frame():
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0][:, :, :1], first)
     other = sample_few_step(adapter, x, cond, generator=torch.Generator().manual_seed(8), first_frame=first)
     assert not torch.equal(runs[0], other)
-    teacher = [sample_euler_cfg(adapter, x, cond, cond.null_like(), Sampling(steps=4)) for _ in range(2)]
+    teacher = [sample_euler_cfg(adapter, x, cond, null_like(cond), Sampling(steps=4)) for _ in range(2)]
     assert torch.equal(teacher[0], teacher[1]) and torch.isfinite(teacher[0]).all()
 
 

@@ -21,6 +21,7 @@ from fastlightgen.distill import (
 from fastlightgen.guidance import mix_velocities
 from fastlightgen.lora import add_lora, lora_enabled, lora_parameters, lora_state_dict
 from fastlightgen.sampling import FEW_STEP, predict_x0, sample_few_step
+from fastlightgen.toy.teacher import null_like
 from train.config import identity_diff, load_config
 from train.dist import step_generator
 from train.loop import learning_rate
@@ -140,7 +141,7 @@ def test_teacher_scores_equal_eq9_and_lora_on_pruned_path(wan):
     with torch.no_grad():
         for p in lora_parameters(adapter.model):
             p.add_(0.1 * torch.randn_like(p))
-        null = cond.null_like()
+        null = null_like(cond)
         v_real, v_fake = teacher_scores(adapter, adapter.model, x, sigma, cond, null, skip, 3.5, 0.25)
         with lora_enabled(adapter.model, False):
             naive = mix_velocities(adapter.forward(x, sigma, cond, skip=skip),

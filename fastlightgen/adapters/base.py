@@ -9,7 +9,7 @@ Nothing here copies weights or mutates the wrapped model.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -43,12 +43,6 @@ class Conditioning:
     image: torch.Tensor | None = None  # Wan 2.1 I2V CLIP image tokens
     text_mask: torch.Tensor | None = None  # HunyuanVideo attention mask over text tokens
     pooled: torch.Tensor | None = None  # HunyuanVideo pooled text projection
-
-    def null_like(self) -> "Conditioning":
-        """Zeroed text, keeping image tokens: the toy encoder's encoding of "" only. A real text encoder's null
-        is its encoding of the null prompt (train.preprocess stores it with the shards)."""
-        return replace(self, text=torch.zeros_like(self.text),
-                       pooled=None if self.pooled is None else torch.zeros_like(self.pooled))
 
     def repeat(self, n: int) -> "Conditioning":
         rep = lambda t: None if t is None else t.repeat(n, *([1] * (t.ndim - 1)))  # noqa: E731

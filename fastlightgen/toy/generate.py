@@ -15,7 +15,7 @@ from ..guidance import well_guided_velocity
 from ..sampling import FEW_STEP, Sampling, sample_euler, sample_euler_cfg, sample_few_step
 from .codec import decode_video
 from .prompts import Prompts
-from .teacher import conditioning
+from .teacher import conditioning, null_like
 
 
 def _noise(prompts: Prompts, seed: int) -> tuple[torch.Tensor, torch.Generator]:
@@ -28,7 +28,7 @@ def generate_teacher(adapter: DiTAdapter, prompts: Prompts, seed: int,
     """Videos (B, 3, F, H, W) from the multi-step Euler CFG sampler."""
     noise, _ = _noise(prompts, seed)
     cond = conditioning(prompts.captions)
-    latents = sample_euler_cfg(adapter, noise, cond, cond.null_like(), config, skip=skip,
+    latents = sample_euler_cfg(adapter, noise, cond, null_like(cond), config, skip=skip,
                                first_frame=prompts.first_frames())
     return decode_video(latents)
 
@@ -38,7 +38,7 @@ def generate_well_guided(adapter: DiTAdapter, prompts: Prompts, seed: int, confi
     """Videos from multi-step Euler on eq. 9's teacher mix (a preview of what Stage III's real score wants)."""
     noise, _ = _noise(prompts, seed)
     cond = conditioning(prompts.captions)
-    null = cond.null_like()
+    null = null_like(cond)
     latents = sample_euler(lambda x, sig: well_guided_velocity(adapter, x, sig, cond, null, pruned_skip, beta1, beta2),
                            noise, config, first_frame=prompts.first_frames())
     return decode_video(latents)

@@ -7,7 +7,7 @@ token, the trained teacher's samples kept their noise).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from diffusers import WanTransformer3DModel
@@ -42,6 +42,14 @@ def build_toy_teacher(shape: ToyTeacherShape = TOY_TEACHER, seed: int = 0) -> Wa
 
 def conditioning(captions: list[str]) -> Conditioning:
     return Conditioning(text=encode_text(captions))
+
+
+def null_like(cond: Conditioning) -> Conditioning:
+    """The toy encoder's encoding of "" for `cond`'s batch: zeroed text (and pooled), image tokens kept. Also the
+    null of the benches' random conditioning. A real text encoder's null is its encoding of the null prompt
+    (train.preprocess stores it with the shards), never zeros."""
+    return replace(cond, text=torch.zeros_like(cond.text),
+                   pooled=None if cond.pooled is None else torch.zeros_like(cond.pooled))
 
 
 def batch_latents(batch: ToyBatch) -> torch.Tensor:

@@ -109,6 +109,7 @@ def sampling_speedup(cfg: Config, teacher_dir: Path, plan_path: Path, repeats: i
     from fastlightgen.adapters import Conditioning, adapt
     from fastlightgen.plan import PrunePlan
     from fastlightgen.sampling import FEW_STEP, Sampling
+    from fastlightgen.toy.teacher import null_like
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -119,7 +120,7 @@ def sampling_speedup(cfg: Config, teacher_dir: Path, plan_path: Path, repeats: i
     noise = torch.randn(latent_shape(cfg, 1), generator=g).to(device, dtype)
     cond = Conditioning(text=torch.randn(1, TEXT_TOKENS, cfg.model.arch["text_dim"], generator=g).to(device, dtype))
     teacher_cfg, few = Sampling(), FEW_STEP
-    teacher_video, student_video = sampler_calls(teacher, student, noise, cond, cond.null_like(), cfg.model.ti2v,
+    teacher_video, student_video = sampler_calls(teacher, student, noise, cond, null_like(cond), cfg.model.ti2v,
                                                  teacher_cfg)
     student_s, teacher_s = seconds_per_call(student_video, teacher_video, rounds=repeats, round_seconds=0.0,
                                             device=device)

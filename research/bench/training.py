@@ -35,7 +35,7 @@ from fastlightgen.flow import x0_from_velocity
 from fastlightgen.guidance import mix_velocities, well_guided_velocity
 from fastlightgen.lora import add_lora, lora_enabled, lora_parameters
 from fastlightgen.plan import PrunePlan
-from fastlightgen.toy.teacher import TOY_TEACHER, batch_latents, build_toy_teacher, conditioning
+from fastlightgen.toy.teacher import TOY_TEACHER, batch_latents, build_toy_teacher, conditioning, null_like
 from fastlightgen.toy.world import make_batch
 from train.dist import step_generator
 
@@ -98,7 +98,7 @@ def bench_stage3(repeats: int, batch: int) -> Stage3Times:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(student.model.parameters(), lr=1e-6)
     x, sigma, cond, _ = inputs(batch)
-    null, skip = cond.null_like(), frozenset(DROPPED)
+    null, skip = null_like(cond), frozenset(DROPPED)
 
     def real(shared: bool) -> torch.Tensor:
         with torch.no_grad(), lora_enabled(teacher, False):
