@@ -25,8 +25,8 @@ from .validate import file_choice
 FOLDER = "fastlightgen"
 SEARCHED = (FOLDER, "diffusion_models")
 MISSING_CHECKPOINT = (f"put the .safetensors file in models/{FOLDER} or models/diffusion_models and press R to "
-                      "refresh; a student of a real model is made with python -m train.export (README, 'Real "
-                      "models')")
+                      "refresh; a student of a real model is made with python -m train.export (README, 'For "
+                      "creators')")
 # The stock UNETLoader's weight_dtype choices and the model_options each one means.
 WEIGHT_DTYPES = {
     "default": {},

@@ -52,6 +52,9 @@ for teacher in sys.argv[2:]:
     result[teacher] = {"same": same, "sizes": sizes}
 if os.environ["RANK"] == "0":
     print("RESULT " + json.dumps(result))
+# both ranks leave the group together: a rank exiting while gloo's threads still serve the other aborts
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
 """
 
 RSS_WORKER = """
