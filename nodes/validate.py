@@ -27,8 +27,9 @@ LATENT_SOURCES = {
 # (family, latent channels) -> the VAE whose encoding of real video frames Stage I scores against
 VIDEO_ENCODERS = {("wan", 48): "the Wan 2.2 VAE", ("wan", 16): "the Wan 2.1 VAE",
                   ("hunyuanvideo", 16): "the HunyuanVideo VAE"}
-# Stage I runs (blocks + 1) x timesteps x draws passes; past four times the tokens of an 81-frame 720p Wan clip
-# (21 x 45 x 80 after patching) one pass alone takes minutes on an H100, so the whole probe would take hours.
+# Stage I runs (blocks + 1) x timesteps x draws passes, each quadratic in the tokens: a latent past four times
+# the tokens of an 81-frame 720p Wan clip (21 x 45 x 80 after patching) is a mistake (an unscaled video, an
+# image-sized latent), refused before the first pass rather than discovered hours into it.
 MAX_STAGE1_TOKENS = 4 * 21 * 45 * 80
 TEXT_SOURCES = {
     "wan": ("UMT5 conditioning", "CLIPLoader type wan (umt5_xxl) + CLIP Text Encode, or FastLightGen Toy Text "
