@@ -100,13 +100,24 @@ def denoising_list_sigmas(denoising_step_list, shift: float) -> torch.Tensor:
 SIGMA_LAWS = ("logit_normal", "uniform")
 
 
+def unshift_sigma(sigma, shift: float):
+    """The inverse of `shift_sigma`."""
+    return sigma / (shift - (shift - 1) * sigma)
+
+
 def sample_training_sigma(batch: int, generator: torch.Generator | None = None, shift: float = 1.0,
-                          law: str = "logit_normal", mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+                          law: str = "logit_normal", mean: float = 0.0, std: float = 1.0,
+                          within: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
     """Training sigmas for flow matching: logit-normal (SD3) or uniform, then the shift warp.
 
     Uniform then shift k is the density of the sigmas that k-shifted Euler sampling visits, so a model
     trained that way is trained where its sampler evaluates it; logit-normal favours the middle.
+    `within` (low, high), a part of the schedule (one expert's of a two-expert model): the same law conditioned on
+    it, drawn exactly through the inverse of its distribution function, one uniform number a sample.
     """
+    if tuple(within) != (0.0, 1.0):
+        return shift_sigma(_law_within(batch, generator, law, mean, std, unshift_sigma(torch.tensor(
+            within, dtype=torch.float64), shift)), shift).float()
     if law == "uniform":
         u = torch.rand(batch, generator=generator)
     elif law == "logit_normal":
@@ -115,3 +126,17 @@ def sample_training_sigma(batch: int, generator: torch.Generator | None = None, 
         raise ValueError(f"unknown sigma law {law!r}; use one of {', '.join(SIGMA_LAWS)}")
     return shift_sigma(u, shift)
 
+
+
+def _law_within(batch: int, generator: torch.Generator | None, law: str, mean: float, std: float,
+                bounds: torch.Tensor) -> torch.Tensor:
+    """The unshifted law's draws conditioned on [bounds[0], bounds[1]], in float64."""
+    if not 0 <= bounds[0] < bounds[1] <= 1:
+        raise ValueError(f"a sigma range must be 0 <= low < high <= 1, got {bounds.tolist()}")
+    r = torch.rand(batch, generator=generator, dtype=torch.float64)
+    if law == "uniform":
+        return bounds[0] + (bounds[1] - bounds[0]) * r
+    if law != "logit_normal":
+        raise ValueError(f"unknown sigma law {law!r}; use one of {', '.join(SIGMA_LAWS)}")
+    cdf = torch.special.ndtr((torch.logit(bounds) - mean) / std)  # the normal's mass below each bound
+    return torch.sigmoid(torch.special.ndtri(cdf[0] + (cdf[1] - cdf[0]) * r) * std + mean)

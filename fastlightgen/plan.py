@@ -3,6 +3,8 @@
 A plan refuses non-finite numbers (a NaN score would sort anywhere and silently keep the wrong blocks) and
 its JSON is strict (no bare NaN). `already_dropped` records blocks the scored model skipped before Stage I
 (a plan made on a model that already ran with a plan): they are never kept, whatever their score.
+A two-expert model (Wan 2.2 A14B) has one plan per expert, each scored on the expert's part of the schedule, in
+one file of its own format (`ExpertPlans`); `read_plan` gives one expert's plan from either kind of file.
 """
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ from pathlib import Path
 from typing import Sequence
 
 from .adapters.base import ModelFingerprint
+from .experts import EXPERTS, check_boundary
 from .io_utils import atomic_write_text
 
 PLAN_FORMAT = "fastlightgen.prune_plan/1"
+EXPERT_PLANS_FORMAT = "fastlightgen.expert_plans/1"
 STAGE1_NAN_HINT = ("Stage I produced NaN or inf (the model's output overflowed or holds NaN weights): rerun it "
                    "in a wider dtype or on an intact checkpoint")
 
@@ -117,6 +121,9 @@ class PrunePlan:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PrunePlan":
+        if d.get("format") == EXPERT_PLANS_FORMAT:
+            raise ValueError(f"this plan holds one plan per expert ({', '.join(d.get('experts', {}))}) of a "
+                             "two-expert model: choose the expert (train.stage2: stage2.expert)")
         if d.get("format") != PLAN_FORMAT:
             raise ValueError(f"not a FastLightGen prune plan (format {d.get('format')!r}, expected {PLAN_FORMAT!r})")
         try:
@@ -144,6 +151,48 @@ class PrunePlan:
     @classmethod
     def load(cls, path: str | Path) -> "PrunePlan":
         return cls.from_json(Path(path).read_text())
+
+
+@dataclass
+class ExpertPlans:
+    """The plans of a two-expert model, by expert name (`fastlightgen.experts.EXPERTS`), and the boundary sigma
+    between the parts of the schedule they were scored on."""
+    boundary: float
+    plans: dict[str, PrunePlan]
+
+    def __post_init__(self):
+        check_boundary(self.boundary)
+        if sorted(self.plans) != sorted(EXPERTS):
+            raise ValueError(f"a two-expert plan needs a plan for each of {', '.join(EXPERTS)}, got "
+                             f"{', '.join(self.plans) or 'none'}")
+
+    def to_dict(self) -> dict:
+        return {"format": EXPERT_PLANS_FORMAT, "boundary": self.boundary,
+                "experts": {name: self.plans[name].to_dict() for name in EXPERTS}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExpertPlans":
+        if d.get("format") != EXPERT_PLANS_FORMAT:
+            raise ValueError(f"not a FastLightGen two-expert plan (format {d.get('format')!r}, expected "
+                             f"{EXPERT_PLANS_FORMAT!r})")
+        try:
+            return cls(float(d["boundary"]), {name: PrunePlan.from_dict(plan) for name, plan in d["experts"].items()})
+        except (KeyError, AttributeError) as err:
+            raise ValueError(f"two-expert plan lacks {err}; use a plan.json written by FastLightGen") from None
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2, allow_nan=False))
+
+
+def read_plan(path: str | Path, expert: str | None = None) -> PrunePlan:
+    """The plan in a plan.json: a one-expert plan (`expert` None), or `expert`'s plan of a two-expert one."""
+    d = json.loads(Path(path).read_text())
+    if expert is None:
+        return PrunePlan.from_dict(d)
+    if d.get("format") == PLAN_FORMAT:
+        raise ValueError(f"{path} is the plan of a one-expert model, not of {expert!r}: run Stage I on the "
+                         "two-expert model for its plans")
+    return ExpertPlans.from_dict(d).plans[expert]
 
 
 def count_kept(n: int, keep_ratio: float | None = None, keep_count: int | None = None) -> int:

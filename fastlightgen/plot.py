@@ -15,7 +15,7 @@ LEFT, RIGHT, TOP, BOTTOM = 80, 20, 36, 48  # margins around the plotting area, p
 HEIGHT = 360
 
 
-def importance_chart(result: ImportanceResult, plan: PrunePlan) -> Image.Image:
+def importance_chart(result: ImportanceResult, plan: PrunePlan, title: str = "Stage I block importance") -> Image.Image:
     """Each block's score as a bar, kept and dropped blocks in two colours, the full model's error dashed."""
     n = len(result.scores)
     width = max(800, LEFT + RIGHT + 25 * n)
@@ -40,8 +40,7 @@ def importance_chart(result: ImportanceResult, plan: PrunePlan) -> Image.Image:
     for start in range(x0, x1, 12):
         draw.line([start, ref, min(start + 6, x1), ref], fill=REFERENCE_COLOR, width=2)
     draw.line([x0, y0, x0, y1, x1, y1], fill="black")
-    _centered(draw, font, (x0 + x1) / 2, 8, f"Stage I block importance ({result.num_samples} draws): "
-                                            "x0 error with the block skipped")
+    _centered(draw, font, (x0 + x1) / 2, 8, f"{title} ({result.num_samples} draws): x0 error with the block skipped")
     _centered(draw, font, (x0 + x1) / 2, HEIGHT - 20, "block")
     legend = [(REFERENCE_COLOR, "full model (dashed)"), (KEPT_COLOR, f"kept ({len(plan.kept)})"),
               (DROPPED_COLOR, f"dropped ({len(plan.dropped)})")]
@@ -51,6 +50,17 @@ def importance_chart(result: ImportanceResult, plan: PrunePlan) -> Image.Image:
         draw.rectangle([x1 - 150, top_y, x1 - 138, top_y + 10], fill=color)
         draw.text((x1 - 132, top_y - 1), label, fill="black", font=font)
     return image
+
+
+def expert_charts(charts: dict[str, tuple[ImportanceResult, PrunePlan, tuple[float, float]]]) -> Image.Image:
+    """A two-expert model's charts, one above the other, each titled with its expert and sigma range; each has
+    its own value axis, as the experts' errors are measured on different parts of the schedule."""
+    images = [importance_chart(result, plan, f"{name}-noise expert, sigma in [{low:.3g}, {high:.3g}]")
+              for name, (result, plan, (low, high)) in charts.items()]
+    out = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images)), "white")
+    for k, image in enumerate(images):
+        out.paste(image, (0, k * HEIGHT))
+    return out
 
 
 def _centered(draw: ImageDraw.ImageDraw, font, x: float, top: float, text: str) -> None:

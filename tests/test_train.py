@@ -151,13 +151,14 @@ def test_preprocess_reports_and_skips_bad_videos(tmp_path, capsys):
 def test_dry_run_prints_memory_per_gpu(capsys):
     from train import stage3
 
-    for name in ("wan2.1-t2v-1.3b", "wan2.2-ti2v-5b", "hunyuanvideo"):
+    for name in ("wan2.1-t2v-1.3b", "wan2.2-ti2v-5b", "hunyuanvideo", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b"):
         stage3.main(["--config", str(REPO / "configs" / f"{name}.yaml"), "--dry-run"])
         text = capsys.readouterr().out
         assert "GiB per GPU" in text and "stage3" in text and "world size 16" in text
 
 
-@pytest.mark.parametrize("name", ["wan2.1-t2v-1.3b", "wan2.2-ti2v-5b", "hunyuanvideo", "toy"])
+@pytest.mark.parametrize("name", ["wan2.1-t2v-1.3b", "wan2.2-ti2v-5b", "hunyuanvideo", "wan2.2-t2v-a14b",
+                                  "wan2.2-i2v-a14b", "toy"])
 def test_dry_run_gives_the_80_gb_verdict_of_each_shipped_config(name, tmp_path, capsys):
     """Without weights: the real-model configs carry model.arch; the toy one reads its committed teacher's
     header, and names what it needs when that is missing."""

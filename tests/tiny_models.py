@@ -13,9 +13,10 @@ from fastlightgen.adapters import Conditioning
 
 def tiny_wan(variant: str = "ti2v", layers: int = 6, seed: int = 0, heads: int = 2,
              head_dim: int = 32) -> WanTransformer3DModel:
-    """Wan 2.1 T2V ('t2v'), Wan 2.1 I2V ('i2v') or Wan 2.2 TI2V-5B ('ti2v') at toy width."""
+    """Wan 2.1 T2V ('t2v'), Wan 2.1 I2V ('i2v'), Wan 2.2 TI2V-5B ('ti2v') or an expert of Wan 2.2 I2V-A14B
+    ('i2v-a14b': I2V's 36 channels without CLIP image tokens) at toy width."""
     torch.manual_seed(seed)
-    channels = {"t2v": (16, 16), "i2v": (36, 16), "ti2v": (48, 48)}[variant]
+    channels = {"t2v": (16, 16), "i2v": (36, 16), "ti2v": (48, 48), "i2v-a14b": (36, 16)}[variant]
     extra = {"image_dim": 24, "added_kv_proj_dim": heads * head_dim} if variant == "i2v" else {}
     model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
                                   in_channels=channels[0], out_channels=channels[1], text_dim=64,
@@ -105,10 +106,22 @@ def tiny_wan_folder(root, version: str = "2.1", layers: int = 2, seed: int = 0):
     """A Wan model folder exactly as Hugging Face distributes it (WanPipeline.save_pretrained: model_index.json,
     transformer/, vae/, text_encoder/, tokenizer/, scheduler/), tiny and random. "2.1": T2V, the 8x VAE;
     "2.2": TI2V-5B's layout, the 16x VAE (patchified, residual)."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
-    from transformers import UMT5Config, UMT5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
     torch.manual_seed(seed)
+    encoders = _tiny_wan_encoders(version)
+    transformer = tiny_wan("t2v" if version == "2.1" else "ti2v", layers=layers, seed=seed)
+    pipe = WanPipeline(**encoders, transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
+    pipe.save_pretrained(str(root))
+    return pipe
+
+
+def _tiny_wan_encoders(version: str) -> dict:
+    """The VAE ("2.1": 8x; "2.2": TI2V-5B's 16x), tokenizer and text encoder of a tiny Wan pipeline, from the global
+    seed."""
+    from diffusers import AutoencoderKLWan
+    from transformers import UMT5Config, UMT5EncoderModel
+
     z, vae_extra = (16, {}) if version == "2.1" else (48, {"is_residual": True, "patch_size": 2, "in_channels": 12,
                                                           "out_channels": 12, "scale_factor_spatial": 16})
     vae = AutoencoderKLWan(base_dim=8, z_dim=z, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
@@ -116,9 +129,25 @@ def tiny_wan_folder(root, version: str = "2.1", layers: int = 2, seed: int = 0):
     tokenizer = tiny_tokenizer()
     encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=96, num_layers=1,
                                           num_heads=4, relative_attention_num_buckets=8))
-    transformer = tiny_wan("t2v" if version == "2.1" else "ti2v", layers=layers, seed=seed)
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=transformer,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
+    return {"vae": vae, "tokenizer": tokenizer, "text_encoder": encoder}
+
+
+def tiny_wan_a14b_folder(root, variant: str = "t2v", layers: int = 2, seed: int = 0):
+    """A Wan 2.2 A14B folder as Hugging Face distributes it (Wan-AI/Wan2.2-T2V-A14B-Diffusers' layout: the pipeline's
+    save_pretrained with the high-noise expert in transformer/, the low-noise one in transformer_2/, boundary_ratio
+    in model_index.json: 0.875 for "t2v" (WanPipeline), 0.9 for "i2v" (WanImageToVideoPipeline, 36 input channels,
+    no image encoder)), tiny and random; the experts differ (seeds `seed` and `seed` + 1)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
+
+    from fastlightgen.experts import I2V_BOUNDARY, T2V_BOUNDARY
+
+    torch.manual_seed(seed)
+    kind = "t2v" if variant == "t2v" else "i2v-a14b"
+    pipeline, boundary = (WanPipeline, T2V_BOUNDARY) if variant == "t2v" else (WanImageToVideoPipeline, I2V_BOUNDARY)
+    encoders = _tiny_wan_encoders("2.1")
+    pipe = pipeline(**encoders, transformer=tiny_wan(kind, layers=layers, seed=seed),
+                    transformer_2=tiny_wan(kind, layers=layers, seed=seed + 1),
+                    scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), boundary_ratio=boundary)
     pipe.save_pretrained(str(root))
     return pipe
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from fastlightgen.experts import EXPERTS
 from fastlightgen.flow import SIGMA_LAWS
 from fastlightgen.fp8 import FP8_SCALED
 from fastlightgen.sampling import FEW_STEP_LIST, FEW_STEP_SHIFT
@@ -34,6 +35,14 @@ def one_of(*options: str) -> Any:
     return field(default=options[0], metadata={"choices": options})
 
 
+def added_setting(default: Any, choices: tuple[str, ...] = ()) -> Any:
+    """A setting added after runs were cached (research.run_cache keys runs by `Config.identity`): at its default
+    it is left out of the identity, so every earlier run keeps its key; set, it counts like any other."""
+    value = {"default_factory": lambda: type(default)(default)} if isinstance(default, (dict, list)) \
+        else {"default": default}
+    return field(metadata={"identity": "unless_default", **({"choices": choices} if choices else {})}, **value)
+
+
 def export_setting(**default: Any) -> Any:
     """A setting read only when the weights are exported, left out of `Config.identity`: a resumed run may
     change it (another output path, other candidates to choose from)."""
@@ -50,6 +59,12 @@ class ModelConfig:
     arch: dict = field(default_factory=dict)  # diffusers config, used by --dry-run when the teacher is absent
     ti2v: bool = True  # first latent frame given clean (sigma 0) and carries no loss
     gradient_checkpointing: bool = False
+    # two experts (Wan 2.2 A14B): model.teacher / transformer/ is the high-noise expert, this the low-noise one
+    # (a file or a diffusers folder); empty: model.path/transformer_2 when the folder has one
+    teacher_2: str = added_setting("")
+    # the sigma where the high-noise expert hands over to the low-noise one; 0: the pipeline's boundary_ratio in
+    # model.path/model_index.json. Set, it also declares a two-expert model (as --dry-run needs without the folder)
+    boundary: float = added_setting(0.0)
 
 
 @dataclass
@@ -119,6 +134,8 @@ class Stage1Config:
     samples: int = 8
     timesteps: int = 4
     keep_ratio: float = 0.7
+    # two experts: a keep ratio for each, e.g. {high: 0.6, low: 0.8}; empty: both keep stage1.keep_ratio
+    expert_keep_ratios: dict = added_setting({})
     protected: list = field(default_factory=list)
     plan: str = ""  # output path; default run_dir/stage1/plan.json
 
@@ -141,6 +158,9 @@ class Stage2Config:
     weight_decay: float = 0.0
     sigma_law: str = one_of(*SIGMA_LAWS)  # training sigmas (fastlightgen.flow), then
     sigma_shift: float = 1.0  # the shift warp
+    # two experts: the one this run trains, on its part of the schedule only (fastlightgen.experts); a
+    # two-expert model needs one, a one-expert model none
+    expert: str = added_setting("", ("", *EXPERTS))
 
 
 @dataclass
@@ -217,6 +237,9 @@ class Config:
         return asdict(self)
 
     def stage_dir(self, stage: str) -> Path:
+        """run_dir/<stage>; a Stage II run of one expert of two: run_dir/stage2_<expert>, so both fit one run_dir."""
+        if stage == "stage2" and self.stage2.expert:
+            return Path(self.run.run_dir) / f"stage2_{self.stage2.expert}"
         return Path(self.run.run_dir) / stage
 
     def validate(self) -> Config:
@@ -233,12 +256,9 @@ class Config:
         whose inputs changed at the same path does not; but not logging, checkpointing, speed or memory settings, nor the length of the run unless
         its learning-rate schedule depends on it (a cosine decay extended mid-run would jump back up), nor
         export settings. With `whole_run`, the length too: what a finished run's result depends on."""
-        from .models import stage_inputs, teacher_path
+        from .models import expert_count, model_part, stage_inputs, teacher_path
 
-        section = asdict(getattr(self, stage))
-        for f in fields(getattr(self, stage)):
-            if not f.metadata.get("identity", True):
-                section.pop(f.name)
+        section = _identity_settings(getattr(self, stage))
         if not whole_run and (section.get("lr_decay", "constant") == "constant" or section.get("lr_cycle", 0) > 0):
             section.pop("iterations", None)
         if stage == "stage2" and section["target"] != "ema":  # the decay is read only by the EMA target
@@ -253,8 +273,13 @@ class Config:
             teacher = file_digest(teacher_path(self))
         except FileNotFoundError:  # toy_teacher reads none; the other stages refuse to start without one
             teacher = None
-        model = {k: v for k, v in asdict(self.model).items()
-                 if k not in ("arch", "gradient_checkpointing", "path", "teacher")}
+        model = {k: v for k, v in _identity_settings(self.model).items()
+                 if k not in ("arch", "gradient_checkpointing", "path", "teacher", "teacher_2")}
+        if expert_count(self) == 2:  # the low-noise expert, by contents like the teacher
+            try:
+                model["teacher_2 (contents)"] = file_digest(model_part(self, "transformer_2"))
+            except FileNotFoundError:
+                model["teacher_2 (contents)"] = None
         data = {k: v for k, v in asdict(self.data).items() if k != "shards"}
         if self.data.source == "shards":  # the index holds every shard's content digest (train.preprocess)
             data["shards (contents)"] = json_digest(Path(self.data.shards) / "index.json")
@@ -263,6 +288,17 @@ class Config:
                                                                    "grad_clip")}
         return {"stage": stage, "world_size": world_size, "model": {**model, "teacher (contents)": teacher},
                 "data": data, "run": run, "dist": dist, stage: section}
+
+
+def _identity_settings(section: Any) -> dict:
+    """A section's settings as `Config.identity` counts them: without those it leaves out (export settings, and
+    added settings at their default)."""
+    out = asdict(section)
+    for f in fields(section):
+        rule = f.metadata.get("identity", True)
+        if rule is False or (rule == "unless_default" and out[f.name] == getattr(type(section)(), f.name)):
+            out.pop(f.name)
+    return out
 
 
 def identity_hash(identity: dict) -> str:

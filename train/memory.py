@@ -32,6 +32,10 @@ gradients and optimizer states evenly over the W ranks. Per GPU:
 The plan is not known before Stage I: the student counts the largest blocks (an upper bound for uneven
 blocks). Stage III holds the student (the kept blocks, trainable), the frozen teacher and the fake score's
 LoRA, which sits on the kept blocks (on every block with stage3.plan_teacher=unpruned).
+Two experts (Wan 2.2 A14B, train.models.expert_count) of one architecture: Stage I scores them one after the
+other and a Stage II run trains one (stage2.expert), so both hold one expert as above; Stage III holds both
+(its two-expert form is not written yet: counted as a run holding the student pair, the teacher pair and a
+fake-score LoRA per expert, every parameter term twice, the activations of one expert at a time).
 The verdict compares the largest stage's GPU total with 80 GB = 80e9 bytes (74.5 GiB; an H100 80GB shows
 79.6 GiB, the rest is left for the CUDA context and the allocator's fragmentation).
 Host RAM per node (DeepSpeed runs; GPUS_PER_NODE ranks, or W if fewer), per rank:
@@ -62,7 +66,7 @@ import torch
 from torch import nn
 
 from .config import Config
-from .models import model_class, sharded, teacher_config
+from .models import expert_count, model_class, sharded, teacher_config
 
 GIB = 1024 ** 3
 LIMIT_GIB = 80e9 / GIB  # the paper's "< 80 GB per GPU" (H100 80GB)
@@ -221,8 +225,10 @@ def estimate(cfg: Config, counts: ParamCounts | None = None, on_cpu: bool = Fals
         stage2 = Held(counts.total + target, counts.total, (counts.total, target), (counts.total,))
     else:
         stage2 = Held(counts.total, counts.total, (counts.total,), (counts.total,), whole=target, loaded=counts.total)
-    stage3 = Held(counts.total + student + lora, student + lora, (student, counts.total + lora), (student, lora),
-                  loaded=0 if sharded(cfg) else counts.total + student)
+    pair = expert_count(cfg)  # Stage III holds every expert; Stages I and II one at a time
+    stage3 = Held(pair * (counts.total + student + lora), pair * (student + lora),
+                  (pair * student, pair * (counts.total + lora)), (pair * student, pair * lora),
+                  loaded=0 if sharded(cfg) else pair * (counts.total + student))
     return {"stage1": stage1, "stage2": stage("stage2", stage2), "stage3": stage("stage3", stage3)}
 
 
@@ -242,7 +248,10 @@ def report(cfg: Config) -> str:
         else "one plain process (no DeepSpeed: nothing sharded), fp32"
     p = cfg.preprocess
     ckpt = "on" if cfg.model.gradient_checkpointing else "off"
-    head = (f"{cfg.model.family}: {counts.total / 1e9:.3f} B parameters in {len(counts.per_block)} blocks; "
+    pair = expert_count(cfg)
+    experts = "" if pair == 1 else (f" per expert, 2 experts (Stages I and II hold one at a time, Stage III "
+                                    f"both: {2 * counts.total / 1e9:.3f} B)")
+    head = (f"{cfg.model.family}: {counts.total / 1e9:.3f} B parameters in {len(counts.per_block)} blocks{experts}; "
             f"{setup}, optimizer states on {where}; Stage III student keeps {cfg.stage1.keep_ratio:.0%} of the blocks")
     shape = (f"activations: {p.frames} x {p.height} x {p.width} video -> {tokens(cfg, counts)} tokens of width "
              f"{counts.width} (FFN {counts.ffn}), batch {cfg.data.batch_size} per GPU, gradient checkpointing {ckpt}")

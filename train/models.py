@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fastlightgen.experts import EXPERTS, I2V_BOUNDARY, T2V_BOUNDARY, check_boundary
 from fastlightgen.io_utils import atomic_path, atomic_write_text
-from fastlightgen.plan import PrunePlan
+from fastlightgen.plan import PrunePlan, read_plan
 from fastlightgen.stored import StoredTensor, stored_tensors
 
 from .config import Config
@@ -33,9 +35,10 @@ def model_class(family: str) -> type[nn.Module]:
 
 
 # each part of a model folder and the setting that overrides it
-PART_SETTINGS = {"transformer": "model.teacher", "vae": "preprocess.vae", "text_encoder": "preprocess.text_encoder",
+PART_SETTINGS = {"transformer": "model.teacher", "transformer_2": "model.teacher_2", "vae": "preprocess.vae",
+                 "text_encoder": "preprocess.text_encoder",
                  "tokenizer": "preprocess.tokenizer", "text_encoder_2": "preprocess.text_encoder_2",
-                 "tokenizer_2": "preprocess.tokenizer_2"}  # the _2 parts: HunyuanVideo's CLIP
+                 "tokenizer_2": "preprocess.tokenizer_2"}  # HunyuanVideo's CLIP; transformer_2: A14B's low-noise expert
 MODEL_LAYOUT = "model_index.json, transformer/, vae/, text_encoder/, tokenizer/"
 
 
@@ -65,6 +68,68 @@ def model_part(cfg: Config, part: str) -> Path:
 
 def teacher_path(cfg: Config) -> Path:
     return model_part(cfg, "transformer")
+
+
+@dataclass(frozen=True)
+class Experts:
+    """A two-expert model's parts (Wan 2.2 A14B): where each expert's weights are and the boundary sigma."""
+    high: Path  # model.teacher, else model.path/transformer
+    low: Path  # model.teacher_2, else model.path/transformer_2
+    boundary: float
+
+    def path(self, expert: str) -> Path:
+        return self.high if expert == "high" else self.low
+
+
+def pipeline_config(cfg: Config) -> dict:
+    """model.path's model_index.json (the pipeline's config), {} without one."""
+    index = Path(cfg.model.path) / "model_index.json" if cfg.model.path else None
+    return json.loads(index.read_text()) if index is not None and index.is_file() else {}
+
+
+def expert_count(cfg: Config) -> int:
+    """2 for a two-expert model (model.teacher_2 or model.boundary set, or a folder holding transformer_2), else 1.
+    Reads no weights: --dry-run's answer too."""
+    in_folder = pipeline_config(cfg).get("transformer_2") not in (None, [None, None])
+    return 2 if cfg.model.teacher_2 or cfg.model.boundary or in_folder else 1
+
+
+def model_experts(cfg: Config) -> Experts | None:
+    """The experts of a two-expert model, None for one expert; every part named with its setting and fix before
+    anything loads."""
+    if expert_count(cfg) == 1:
+        return None
+    high, low = teacher_path(cfg), model_part(cfg, "transformer_2")
+    boundary = cfg.model.boundary or pipeline_config(cfg).get("boundary_ratio")
+    if not boundary:
+        raise ValueError(f"a two-expert model needs the boundary between its experts, and "
+                         f"{cfg.model.path or 'model.path'}/model_index.json names no boundary_ratio: set "
+                         f"model.boundary (Wan2.2-T2V-A14B {T2V_BOUNDARY}, I2V-A14B {I2V_BOUNDARY})")
+    return Experts(high, low, check_boundary(float(boundary)))
+
+
+def stage_expert(cfg: Config, stage: str) -> str | None:
+    """The expert `stage` works on (Stage II: stage2.expert), None on a one-expert model; a setting that does not
+    fit the model is named with its fix."""
+    two = model_experts(cfg) is not None
+    expert = cfg.stage2.expert if stage == "stage2" else None
+    if stage == "stage2" and two != bool(expert):
+        raise ValueError(f"model {cfg.model.path or cfg.model.teacher} has two experts: set stage2.expert to "
+                         f"{' or '.join(EXPERTS)} (Stage II trains one per run)" if two else
+                         f"stage2.expert={expert} needs a two-expert model (model.path holding transformer_2/, or "
+                         f"model.teacher_2); clear it for this one-expert model")
+    if stage in ("stage3", "export") and two:
+        raise ValueError(f"{stage} of a two-expert model does not exist yet (issue #41: Stage III for two experts); "
+                         "Stage I and Stage II (stage2.expert) do")
+    return expert
+
+
+def expert_config(cfg: Config, expert: str) -> Config:
+    """`cfg` seen as the one-expert model `expert`: model.teacher is that expert's weights and the rest of the
+    model folder is left unread, so every loader and the run's identity work on that expert alone."""
+    experts = model_experts(cfg)
+    model = replace(cfg.model, path="", teacher=str(experts.path(expert)), teacher_2="", boundary=0.0)
+    return replace(cfg, model=model)
 
 
 def load_teacher(cfg: Config) -> nn.Module:
@@ -248,6 +313,8 @@ def check_stage_inputs(cfg: Config, stage: str) -> None:
     """Every file `stage` reads exists: checked before its run folder is made or any model loads."""
     if stage != "toy_teacher":  # the one trainer that reads no teacher
         teacher_path(cfg)  # names a missing teacher setting itself
+        stage_expert(cfg, stage)  # and both experts' parts and boundary, for a two-expert model
+        check_conditioning(cfg)
     missing = [f"{setting} {path} does not exist: {fix}" for setting, (path, fix) in stage_inputs(cfg, stage).items()
                if not path.is_file()]
     if missing:
@@ -259,12 +326,27 @@ def check_stage_inputs(cfg: Config, stage: str) -> None:
         ShardSet(cfg.data.shards).check_model(arch["out_channels"], arch.get("text_dim") or arch["text_embed_dim"])
 
 
-def load_plan(cfg: Config, configured: str, model: nn.Module) -> PrunePlan:
+def check_conditioning(cfg: Config) -> None:
+    """The teacher takes what the training data holds: an I2V model's image condition
+    (fastlightgen.image_condition) is not written by train.preprocess yet. Reads the teacher's config, no weights."""
+    if cfg.model.family != "wan":
+        return
+    from fastlightgen.image_condition import condition_channels
+
+    arch = teacher_config(cfg)
+    if condition_channels(arch["in_channels"], arch["out_channels"]):
+        raise ValueError(f"the teacher is an I2V model ({arch['in_channels']} input channels: latents, mask and image "
+                         "latents, fastlightgen/image_condition.py), and the training data holds no image condition: "
+                         "train.preprocess does not encode one yet (issue #41); train a T2V or TI2V model")
+
+
+def load_plan(cfg: Config, configured: str, model: nn.Module, expert: str | None = None) -> PrunePlan:
+    """The Stage I plan at `configured` (default run_dir/stage1/plan.json): `expert`'s of a two-expert model."""
     from fastlightgen.adapters import adapt
 
     path = plan_path(cfg, configured)
     if not path.is_file():
         raise FileNotFoundError(f"prune plan {path} does not exist; run `python -m train.stage1` first")
-    plan = PrunePlan.load(path)
+    plan = read_plan(path, expert)
     plan.check(adapt(model).fingerprint())
     return plan

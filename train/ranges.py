@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Callable
 
+from fastlightgen.experts import EXPERTS
 from fastlightgen.flow import NUM_TRAIN_TIMESTEPS, denoising_list_problem
 
 
@@ -52,10 +53,16 @@ SIGMA_RANGE = Range("two numbers [low, high] with 0 <= low < high <= 1",
                     and 0 <= v[0] < v[1] <= 1)
 BLOCK_INDICES = Range("a list of block indices (integers >= 0)",
                       lambda v: isinstance(v, list) and all(is_int(i) and i >= 0 for i in v))
+EXPERT_KEEP_RATIOS = Range(f"a mapping of experts ({', '.join(EXPERTS)}) to keep ratios in (0, 1], e.g. "
+                           "{high: 0.6, low: 0.8} (empty: stage1.keep_ratio for both)",
+                           lambda v: isinstance(v, dict) and all(k in EXPERTS and between(0, 1, open_low=True).ok(x)
+                                                                 for k, x in v.items()))
 CFG_SCALES = Range("a non-empty list of finite numbers > 0",
                    lambda v: isinstance(v, list) and len(v) > 0 and all(POSITIVE.ok(x) for x in v))
 
 RANGES: dict[str, Range] = {
+    "model.boundary": Range("a sigma in (0, 1), or 0 for the boundary_ratio of model.path/model_index.json",
+                            between(0, 1, open_high=True).ok),
     "data.batch_size": at_least(1),
     "data.caption_dropout": PROBABILITY,
     "data.first_frame_dropout": PROBABILITY,
@@ -76,6 +83,7 @@ RANGES: dict[str, Range] = {
     "stage1.timesteps": at_least(1),
     "stage1.keep_ratio": between(0, 1, open_low=True),
     "stage1.protected": BLOCK_INDICES,
+    "stage1.expert_keep_ratios": EXPERT_KEEP_RATIOS,
     "stage2.lr": LEARNING_RATE,
     "stage2.iterations": at_least(1),
     "stage2.alpha": PROBABILITY,

@@ -11,6 +11,9 @@ dist.sharded_load false), the frozen copy as plain modules on every rank; under 
 frozen copy is partitioned like the trained weights (`frozen_target`). The weights start from the
 teacher's, or from stage2.init: another Stage II run's, so that a smaller plan continues a larger one's run
 (progressive pruning). Writes run_dir/stage2/model.safetensors (all blocks) for Stage III.
+A two-expert model (Wan 2.2 A14B) is trained one expert per run (stage2.expert), from that expert's weights, with
+its plan of the two-expert plan.json, at training sigmas drawn from stage2.sigma_law conditioned on its part of
+the schedule (`fastlightgen.experts.sigma_range`), into run_dir/stage2_<expert>/.
 API: `run(cfg, resume)`.
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 import torch
 
 from fastlightgen.distill import sample_skip, stage2_loss
+from fastlightgen.experts import sigma_range as expert_sigma_range
 from fastlightgen.first_frame import frame_sigma
 from fastlightgen.flow import add_noise, sample_training_sigma, velocity_target
 from fastlightgen.plan import PrunePlan
@@ -32,7 +36,8 @@ from .config import Config
 from .data import BatchFn, batch_source, data_fingerprint
 from .dist import Dist, init_dist
 from .loop import Run, learning_rate, train
-from .models import MODEL_FILE, check_stage_inputs, load_plan, load_start, plan_path, save_stage_output
+from .models import (MODEL_FILE, check_stage_inputs, expert_config, load_plan, load_start, model_experts, plan_path,
+                     save_stage_output, stage_expert)
 from .state import hold_run_dir
 from .units import EMA, AdapterModule, Predictor, Trainable, compute_dtype, is_partitioned, make_trainable, predictor
 
@@ -48,13 +53,15 @@ class Stage2Models:
     dtype: torch.dtype
     target: Predictor | None = None  # the unpruned target's own weights (stage2.target frozen or ema)
     ema: EMA | None = None  # stage2.target=ema: updated after every step, checkpointed with the unit
+    sigma_range: tuple[float, float] = (0.0, 1.0)  # the trained expert's part of the schedule
 
 
-def build(cfg: Config) -> Stage2Models:
+def build(cfg: Config, sigma_range: tuple[float, float] = (0.0, 1.0)) -> Stage2Models:
+    """The models of a run of `cfg` (one expert's, `expert_config`, for a two-expert model)."""
     s2 = cfg.stage2
     dist = init_dist(cfg)
     model = load_start(cfg, s2.init or None)  # under ZeRO-3, this rank's partitions only (models.sharded)
-    plan = load_plan(cfg, cfg.stage2.plan, model)
+    plan = load_plan(cfg, cfg.stage2.plan, model, s2.expert or None)
     dtype = compute_dtype(cfg)
     frozen = frozen_target(cfg, dist, model, dtype) if s2.target == "frozen" else None
     unit = make_trainable("model", AdapterModule(model, cfg.model.gradient_checkpointing), cfg, dist, s2.lr,
@@ -62,7 +69,7 @@ def build(cfg: Config) -> Stage2Models:
     # the EMA starts at the teacher's weights, so its decay needs no warm-up (that forgets a random init)
     ema = EMA("target_ema", unit, s2.target_ema_decay, warmup=False) if s2.target == "ema" else None
     target = AdapterModule(ema.model) if ema is not None else frozen
-    return Stage2Models(cfg, Run(cfg, "stage2", dist), unit, plan, batch_source(cfg), dtype, target, ema)
+    return Stage2Models(cfg, Run(cfg, "stage2", dist), unit, plan, batch_source(cfg), dtype, target, ema, sigma_range)
 
 
 def frozen_target(cfg: Config, dist: Dist, model: torch.nn.Module, dtype: torch.dtype) -> Predictor:
@@ -82,7 +89,8 @@ def train_one_step(m: Stage2Models, i: int) -> dict:
     g = m.run.generator(i, "batch")
     batch = m.draw_batch(g, cfg.data.batch_size)
     x0 = batch.x0
-    sigma = frame_sigma(sample_training_sigma(x0.shape[0], g, s2.sigma_shift, s2.sigma_law), x0, batch.ti2v)
+    sigma = frame_sigma(sample_training_sigma(x0.shape[0], g, s2.sigma_shift, s2.sigma_law, within=m.sigma_range),
+                        x0, batch.ti2v)
     noise = torch.randn(x0.shape, generator=g)
     batch = batch.to(device, m.dtype)
     x_t = add_noise(x0, noise, sigma).to(device, m.dtype)
@@ -102,8 +110,13 @@ def train_one_step(m: Stage2Models, i: int) -> dict:
 def run(cfg: Config, resume: bool = False) -> Path:
     """Trains Stage II (continuing the newest checkpoint with `resume`); returns its model.safetensors."""
     check_stage_inputs(cfg.validate(), "stage2")
+    expert = stage_expert(cfg, "stage2")
+    sigma_range = (0.0, 1.0)
+    if expert:
+        sigma_range = expert_sigma_range(expert, model_experts(cfg).boundary)
+        cfg = expert_config(cfg, expert)
     with hold_run_dir(cfg.stage_dir("stage2")):
-        m = build(cfg)
+        m = build(cfg, sigma_range)
         state = [m.unit] if m.ema is None else [m.unit, m.ema]
         steps = train(m.run, state, partial(train_one_step, m), cfg.stage2.iterations, resume)
         # the whole model (pruned and unpruned paths share it) for Stage III and export
@@ -113,6 +126,7 @@ def run(cfg: Config, resume: bool = False) -> Path:
                 "stage": "stage2", "plan": m.plan.to_dict(), "plan_path": str(plan_path(cfg, cfg.stage2.plan)),
                 "steps": steps, "alpha": cfg.stage2.alpha, "skip_prob": cfg.stage2.skip_prob,
                 "target": cfg.stage2.target, "init": cfg.stage2.init or "teacher",
+                **({"expert": expert, "sigma_range": list(sigma_range)} if expert else {}),
                 "data": data_fingerprint(cfg), "config": cfg.to_dict()})
             m.run.print_on_main(f"wrote {m.run.dir / MODEL_FILE}")
         m.run.dist.close()

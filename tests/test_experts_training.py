@@ -1,0 +1,275 @@
+"""Wan 2.2 A14B on the training side (issue #41): the shipped configs' memory, the two experts as the user holds
+them (a diffusers folder with transformer/ and transformer_2/, checked before any load), I2V's 36-channel input,
+Stage I per expert and Stage II of one expert on its part of the schedule. Tiny random-weight models in the real
+diffusers layout."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fastlightgen.experts import I2V_BOUNDARY, T2V_BOUNDARY
+from tiny_models import tiny_wan_a14b_folder
+from train.config import identity_hash, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+A14B = {name: str(REPO / "configs" / f"wan2.2-{name}-a14b.yaml") for name in ("t2v", "i2v")}
+LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for variant in ("t2v", "i2v"):
+        out[variant] = root / f"Wan2.2-{variant.upper()}-A14B-tiny-Diffusers"
+        tiny_wan_a14b_folder(out[variant], variant, layers=LAYERS)
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """A shard set of the tiny Wan's widths (16-channel latents of 3 x 8 x 8, 64-wide text)."""
+    from train.preprocess import write_index
+
+    folder = tmp_path_factory.mktemp("shards")
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"latents": torch.randn(4, 16, 3, 8, 8, generator=gen),
+               "text": torch.randn(4, 7, 64, generator=gen).bfloat16()}
+    save_file(tensors, str(folder / "shard_00000.safetensors"))
+    save_file({"text": torch.zeros(1, 7, 64).bfloat16()}, str(folder / "null.safetensors"))
+    write_index(folder, [{"file": "shard_00000.safetensors", "items": [{"file": f"{i}.mp4", "caption": "c"}
+                                                                      for i in range(4)]}],
+                {"file": "null.safetensors", "prompt": ""})
+    return folder
+
+
+def a14b_settings(folder: Path, shards: Path, run_dir: Path, **values) -> list[str]:
+    return [f"{k}={v}" for k, v in {"model.path": folder, "model.ti2v": False, "data.source": "shards",
+                                    "data.shards": shards, "run.run_dir": run_dir, "stage1.samples": 2,
+                                    "stage1.timesteps": 2, **values}.items()]
+
+
+# ---- 1. configs and memory ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["t2v", "i2v"])
+def test_a14b_dry_run_names_both_experts_and_the_80_gb_verdict(name, tmp_path, capsys):
+    """Without weights or the folder: the config's architecture (40 blocks of width 5120, 14.3 B parameters per
+    expert) at 81 x 720 x 1280 (75,600 tokens), and 480p as the override."""
+    from train import stage2, stage3
+
+    for main in (stage2.main, stage3.main):
+        main(["-c", A14B[name], "--set", f"model.path={tmp_path / 'absent'}", "--dry-run"])
+        lines = capsys.readouterr().out.splitlines()
+        assert re.match(r"wan: 14\.2\d\d B parameters in 40 blocks per expert, 2 experts .*Stage III both: 28\.5", lines[0])
+        assert "81 x 720 x 1280 video -> 75600 tokens of width 5120 (FFN 13824)" in lines[1]
+        assert re.fullmatch(r"fits in 80 GB per GPU: (yes|no) \(estimate \d+\.\d GiB\)", lines[-1])
+    stage3.main(["-c", A14B[name], "--set", "preprocess.height=480", "--set", "preprocess.width=832", "--dry-run"])
+    assert "81 x 480 x 832 video -> 32760 tokens" in capsys.readouterr().out
+
+
+def test_two_experts_count_twice_in_stage3_only():
+    """Stage I scores the experts one after the other and Stage II trains one per run: their rows are one expert's.
+    Stage III holds both: its parameter, gradient and optimizer terms double, its activations (one expert runs at a
+    time) do not."""
+    from train.memory import GPUS_PER_NODE, PROCESS_GIB, count_params, estimate
+
+    pair = load_config(A14B["t2v"])
+    one = load_config(A14B["t2v"], ["model.boundary=0", "stage2.expert="])  # the same architecture, one expert
+    counts = count_params(one)
+    two, single = estimate(pair, counts), estimate(one, counts)
+    assert two["stage1"] == single["stage1"] and two["stage2"] == single["stage2"]
+    for term in ("parameters", "gradients", "optimizer"):
+        assert two["stage3"][term] == pytest.approx(2 * single["stage3"][term], rel=1e-12)
+    assert two["stage3"]["activations"] == single["stage3"]["activations"]
+    assert two["stage3"]["host_ram_per_node"] == pytest.approx(  # the offloaded optimizer of both
+        GPUS_PER_NODE * (PROCESS_GIB + 20 / 12 * two["stage3"]["optimizer"]), rel=1e-12)
+
+
+def test_added_settings_leave_the_identity_of_existing_configs_unchanged():
+    """research.run_cache keys runs by Config.identity: the two-expert settings at their defaults are not in it (the
+    committed report's keys stay valid); set, they change it."""
+    cfg = load_config(str(REPO / "configs" / "toy.yaml"))
+    before = {"model": {"family", "ti2v", "teacher (contents)"},
+              "stage1": {"samples", "timesteps", "keep_ratio", "protected", "plan"},
+              "stage2": {"plan (contents)", "lr", "alpha", "target", "skip_prob", "lr_decay", "weight_decay",
+                         "sigma_law", "sigma_shift", "iterations"}}
+    for stage in ("stage1", "stage2"):
+        identity = cfg.identity(stage, 1, whole_run=True)
+        assert set(identity["model"]) == before["model"] and set(identity[stage]) == before[stage]
+    base = identity_hash(cfg.identity("stage1", 1, whole_run=True))
+    for setting in ("model.boundary=0.5", "stage1.expert_keep_ratios={low: 0.5}"):
+        changed = load_config(str(REPO / "configs" / "toy.yaml"), [setting])
+        assert identity_hash(changed.identity("stage1", 1, whole_run=True)) != base, setting
+    expert = load_config(str(REPO / "configs" / "toy.yaml"), ["stage2.expert=low"]).identity("stage2", 1)
+    assert expert["stage2"]["expert"] == "low"
+
+
+# ---- 2. the experts as the user holds them ------------------------------------------------------------
+
+def test_a_diffusers_folder_gives_both_experts_and_its_boundary(folders, tmp_path):
+    from train.models import Experts, model_experts
+
+    for variant, boundary in (("t2v", T2V_BOUNDARY), ("i2v", I2V_BOUNDARY)):
+        root = folders[variant]
+        assert model_experts(load_config(None, [f"model.path={root}"])) == \
+            Experts(root / "transformer", root / "transformer_2", boundary)
+    root = folders["t2v"]
+    other = tmp_path / "low.safetensors"
+    other.write_bytes(b"")
+    given = model_experts(load_config(None, [f"model.path={root}", "model.boundary=0.5", f"model.teacher_2={other}"]))
+    assert (given.low, given.boundary) == (other, 0.5)
+    assert model_experts(load_config(None, [f"model.teacher={root / 'transformer'}"])) is None  # one expert
+
+
+def test_a_missing_expert_or_boundary_is_named_with_its_setting_before_any_load(folders, tmp_path, monkeypatch):
+    import diffusers
+
+    from train import stage2
+    from train.models import model_experts
+
+    monkeypatch.setattr(diffusers.WanTransformer3DModel, "from_pretrained",
+                        classmethod(lambda *a, **k: pytest.fail("a model loaded")))
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "transformer").symlink_to(folders["t2v"] / "transformer")
+    (partial / "model_index.json").write_text((folders["t2v"] / "model_index.json").read_text())
+    with pytest.raises(FileNotFoundError, match=r"no transformer_2/ subfolder.*model\.teacher_2"):
+        model_experts(load_config(None, [f"model.path={partial}"]))
+    index = json.loads((folders["t2v"] / "model_index.json").read_text())
+    (partial / "transformer_2").symlink_to(folders["t2v"] / "transformer_2")
+    (partial / "model_index.json").write_text(json.dumps({k: v for k, v in index.items() if k != "boundary_ratio"}))
+    with pytest.raises(ValueError, match=r"names no boundary_ratio: set model.boundary \(Wan2.2-T2V-A14B 0.875"):
+        model_experts(load_config(None, [f"model.path={partial}"]))
+    with pytest.raises(FileNotFoundError, match=r"model.teacher_2 .* does not exist"):
+        model_experts(load_config(None, [f"model.path={folders['t2v']}", f"model.teacher_2={tmp_path / 'absent'}"]))
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"has two experts: set stage2.expert to high or low"):
+        stage2.run(load_config(None, [f"model.path={folders['t2v']}", f"run.run_dir={run}"]))
+    with pytest.raises(ValueError, match=r"stage2.expert=low needs a two-expert model"):
+        stage2.run(load_config(None, [f"model.teacher={folders['t2v'] / 'transformer'}", "stage2.expert=low",
+                                      f"run.run_dir={run}"]))
+    assert not run.exists()
+
+
+def test_stage3_of_two_experts_says_it_does_not_exist_yet(folders, tmp_path):
+    from train import stage3
+
+    with pytest.raises(ValueError, match=r"stage3 of a two-expert model does not exist yet"):
+        stage3.run(load_config(None, [f"model.path={folders['t2v']}", f"run.run_dir={tmp_path}"]))
+
+
+def test_i2v_input_is_the_pipelines_36_channels(folders):
+    """fastlightgen.image_condition builds what WanImageToVideoPipeline feeds its experts: noisy latents, the 4-channel
+    mask, then the normalized latents of the image followed by zero frames."""
+    from diffusers import WanImageToVideoPipeline
+
+    from fastlightgen.image_condition import condition_channels, image_condition, model_input
+
+    pipe = WanImageToVideoPipeline.from_pretrained(str(folders["i2v"]))
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    latents, condition = pipe.prepare_latents(image, 1, 16, 16, 16, 9, torch.float32, torch.device("cpu"),
+                                              torch.Generator().manual_seed(1))
+    video = torch.cat([image.unsqueeze(2), torch.zeros(1, 3, 8, 16, 16)], dim=2)
+    vae = pipe.vae.config
+    encoded = (pipe.vae.encode(video).latent_dist.mode() - torch.tensor(vae.latents_mean).view(1, -1, 1, 1, 1)) \
+        / torch.tensor(vae.latents_std).view(1, -1, 1, 1, 1)
+    assert condition.shape == (1, 20, 3, 2, 2)
+    torch.testing.assert_close(image_condition(encoded), condition)
+    assert condition_channels(pipe.transformer.config.in_channels, pipe.transformer.config.out_channels) == 20
+    x = model_input(latents, condition)
+    assert x.shape[1] == 36 and torch.equal(x[:, :16], latents)
+    out = pipe.transformer_2(x, torch.tensor([500.0]), torch.randn(1, 7, 64, generator=g), return_dict=False)[0]
+    assert out.shape == latents.shape
+
+
+def test_an_i2v_teacher_is_refused_until_the_data_holds_its_image(folders, shards, tmp_path):
+    from train import stage1
+
+    with pytest.raises(ValueError, match=r"I2V model \(36 input channels.*train.preprocess does not encode one yet"):
+        stage1.run(load_config(None, a14b_settings(folders["i2v"], shards, tmp_path)))
+
+
+# ---- 3. Stage I per expert ------------------------------------------------------------------------------
+
+def test_stage1_scores_each_expert_on_its_part_of_the_schedule(folders, shards, tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    from fastlightgen.adapters import adapt
+    from fastlightgen.importance import block_importance, stage1_sigmas
+    from fastlightgen.plan import ExpertPlans, PrunePlan, read_plan
+    from fastlightgen.plot import HEIGHT
+    from train import stage1
+    from train.data import batch_source
+    from train.dist import step_generator
+
+    root = folders["t2v"]
+    cfg = load_config(None, a14b_settings(root, shards, tmp_path, **{"stage1.expert_keep_ratios": "{high: 0.5}"}))
+    out = stage1.run(cfg)
+    plans = ExpertPlans.from_dict(json.loads(out.read_text()))
+    assert plans.boundary == T2V_BOUNDARY
+    assert (len(plans.plans["high"].kept), len(plans.plans["low"].kept)) == (2, 3)  # 0.5 and 0.7 of 4 blocks
+
+    draw = batch_source(cfg)
+    batches = [draw(step_generator(0, "stage1", i, None), 1) for i in range(2)]
+    for expert, folder, (low, high) in (("high", "transformer", (T2V_BOUNDARY, 1.0)),
+                                        ("low", "transformer_2", (0.0, T2V_BOUNDARY))):
+        adapter = adapt(WanTransformer3DModel.from_pretrained(str(root / folder)).eval())
+        expected = block_importance(adapter, [(b.x0, b.cond) for b in batches], stage1_sigmas(2, low, high))
+        assert plans.plans[expert].scores == pytest.approx(expected.scores, rel=1e-6), expert
+        assert read_plan(out, expert).kept == plans.plans[expert].kept
+    assert plans.plans["high"].scores != pytest.approx(plans.plans["low"].scores, rel=1e-3)
+
+    rows = list(csv.DictReader((out.parent / "scores.csv").open()))
+    assert [(r["expert"], int(r["block"])) for r in rows] == [(e, b) for e in ("high", "low") for b in range(4)]
+    from PIL import Image
+    assert Image.open(out.parent / "importance.png").height == 2 * HEIGHT
+    with pytest.raises(ValueError, match="one plan per expert .*stage2.expert"):
+        PrunePlan.load(out)
+
+
+def test_a_one_expert_plan_is_not_read_as_an_experts(tmp_path):
+    from fastlightgen.adapters.base import ModelFingerprint
+    from fastlightgen.plan import PrunePlan, read_plan
+
+    PrunePlan.from_blocks(ModelFingerprint("wan", 4, 64), [1]).save(tmp_path / "plan.json")
+    assert read_plan(tmp_path / "plan.json").kept == [0, 2, 3]
+    with pytest.raises(ValueError, match="plan of a one-expert model, not of 'low'"):
+        read_plan(tmp_path / "plan.json", "low")
+
+
+# ---- 4. Stage II of one expert ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("expert", ["high", "low"])
+def test_stage2_trains_the_chosen_expert_on_its_sigmas(expert, folders, shards, tmp_path, monkeypatch):
+    from fastlightgen import distill
+    from train import stage1, stage2
+
+    root = folders["t2v"]
+    settings = a14b_settings(root, shards, tmp_path, **{"stage2.expert": expert, "stage2.iterations": 3,
+                                                         "stage2.lr": 1e-9, "stage2.alpha": 0.5})
+    stage1.run(load_config(None, settings))
+    sigmas = []
+    real_loss = distill.stage2_loss
+    monkeypatch.setattr(stage2, "stage2_loss", lambda a, x_t, sigma, *rest: sigmas.append(sigma.clone())
+                        or real_loss(a, x_t, sigma, *rest))
+    out = stage2.run(load_config(None, settings))
+    assert out == tmp_path / f"stage2_{expert}" / "model.safetensors"
+    info = json.loads((out.parent / "run.json").read_text())
+    expected_range = [T2V_BOUNDARY, 1.0] if expert == "high" else [0.0, T2V_BOUNDARY]
+    assert info["expert"] == expert and info["sigma_range"] == expected_range
+    plan = json.loads((tmp_path / "stage1" / "plan.json").read_text())["experts"][expert]
+    assert info["plan"] == plan
+    drawn = torch.cat(sigmas)
+    assert len(drawn) == 3 and bool(((drawn >= expected_range[0]) & (drawn <= expected_range[1])).all())
+    trained = load_file(str(out))  # lr 1e-9: the weights it started from, that expert's
+    for folder, same in (("transformer", expert == "high"), ("transformer_2", expert == "low")):
+        start = load_file(str(root / folder / "diffusion_pytorch_model.safetensors"))
+        close = all(torch.allclose(trained[k], start[k].float(), atol=1e-6) for k in start)
+        assert close == same, folder
