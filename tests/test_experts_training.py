@@ -273,3 +273,30 @@ def test_stage2_trains_the_chosen_expert_on_its_sigmas(expert, folders, shards, 
         start = load_file(str(root / folder / "diffusion_pytorch_model.safetensors"))
         close = all(torch.allclose(trained[k], start[k].float(), atol=1e-6) for k in start)
         assert close == same, folder
+
+
+def test_stage2_of_one_expert_under_zero3_two_processes_matches_the_single_process(folders, shards, tmp_path):
+    """The low-noise expert's Stage II as 2 processes under DeepSpeed ZeRO-3 (gloo, CPU), its weights read as each
+    rank's partitions from transformer_2/: the first loss (before any update, rank 0 drawing the single process's
+    batch and sigma) equals the plain loop's, and the gathered model is that expert's architecture."""
+    pytest.importorskip("deepspeed")
+    from test_train_distributed import ZERO3, metrics, torchrun
+
+    from train import stage1, stage2
+
+    run = {"stage2.expert": "low", "stage2.alpha": 0.5}  # alpha < 1: a loss even when the draw skips nothing
+    settings = a14b_settings(folders["t2v"], shards, tmp_path / "single", **run, **{"stage2.iterations": 1})
+    stage1.run(load_config(None, settings))
+    stage2.run(load_config(None, settings))
+    plan = tmp_path / "single" / "stage1" / "plan.json"
+    zero3 = a14b_settings(folders["t2v"], shards, tmp_path / "zero3", **ZERO3, **run,
+                          **{"stage2.iterations": 2, "stage2.plan": plan})
+    torchrun("train.stage2", [arg for setting in zero3 for arg in ("--set", setting)])
+    single, sharded = metrics(tmp_path / "single" / "stage2_low"), metrics(tmp_path / "zero3" / "stage2_low")
+    assert [r["step"] for r in sharded] == [1, 2]
+    assert sharded[0]["loss"] > 0 and sharded[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-5)
+    gathered = load_file(str(tmp_path / "zero3" / "stage2_low" / "model.safetensors"))
+    start = load_file(str(folders["t2v"] / "transformer_2" / "diffusion_pytorch_model.safetensors"))
+    assert {k: v.shape for k, v in gathered.items()} == {k: v.shape for k, v in start.items()}
+    info = json.loads((tmp_path / "zero3" / "stage2_low" / "run.json").read_text())
+    assert (info["expert"], info["sigma_range"]) == ("low", [0.0, T2V_BOUNDARY])
