@@ -66,7 +66,8 @@ def test_a14b_dry_run_names_both_experts_and_the_80_gb_verdict(name, tmp_path, c
     for main in (stage2.main, stage3.main):
         main(["-c", A14B[name], "--set", f"model.path={tmp_path / 'absent'}", "--dry-run"])
         lines = capsys.readouterr().out.splitlines()
-        assert re.match(r"wan: 14\.2\d\d B parameters in 40 blocks per expert, 2 experts .*Stage III both: 28\.5", lines[0])
+        assert re.match(r"wan: 14\.2\d\d B parameters in 40 blocks per expert, 2 experts .*Stage III both: 28\.5",
+                        lines[0])
         assert "81 x 720 x 1280 video -> 75600 tokens of width 5120 (FFN 13824)" in lines[1]
         assert re.fullmatch(r"fits in 80 GB per GPU: (yes|no) \(estimate \d+\.\d GiB\)", lines[-1])
     stage3.main(["-c", A14B[name], "--set", "preprocess.height=480", "--set", "preprocess.width=832", "--dry-run"])
@@ -232,6 +233,36 @@ def test_stage1_scores_each_expert_on_its_part_of_the_schedule(folders, shards, 
     assert Image.open(out.parent / "importance.png").height == 2 * HEIGHT
     with pytest.raises(ValueError, match="one plan per expert .*stage2.expert"):
         PrunePlan.load(out)
+
+
+def test_two_files_in_the_comfyui_layout_are_the_experts_with_the_boundary_given(shards, tmp_path):
+    """Two single files (the original Wan keys ComfyUI distributes, no folder): model.teacher, model.teacher_2 and
+    model.boundary, which nothing else can supply; Stage I scores the file each setting names on its range."""
+    from fastlightgen.adapters import adapt
+    from fastlightgen.importance import block_importance, stage1_sigmas
+    from fastlightgen.plan import read_plan
+    from fastlightgen.wan_keys import diffusers_to_original
+    from tiny_models import tiny_wan
+    from train import stage1
+    from train.data import batch_source
+    from train.dist import step_generator
+
+    experts = {name: tiny_wan("t2v", layers=LAYERS, seed=seed, heads=1, head_dim=128)  # ComfyUI's 128-wide heads
+               for name, seed in (("high", 3), ("low", 4))}
+    for name, model in experts.items():
+        save_file({k: v.contiguous() for k, v in diffusers_to_original(model.state_dict()).items()},
+                  str(tmp_path / f"{name}.safetensors"))
+    files = [f"model.teacher={tmp_path / 'high.safetensors'}", f"model.teacher_2={tmp_path / 'low.safetensors'}"]
+    run = ["data.source=shards", f"data.shards={shards}", f"run.run_dir={tmp_path / 'run'}", "model.ti2v=false",
+           "stage1.samples=1", "stage1.timesteps=2"]
+    with pytest.raises(ValueError, match="set model.boundary"):
+        stage1.run(load_config(None, [*files, *run]))
+    cfg = load_config(None, [*files, *run, "model.boundary=0.6"])
+    out = stage1.run(cfg)
+    batch = batch_source(cfg)(step_generator(0, "stage1", 0, None), 1)
+    for name, (low, high) in (("high", (0.6, 1.0)), ("low", (0.0, 0.6))):
+        expected = block_importance(adapt(experts[name]), [(batch.x0, batch.cond)], stage1_sigmas(2, low, high))
+        assert read_plan(out, name).scores == pytest.approx(expected.scores, rel=1e-5), name
 
 
 def test_a_one_expert_plan_is_not_read_as_an_experts(tmp_path):
