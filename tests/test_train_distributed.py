@@ -31,8 +31,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(module: str, args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+def torchrun(module: str, args: list[str], timeout: int = 240, processes: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "-m", module, *args]
     proc = subprocess.run(cmd, cwd=REPO, env={**subprocess_env(), "DS_ACCELERATOR": "cpu"}, capture_output=True,
                           text=True, timeout=timeout)

@@ -86,6 +86,9 @@ class DistConfig:
     cpu_adam: bool = True  # DeepSpeedCPUAdam (compiled once); False: torch AdamW (zero_force_ds_cpu_optimizer off)
     bf16: bool = False
     world_size: int = 1  # GPUs the run is planned for; --dry-run estimates memory for it
+    # Ulysses: groups of this many ranks share each sample, each running 1/n of its video tokens (train/sequence.py);
+    # must divide the processes, the attention heads and the video tokens
+    sequence_parallel: int = 1
     # ZeRO-3: each rank builds the models under deepspeed.zero.Init and reads only its partitions from the files;
     # false: every rank first loads them whole in fp32 (4 bytes x teacher + student per process; same results)
     sharded_load: bool = True
@@ -286,6 +289,8 @@ class Config:
         run = {k: v for k, v in asdict(self.run).items() if k in ("seed", "warmup")}
         dist = {k: v for k, v in asdict(self.dist).items() if k in ("deepspeed", "zero_stage", "cpu_adam", "bf16",
                                                                    "grad_clip")}
+        if self.dist.sequence_parallel > 1:  # which rank draws which sample; absent at 1, as before it existed
+            dist["sequence_parallel"] = self.dist.sequence_parallel
         return {"stage": stage, "world_size": world_size, "model": {**model, "teacher (contents)": teacher},
                 "data": data, "run": run, "dist": dist, stage: section}
 

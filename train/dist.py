@@ -3,7 +3,8 @@
 Every random draw of a run is a pure function of (seed, stream, step, rank), so a resumed run repeats
 exactly what an uninterrupted one does. Draws that decide *which modules run* (Stage II's skip-set,
 Stage III's simulated step) must be the same on every rank: ZeRO-3 gathers parameters collectively, and
-ranks running different blocks would wait on each other forever. Those use `shared=True`.
+ranks running different blocks would wait on each other forever. Those use `shared=True`. The ranks of a
+sequence-parallel group (train/sequence.py) share one sample, so per-sample draws take the data rank.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as tdist
 
+from fastlightgen.sequence import SequenceShards
+
 from .config import Config
 
 
@@ -26,10 +29,16 @@ class Dist:
     local_rank: int
     device: torch.device
     deepspeed: bool
+    shards: SequenceShards | None = None  # this rank's slice of each sample's tokens (dist.sequence_parallel)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """Which sample this rank holds: the ranks of a sequence-parallel group hold the same one."""
+        return self.rank // (1 if self.shards is None else self.shards.size)
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -78,7 +87,10 @@ def init_dist(cfg: Config) -> Dist:
     device = torch.device(name, local) if name != "cpu" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    return Dist(tdist.get_rank(), tdist.get_world_size(), local, device, True)
+    from .sequence import sequence_shards
+
+    return Dist(tdist.get_rank(), tdist.get_world_size(), local, device, True,
+                sequence_shards(cfg.dist.sequence_parallel))
 
 
 def init_workers(timeout: timedelta = timedelta(days=2)) -> Dist:

@@ -62,7 +62,7 @@ class Run:
         return self.cfg.stage_dir(self.stage)
 
     def generator(self, step: int, stream: str, shared: bool = False) -> torch.Generator:
-        return step_generator(self.cfg.run.seed, stream, step, None if shared else self.dist.rank)
+        return step_generator(self.cfg.run.seed, stream, step, None if shared else self.dist.data_rank)
 
     def print_on_main(self, text: str) -> None:
         if self.dist.is_main:

@@ -20,6 +20,8 @@ gradients and optimizer states evenly over the W ranks. Per GPU:
               projection out), cross-attention 4 D (norm, q, attention out, projection out), FFN 2 D + 2 F
               (norm, hidden, activation, out). Attention is assumed fused (flash / SDPA): no T x T scores.
               The text tokens, the timestep embeddings and the latents themselves are left out (small).
+              With sequence parallelism (dist.sequence_parallel = n, train/sequence.py) each GPU holds T / n of
+              every sample's tokens; the text stream, which each GPU keeps whole, is left out as above.
   Per stage (n blocks, k kept by the plan):
     stage1  inference, no gradients: one block's full activations
     stage2  the pruned path with gradients keeps a checkpoint per block it runs (n at worst: nothing
@@ -58,6 +60,7 @@ CPU: reports/host_memory_2026-12-04.md.
 """
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -94,6 +97,7 @@ class ParamCounts:
     ffn: int = 0  # the FFN's hidden size
     patch: tuple[int, int, int] = (1, 1, 1)  # (t, h, w)
     in_channels: int = 0
+    heads: int = 1
 
     @property
     def outside_blocks(self) -> int:
@@ -116,7 +120,8 @@ def block_shape(config) -> dict:
         patch = tuple(int(x) for x in patch)
     else:  # HunyuanVideo: patch_size (spatial) and patch_size_t
         patch = (int(config.get("patch_size_t", 1)), int(patch), int(patch))
-    return {"width": int(width), "ffn": int(ffn), "patch": patch, "in_channels": int(config["in_channels"])}
+    return {"width": int(width), "ffn": int(ffn), "patch": patch, "in_channels": int(config["in_channels"]),
+            "heads": int(config["num_attention_heads"])}
 
 
 def count_params(cfg: Config) -> ParamCounts:
@@ -155,7 +160,7 @@ def tokens(cfg: Config, counts: ParamCounts) -> int:
 def activations(cfg: Config, counts: ParamCounts) -> dict[str, float]:
     """Activation GiB per GPU of each stage (the module docstring has the formula and its assumptions)."""
     b = 2 if cfg.dist.bf16 else 4
-    per_sample = tokens(cfg, counts) * cfg.data.batch_size * b
+    per_sample = tokens(cfg, counts) / cfg.dist.sequence_parallel * cfg.data.batch_size * b
     full = per_sample * (FULL_PER_TOKEN[0] * counts.width + FULL_PER_TOKEN[1] * counts.ffn)
     kept_block = per_sample * counts.width if cfg.model.gradient_checkpointing else full
     n = len(counts.per_block)
@@ -237,6 +242,37 @@ def verdict(rows: dict[str, dict[str, float]]) -> str:
     return f"fits in 80 GB per GPU: {'yes' if peak < LIMIT_GIB else 'no'} (estimate {peak:.1f} GiB)"
 
 
+def sequence_parallel_sizes(cfg: Config, counts: ParamCounts) -> list[int]:
+    """The sizes dist.sequence_parallel may take at the config's world size: divisors of it, of the heads and of
+    one sample's tokens (train/sequence.py checks the same when a run starts)."""
+    t = tokens(cfg, counts)
+    return [n for n in range(1, max(1, cfg.dist.world_size) + 1)
+            if cfg.dist.world_size % n == 0 and counts.heads % n == 0 and t % n == 0]
+
+
+def smallest_fitting_sequence_parallel(cfg: Config, counts: ParamCounts) -> tuple[int, float] | None:
+    """(the smallest sequence-parallel size whose largest stage fits 80 GB per GPU, that stage's GiB), or None."""
+    for n in sequence_parallel_sizes(cfg, counts):
+        trial = copy.deepcopy(cfg)
+        trial.dist.sequence_parallel = n
+        peak = max(r["gpu_total"] for r in estimate(trial, counts).values())
+        if peak < LIMIT_GIB:
+            return n, peak
+    return None
+
+
+def sequence_parallel_line(cfg: Config, counts: ParamCounts) -> str:
+    if not cfg.dist.deepspeed:
+        return "sequence parallelism: needs dist.deepspeed"
+    found = smallest_fitting_sequence_parallel(cfg, counts)
+    now = f"dist.sequence_parallel {cfg.dist.sequence_parallel}"
+    if found is None:
+        return (f"sequence parallelism ({now}): no size up to the world size {cfg.dist.world_size} fits 80 GB per GPU "
+                f"(sizes allowed: {sequence_parallel_sizes(cfg, counts)})")
+    n, peak = found
+    return f"sequence parallelism ({now}): the smallest size that fits 80 GB per GPU is {n} (estimate {peak:.1f} GiB)"
+
+
 def report(cfg: Config) -> str:
     counts = count_params(cfg)
     on_cpu = os.environ.get("DS_ACCELERATOR") == "cpu"
@@ -253,7 +289,8 @@ def report(cfg: Config) -> str:
                                     f"both: {2 * counts.total / 1e9:.3f} B)")
     head = (f"{cfg.model.family}: {counts.total / 1e9:.3f} B parameters in {len(counts.per_block)} blocks{experts}; "
             f"{setup}, optimizer states on {where}; Stage III student keeps {cfg.stage1.keep_ratio:.0%} of the blocks")
-    shape = (f"activations: {p.frames} x {p.height} x {p.width} video -> {tokens(cfg, counts)} tokens of width "
+    split = f" ({tokens(cfg, counts) // d.sequence_parallel} per GPU)" if d.sequence_parallel > 1 else ""
+    shape = (f"activations: {p.frames} x {p.height} x {p.width} video -> {tokens(cfg, counts)} tokens{split} of width "
              f"{counts.width} (FFN {counts.ffn}), batch {cfg.data.batch_size} per GPU, gradient checkpointing {ckpt}")
     columns = (f"{'GiB per GPU':<8} | {'parameters':>10} | {'gradients':>9} | {'optimizer':>9} | {'gathered':>8} | "
                f"{'activations':>11} | {'GPU total':>9} | {'host RAM/node':>13}")
@@ -270,5 +307,6 @@ def report(cfg: Config) -> str:
                   + ("" if sharded(cfg) else " or, if more, the fp32 models each loads whole (dist.sharded_load off)")
                   + ("; DS_ACCELERATOR=cpu: what DeepSpeed keeps on the accelerator is host RAM too" if on_cpu
                      else ""))
-    lines += [f"({notes}; activations: train/memory.py's formula, an estimate)", verdict(rows)]
+    lines += [f"({notes}; activations: train/memory.py's formula, an estimate)", verdict(rows),
+              sequence_parallel_line(cfg, counts)]
     return "\n".join(lines)

@@ -315,6 +315,10 @@ def check_stage_inputs(cfg: Config, stage: str) -> None:
         teacher_path(cfg)  # names a missing teacher setting itself
         stage_expert(cfg, stage)  # and both experts' parts and boundary, for a two-expert model
         check_conditioning(cfg)
+    if stage != "toy_teacher" and cfg.dist.sequence_parallel > 1:
+        from .sequence import check_setting
+
+        check_setting(cfg, teacher_config(cfg))
     missing = [f"{setting} {path} does not exist: {fix}" for setting, (path, fix) in stage_inputs(cfg, stage).items()
                if not path.is_file()]
     if missing:

@@ -70,6 +70,7 @@ RANGES: dict[str, Range] = {
     # its gradient and weight partitions that the non-finite guard checks and clears
     "dist.zero_stage": Range("3", lambda v: v == 3 and is_int(v)),
     "dist.world_size": at_least(1),
+    "dist.sequence_parallel": at_least(1),
     "dist.param_persistence_threshold": at_least(0),
     "dist.prefetch_bucket_size": at_least(0),
     "dist.grad_clip": Range("a finite number >= 0 (0: no clipping)", NON_NEGATIVE.ok),
@@ -139,6 +140,12 @@ def problems(cfg: Any) -> list[str]:
     if cfg.dist.bf16 and not cfg.dist.deepspeed:
         out.append("dist.bf16 needs dist.deepspeed (the plain loop trains in fp32): "
                    "--set dist.deepspeed=true, or --set dist.bf16=false")
+    if cfg.dist.sequence_parallel > 1 and not cfg.dist.deepspeed:
+        out.append("dist.sequence_parallel > 1 needs dist.deepspeed (its groups are processes): "
+                   "--set dist.deepspeed=true, or --set dist.sequence_parallel=1")
+    if cfg.dist.world_size % cfg.dist.sequence_parallel:
+        out.append(f"dist.sequence_parallel ({cfg.dist.sequence_parallel}) must divide dist.world_size "
+                   f"({cfg.dist.world_size}): each group of that many ranks shares one sample")
     if cfg.stage2.target == "ema" and cfg.dist.deepspeed:
         out.append("stage2.target=ema needs the plain loop (ZeRO-3 partitions the weights to average): "
                    "--set stage2.target=frozen, or --set dist.deepspeed=false")

@@ -64,8 +64,8 @@ def build(cfg: Config, sigma_range: tuple[float, float] = (0.0, 1.0)) -> Stage2M
     plan = load_plan(cfg, cfg.stage2.plan, model, s2.expert or None)
     dtype = compute_dtype(cfg)
     frozen = frozen_target(cfg, dist, model, dtype) if s2.target == "frozen" else None
-    unit = make_trainable("model", AdapterModule(model, cfg.model.gradient_checkpointing), cfg, dist, s2.lr,
-                          s2.weight_decay)
+    module = AdapterModule(model, cfg.model.gradient_checkpointing, dist.shards)
+    unit = make_trainable("model", module, cfg, dist, s2.lr, s2.weight_decay)
     # the EMA starts at the teacher's weights, so its decay needs no warm-up (that forgets a random init)
     ema = EMA("target_ema", unit, s2.target_ema_decay, warmup=False) if s2.target == "ema" else None
     target = AdapterModule(ema.model) if ema is not None else frozen
@@ -80,7 +80,7 @@ def frozen_target(cfg: Config, dist: Dist, model: torch.nn.Module, dtype: torch.
         frozen = load_start(cfg, cfg.stage2.init or None)
     else:
         frozen = copy.deepcopy(model).to(dist.device, dtype)
-    return predictor(AdapterModule(frozen.eval().requires_grad_(False)), cfg)
+    return predictor(AdapterModule(frozen.eval().requires_grad_(False), shards=dist.shards), cfg)
 
 
 def train_one_step(m: Stage2Models, i: int) -> dict:

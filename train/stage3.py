@@ -90,8 +90,8 @@ def build(cfg: Config) -> Stage3Models:
     for p in lora_parameters(teacher):
         p.requires_grad_(True)
     ckpt = cfg.model.gradient_checkpointing
-    generator = make_trainable("generator", AdapterModule(student, ckpt), cfg, dist, s3.lr)
-    fake = make_trainable("fake", AdapterModule(teacher, ckpt), cfg, dist, s3.fake_lr)
+    generator = make_trainable("generator", AdapterModule(student, ckpt, dist.shards), cfg, dist, s3.lr)
+    fake = make_trainable("fake", AdapterModule(teacher, ckpt, dist.shards), cfg, dist, s3.fake_lr)
     return Stage3Models(
         cfg, Run(cfg, "stage3", dist), generator, fake, fake.module.model, skip, plan,
         TeacherMix(s3.beta1, s3.beta2, s3.beta1_below, s3.beta1_above, s3.beta2_jitter),

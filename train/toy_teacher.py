@@ -127,8 +127,8 @@ def train_and_export(cfg: Config, model: torch.nn.Module, resume: bool, export_o
     # models: the teacher (fresh, or toy_teacher.init's), trained in place, and the EMA of its weights
     dist = init_dist(cfg)
     model.train()
-    unit = make_trainable("model", AdapterModule(model, cfg.model.gradient_checkpointing), cfg, dist, tt.lr,
-                          tt.weight_decay)
+    module = AdapterModule(model, cfg.model.gradient_checkpointing, dist.shards)
+    unit = make_trainable("model", module, cfg, dist, tt.lr, tt.weight_decay)
     ema = EMA("ema", unit, tt.ema_decay)
     training = Run(cfg, STAGE, dist)
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from fastlightgen.adapters import DiTAdapter, adapt
+from fastlightgen.sequence import SequenceShards
 from fastlightgen.stored import StoredTensor
 
 from .config import Config
@@ -75,11 +76,13 @@ Predictor = Callable[[Callable[[DiTAdapter], Any]], Any]
 class AdapterModule(nn.Module):
     """nn.Module whose forward runs `fn(adapter)`: the one entry through which ZeRO-3 sees every call."""
 
-    def __init__(self, model: nn.Module, gradient_checkpointing: bool = False):
+    def __init__(self, model: nn.Module, gradient_checkpointing: bool = False, shards: SequenceShards | None = None):
         super().__init__()
         self.model = model
         self.adapter: DiTAdapter = adapt(model)
         self.adapter.gradient_checkpointing = gradient_checkpointing
+        if shards is not None:
+            self.adapter.shard_sequence(shards)
 
     def forward(self, fn: Callable[[DiTAdapter], Any]) -> Any:
         return fn(self.adapter)

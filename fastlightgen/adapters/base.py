@@ -15,6 +15,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from ..sequence import SequenceShards
+
 
 @dataclass(frozen=True)
 class ModelFingerprint:
@@ -107,7 +109,30 @@ class DiTAdapter(ABC):
     def renumbered_prefix(self, index: int, keep: Sequence[int]) -> str:
         """Prefix that block `index` gets in the physically pruned model keeping `keep`."""
 
+    @abstractmethod
+    def _self_attention_modules(self) -> list[nn.Module]:
+        """The attention modules that attend over the video tokens (the ones sequence parallelism splits)."""
+
+    @abstractmethod
+    def _sharded_processor(self, shards: SequenceShards) -> Any:
+        """The attention processor that runs those modules on this rank's slice of the tokens."""
+
+    def shard_sequence(self, shards: SequenceShards) -> None:
+        """From now on `begin` keeps this rank's slice of the video tokens, self-attention exchanges them with
+        the group (`fastlightgen.sequence`), and `end` returns the whole prediction on every rank. This sets the
+        model's self-attention processors, which hold the shards, so every adapter of the model splits alike:
+        only for a trainer's own model, never one a caller still uses whole."""
+        processor = self._sharded_processor(shards)
+        for module in self._self_attention_modules():
+            module.set_processor(processor)
+
     # ---- shared machinery ------------------------------------------------------------------
+    @property
+    def shards(self) -> SequenceShards | None:
+        """The sequence-parallel shards the model's self-attention runs on (`shard_sequence`), or None."""
+        modules = self._self_attention_modules()
+        return getattr(modules[0].processor, "shards", None) if modules else None
+
     @property
     def num_blocks(self) -> int:
         return len(self.blocks())
