@@ -190,6 +190,29 @@ def test_i2v_input_is_the_pipelines_36_channels(folders):
     assert out.shape == latents.shape
 
 
+def test_the_wan_adapter_puts_the_i2v_condition_beside_its_input(folders):
+    """Conditioning.latent_condition travels with its rows (repeat, cat: eq. 9's [c; null] batch) and the adapter
+    feeds the expert model_input(x_t, condition), as the pipeline feeds it."""
+    from diffusers import WanTransformer3DModel
+
+    from fastlightgen.adapters import Conditioning, adapt
+    from fastlightgen.image_condition import image_condition, model_input
+
+    model = WanTransformer3DModel.from_pretrained(str(folders["i2v"] / "transformer")).eval()
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(1, 16, 3, 4, 4, generator=g), torch.randn(1, 7, 64, generator=g)
+    condition = image_condition(torch.randn(1, 16, 3, 4, 4, generator=g))
+    cond = Conditioning(text=text, latent_condition=condition)
+    with torch.no_grad():
+        expected = model(model_input(x, condition), torch.tensor([300.0]), text, return_dict=False)[0]
+        adapter = adapt(model)
+        torch.testing.assert_close(adapter.forward(x, torch.tensor([0.3]), cond), expected)
+        null = Conditioning(text=torch.zeros_like(text), latent_condition=condition)
+        both = adapter.forward(x.repeat(2, 1, 1, 1, 1), torch.tensor([0.3, 0.3]), cond.cat(null))
+        torch.testing.assert_close(both[:1], expected)
+        assert cond.repeat(2).latent_condition.shape == (2, 20, 3, 4, 4)
+
+
 def test_an_i2v_teacher_is_refused_until_the_data_holds_its_image(folders, shards, tmp_path):
     from train import stage1
 

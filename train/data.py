@@ -45,7 +45,7 @@ class Batch:
     def to(self, device: torch.device, dtype: torch.dtype) -> "Batch":
         def move(c: Conditioning) -> Conditioning:
             f = lambda t: None if t is None else t.to(device, dtype if t.is_floating_point() else t.dtype)  # noqa: E731
-            return Conditioning(f(c.text), f(c.image), f(c.text_mask), f(c.pooled))
+            return Conditioning(f(c.text), f(c.image), f(c.text_mask), f(c.pooled), f(c.latent_condition))
         return Batch(self.x0.to(device, dtype), move(self.cond), move(self.null), self.desc, self.ti2v)
 
 
@@ -53,13 +53,13 @@ BatchFn = Callable[[torch.Generator, int], Batch]  # (generator, batch size) -> 
 
 
 def _drop_captions(cond: Conditioning, null: Conditioning, generator: torch.Generator, p: float) -> Conditioning:
-    """Each row's text conditioning replaced by the null one with probability p (image tokens kept)."""
+    """Each row's text conditioning replaced by the null one with probability p (image tokens and latents kept)."""
     keep = torch.rand(cond.text.shape[0], generator=generator) >= p
 
     def choose(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
         return None if a is None else torch.where(keep.view(-1, *[1] * (a.ndim - 1)), a, b)
     return Conditioning(choose(cond.text, null.text), cond.image, choose(cond.text_mask, null.text_mask),
-                        choose(cond.pooled, null.pooled))
+                        choose(cond.pooled, null.pooled), cond.latent_condition)
 
 
 def toy_batch(generator: torch.Generator, size: int, backgrounds: tuple[str, ...]) -> Batch:

@@ -45,16 +45,20 @@ class Conditioning:
     image: torch.Tensor | None = None  # Wan 2.1 I2V CLIP image tokens
     text_mask: torch.Tensor | None = None  # HunyuanVideo attention mask over text tokens
     pooled: torch.Tensor | None = None  # HunyuanVideo pooled text projection
+    # Wan I2V (2.2 A14B): the mask and image latents put beside the noisy input (fastlightgen.image_condition)
+    latent_condition: torch.Tensor | None = None
 
     def repeat(self, n: int) -> "Conditioning":
         rep = lambda t: None if t is None else t.repeat(n, *([1] * (t.ndim - 1)))  # noqa: E731
-        return Conditioning(rep(self.text), rep(self.image), rep(self.text_mask), rep(self.pooled))
+        return Conditioning(rep(self.text), rep(self.image), rep(self.text_mask), rep(self.pooled),
+                            rep(self.latent_condition))
 
     def cat(self, other: "Conditioning") -> "Conditioning":
         """Both batches in one, self's rows first (eq. 9 runs [c; null] as one batch)."""
         join = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
         return Conditioning(join(self.text, other.text), join(self.image, other.image),
-                            join(self.text_mask, other.text_mask), join(self.pooled, other.pooled))
+                            join(self.text_mask, other.text_mask), join(self.pooled, other.pooled),
+                            join(self.latent_condition, other.latent_condition))
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..flow import sigma_to_timestep
+from ..image_condition import model_input
 from ..sequence import SequenceShards
 from .base import BlockState, Conditioning, DiTAdapter
 
@@ -44,7 +45,7 @@ class WanAdapter(DiTAdapter):
     def begin(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> BlockState:
         m = self.model
         rotary = m.rope(x)
-        hidden = m.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()
+        hidden = m.patch_embedding(model_input(x, cond.latent_condition)).flatten(2).transpose(1, 2).contiguous()
         timestep = self._timesteps(sigma, x)
         seq_len = timestep.shape[1] if timestep.ndim == 2 else None
         temb, proj, context, image = m.condition_embedder(
