@@ -72,6 +72,15 @@ def test_stage2_zero3_two_processes_matches_single_and_resumes(tiny, tmp_path):
     with pytest.raises(CheckpointMismatch, match="world_size: 2 != 1"):
         stage2.main(train_args(teacher, plan, tmp_path / "zero3", **{"stage2.iterations": 4}) + ["--resume"])
 
+    # --dry-run's disk figure for a step_* checkpoint (train/memory.py) against the files DeepSpeed wrote
+    from train.config import load_config
+    from train.memory import GIB, checkpoint_gib, count_params
+
+    cfg = load_config(None, [a for a in ds_args if a != "--set"])
+    step = tmp_path / "zero3" / "stage2" / "step_0000003"
+    written = sum(f.stat().st_size for f in step.rglob("*.pt"))
+    assert written / GIB == pytest.approx(checkpoint_gib(cfg, count_params(cfg))["stage2_step"], rel=0.1)
+
 
 def test_stage2_zero3_frozen_target_partitioned_or_whole_matches_single(tiny, tmp_path):
     """stage2.target=frozen under ZeRO-3: loaded sharded (the default), the copy is read again as this rank's

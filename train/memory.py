@@ -38,6 +38,8 @@ Two experts (Wan 2.2 A14B, train.models.expert_count) of one architecture: Stage
 other and a Stage II run trains one (stage2.expert), so both hold one expert as above; Stage III holds both
 (its two-expert form is not written yet: counted as a run holding the student pair, the teacher pair and a
 fake-score LoRA per expert, every parameter term twice, the activations of one expert at a time).
+Disk (checkpoint_gib): a DeepSpeed step_* checkpoint holds CHECKPOINT_BYTES per trained parameter (frozen weights
+are rebuilt from the config, not written); model.safetensors the stage's model in the training dtype.
 The verdict compares the largest stage's GPU total with 80 GB = 80e9 bytes (74.5 GiB; an H100 80GB shows
 79.6 GiB, the rest is left for the CUDA context and the allocator's fragmentation).
 Host RAM per node (DeepSpeed runs; GPUS_PER_NODE ranks, or W if fewer), per rank:
@@ -68,6 +70,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from fastlightgen.fp8 import FP8_SCALED
+
 from .config import Config
 from .models import expert_count, model_class, sharded, teacher_config
 
@@ -79,6 +83,9 @@ FULL_PER_TOKEN = (13, 2)
 # host bytes per trained parameter and rank (/ W) with the optimizer offloaded: fp32 master copy 4, AdamW moments 8,
 # and two fp32 gradient partitions 8 (the offloaded optimizer's and ZeRO-3's own, on the CPU with it)
 OPTIMIZER_HOST_BYTES = 20
+# bytes per trained parameter in a DeepSpeed step_* checkpoint: ZeRO-3's optimizer files hold the fp32 master weights
+# and AdamW's two moments (12.04 measured on the tiny teacher; frozen weights are not written)
+CHECKPOINT_BYTES = 12
 # one process's own resident set: Python, torch, DeepSpeed and diffusers imported (0.79 GiB measured on the CPU,
 # research.bench.host_memory); a GPU process adds CUDA's host-side runtime, not measured here
 PROCESS_GIB = 0.8
@@ -242,6 +249,31 @@ def verdict(rows: dict[str, dict[str, float]]) -> str:
     return f"fits in 80 GB per GPU: {'yes' if peak < LIMIT_GIB else 'no'} (estimate {peak:.1f} GiB)"
 
 
+def checkpoint_gib(cfg: Config, counts: ParamCounts) -> dict[str, float]:
+    """GiB on disk: one DeepSpeed step_* checkpoint of Stages II and III (run.keep_checkpoints of them are kept, and
+    one more while a save is staged), each stage's model.safetensors (Stage II's whole model, Stage III's student, in
+    the training dtype) and the exported student (export.dtype)."""
+    b = 2 if cfg.dist.bf16 else 4
+    n = len(counts.per_block)
+    kept = max(1, round(cfg.stage1.keep_ratio * n))
+    student = counts.outside_blocks + sum(sorted(counts.per_block)[-kept:])
+    lora = sum(sorted(counts.lora_per_block)[-(kept if cfg.stage3.plan_teacher == "pruned" else n):])
+    pair = expert_count(cfg)  # Stage II trains one expert per run; Stage III both
+    # fp8_scaled: 1 byte a weight (about half of bfloat16 with its scales and the small tensors it keeps in bf16)
+    export = 1 if cfg.export.dtype == FP8_SCALED else getattr(torch, cfg.export.dtype).itemsize
+    return {"stage2_step": CHECKPOINT_BYTES * counts.total / GIB, "stage2_model": b * counts.total / GIB,
+            "stage3_step": CHECKPOINT_BYTES * pair * (student + lora) / GIB, "stage3_model": b * pair * student / GIB,
+            "export": export * pair * student / GIB}
+
+
+def checkpoint_line(cfg: Config, counts: ParamCounts) -> str:
+    c = checkpoint_gib(cfg, counts)
+    keep = cfg.run.keep_checkpoints
+    return (f"disk: a step_* checkpoint {c['stage2_step']:.1f} GiB (Stage II) / {c['stage3_step']:.1f} GiB (Stage III), "
+            f"{keep} kept + 1 while saving; model.safetensors {c['stage2_model']:.1f} / {c['stage3_model']:.1f} GiB; "
+            f"the exported student ({cfg.export.dtype}) {c['export']:.1f} GiB")
+
+
 def sequence_parallel_sizes(cfg: Config, counts: ParamCounts) -> list[int]:
     """The sizes dist.sequence_parallel may take at the config's world size: divisors of it, of the heads and of
     one sample's tokens (train/sequence.py checks the same when a run starts)."""
@@ -307,6 +339,6 @@ def report(cfg: Config) -> str:
                   + ("" if sharded(cfg) else " or, if more, the fp32 models each loads whole (dist.sharded_load off)")
                   + ("; DS_ACCELERATOR=cpu: what DeepSpeed keeps on the accelerator is host RAM too" if on_cpu
                      else ""))
-    lines += [f"({notes}; activations: train/memory.py's formula, an estimate)", verdict(rows),
-              sequence_parallel_line(cfg, counts)]
+    lines += [f"({notes}; activations: train/memory.py's formula, an estimate)", checkpoint_line(cfg, counts),
+              verdict(rows), sequence_parallel_line(cfg, counts)]
     return "\n".join(lines)
