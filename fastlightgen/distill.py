@@ -6,74 +6,23 @@ Stage II (eq. 5-7): the pruned path vP (a random subset of the plan's dropped bl
 Stage III (eq. 8-9): DMD2-style distribution matching. The few-step student's x0 is pushed along
     (x0_fake - x0_real), the difference of the fake and the well-guided real score's Tweedie x0.
 
-Several predictions of one input can share the blocks before the first block where their skip-sets
-differ (`run_branches`): the unpruned, pruned and fake-score passes of Stage III all start from one
-prefix, and only branches that need gradients record them; this is the one shared-prefix engine.
+Predictions of one input share the blocks before their paths part (`fastlightgen.branches`, the one
+shared-prefix engine); only branches that need gradients record them.
 TI2V: the first latent frame is given, so no loss is taken on it (`skip_first_frame`, `first_frame.loss_frames`).
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from .adapters.base import Conditioning, DiTAdapter
+from .branches import Branch, run_branches
 from .first_frame import loss_frames, noised, pin
-from .guidance import mix_velocities
-from .lora import LoRALinear, lora_enabled
+from .guidance import guided_predictions, mix_velocities
+from .lora import lora_enabled
 from .sampling import Velocity, predict_x0
-
-# ---- shared prefix ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Branch:
-    """One prediction from a shared prefix: its skip-set, whether it records gradients, LoRA on or off."""
-
-    skip: frozenset[int]
-    grad: bool = False
-    lora: bool = False
-
-
-def fork_index(adapter: DiTAdapter, skips: Sequence[frozenset[int]]) -> int:
-    """First block index where the skip-sets disagree (the number of blocks the branches can share)."""
-    differ = set().union(*skips) - set.intersection(*(set(s) for s in skips))
-    return min(differ) if differ else adapter.num_blocks
-
-
-def run_branches(adapter: DiTAdapter, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
-                 branches: Sequence[Branch], lora_model: nn.Module | None = None) -> list[torch.Tensor]:
-    """Velocities of every branch; the common prefix runs once, with grad only if some branch needs it.
-
-    A branch without grad reads the prefix under no_grad, so it adds nothing to the autograd graph
-    (Stage II with alpha = 1: only the pruned branch is differentiated). The prefix runs with the LoRA on
-    only if every branch wants it; when branches differ, no LoRA may sit in the prefix (checked).
-    """
-    skips = [adapter.check_skip(b.skip) for b in branches]
-    fork = fork_index(adapter, skips)
-    common = frozenset.intersection(*skips)
-    prefix_lora = all(b.lora for b in branches)
-    if lora_model is not None and not prefix_lora and any(b.lora for b in branches):
-        _check_no_lora(adapter, fork)
-    switch = lora_enabled(lora_model, prefix_lora) if lora_model is not None else nullcontext()
-    with torch.set_grad_enabled(torch.is_grad_enabled() and any(b.grad for b in branches)), switch:
-        state = adapter.run_blocks(adapter.begin(x, sigma, cond), 0, fork, common)
-    outs = []
-    for branch, skip in zip(branches, skips):
-        switch = lora_enabled(lora_model, branch.lora) if lora_model is not None else nullcontext()
-        with torch.set_grad_enabled(torch.is_grad_enabled() and branch.grad), switch:
-            outs.append(adapter.end(adapter.run_blocks(state, fork, adapter.num_blocks, skip)))
-    return outs
-
-
-def _check_no_lora(adapter: DiTAdapter, fork: int) -> None:
-    for i in range(fork):
-        if any(isinstance(m, LoRALinear) for m in adapter.blocks()[i].modules()):
-            raise ValueError(f"block {i} carries a LoRA but lies in the prefix (blocks 0..{fork - 1}) shared by "
-                             "branches with the LoRA on and off; put LoRAs only on blocks from the fork on")
-
 
 # ---- losses ---------------------------------------------------------------------------------------
 
@@ -140,13 +89,13 @@ def teacher_scores(adapter: DiTAdapter, lora_model: nn.Module, x_t: torch.Tensor
                    beta2: float, fake_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(v_real, v_fake): eq. 9's well-guided teacher (LoRA off) and the fake score (LoRA on, pruned path).
 
-    The teacher's three predictions come from one batched `forward_guided` call; the fake score is one
+    The teacher's three predictions come from one batched `guided_predictions` call; the fake score is one
     more pruned pass. Its LoRA sits on every kept block: with it only past the first dropped block (where
     it could share the prefix too) the fake score could not follow the student, and DMD then pushed a fixed
     direction.
     """
     with torch.no_grad(), lora_enabled(lora_model, False):
-        v_pruned_c, v_pruned_null, v_unpruned_c = adapter.forward_guided(x_t, sigma, cond, null_cond, pruned_skip)
+        v_pruned_c, v_pruned_null, v_unpruned_c = guided_predictions(adapter, x_t, sigma, cond, null_cond, pruned_skip)
     v_real = mix_velocities(v_pruned_c.float(), v_pruned_null.float(), v_unpruned_c.float(), beta1, beta2)
     return v_real, fake_velocity(adapter, lora_model, x_t, sigma, cond, pruned_skip, grad=fake_grad)
 

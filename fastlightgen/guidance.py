@@ -6,7 +6,7 @@ vP is the pruned path (the plan's blocks skipped), vU the unpruned path. The fir
 classifier-free guidance on the pruned path in the "v_null + s * (v_c - v_null)" form with scale
 beta1 (inter CFG); the second pulls toward the unpruned model with scale beta2 (intra CFG). So beta2 = 0
 is plain CFG on the pruned path, and beta1 = beta2 = 1 gives vU(c). The three predictions come from one
-`DiTAdapter.forward_guided` call: [c; null] as one batch through the prefix (blocks before the first
+`guided_predictions` call: [c; null] as one batch through the prefix (blocks before the first
 pruned block) and the pruned path, vU(c) continuing from the c rows.
 """
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Iterable
 
 import torch
 
-from .adapters.base import Conditioning, DiTAdapter
+from .adapters.base import Conditioning, DiTAdapter, batch_sigma
+from .branches import Branch, run_branches
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,20 @@ class TeacherMix:
         return b1, b2
 
 
+def guided_predictions(adapter: DiTAdapter, x: torch.Tensor, sigma, cond: Conditioning, null_cond: Conditioning,
+                       pruned_skip: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(vP(c), vP(null), vU(c)) in one call: [c; null] as one batch (which pays wherever one sample leaves the
+    device idle, a GPU at batch 1) along the pruned path, vU(c) continuing from the c rows where the paths part."""
+    n, sigma = x.shape[0], batch_sigma(sigma, x)
+    pruned, unpruned = run_branches(adapter, torch.cat([x, x]), torch.cat([sigma, sigma]), cond.cat(null_cond),
+                                    [Branch(frozenset(pruned_skip)), Branch(rows=n)])
+    return pruned[:n], pruned[n:], unpruned
+
+
 def well_guided_velocity(adapter: DiTAdapter, x: torch.Tensor, sigma, cond: Conditioning,
                          null_cond: Conditioning, pruned_skip: Iterable[int], beta1: float,
                          beta2: float) -> torch.Tensor:
-    v_pruned_c, v_pruned_null, v_unpruned_c = adapter.forward_guided(x, sigma, cond, null_cond, pruned_skip)
+    v_pruned_c, v_pruned_null, v_unpruned_c = guided_predictions(adapter, x, sigma, cond, null_cond, pruned_skip)
     return mix_velocities(v_pruned_c, v_pruned_null, v_unpruned_c, beta1, beta2)
 
 

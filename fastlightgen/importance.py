@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from .adapters.base import Conditioning, DiTAdapter
+from .branches import Branch, run_branches
 from .first_frame import frame_sigma
 from .flow import add_noise, x0_from_velocity
 from .plan import PrunePlan
@@ -87,10 +88,11 @@ def block_importance(adapter: DiTAdapter, samples: Iterable[tuple[torch.Tensor, 
                 noise = torch.randn(x0.shape, generator=generator).to(x0)
                 x_t = add_noise(x0, noise, sigma)
                 err = lambda v: (x0_from_velocity(x_t, v, sigma) - x0).double().pow(2).mean().item()  # noqa: E731
-                if prefix_reuse:
-                    states, v_full = adapter.block_inputs(x_t, sigma, cond)
+                if prefix_reuse:  # the full pass and each one-block-skipped pass, sharing their prefixes
+                    v_full, *skipped = run_branches(adapter, x_t, sigma, cond,
+                                                    [Branch()] + [Branch(frozenset({i})) for i in range(n)])
                     full = check_error(err(v_full), None, float(s))
-                    per_block = [check_error(err(adapter.skip_one_from(states, i)), i, float(s)) for i in range(n)]
+                    per_block = [check_error(err(v), i, float(s)) for i, v in enumerate(skipped)]
                 else:
                     full = check_error(err(adapter.forward(x_t, sigma, cond)), None, float(s))
                     per_block = [check_error(err(adapter.forward(x_t, sigma, cond, skip={i})), i, float(s))

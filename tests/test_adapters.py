@@ -4,6 +4,7 @@ import torch
 from tiny_models import hunyuan_inputs, tiny_hunyuan, tiny_wan, wan_inputs
 
 from fastlightgen.adapters import adapt
+from fastlightgen.guidance import guided_predictions
 from fastlightgen.toy.teacher import null_like
 
 SIGMA = torch.tensor([0.3, 0.8])
@@ -91,7 +92,7 @@ def test_guided_triple_equals_three_calls_and_batches_the_prefix(case):
     with torch.no_grad():
         separate = (adapter(x, sigma, cond, skip=skip), adapter(x, sigma, null, skip=skip), adapter(x, sigma, cond))
         adapter.block_evaluations = 0
-        guided = adapter.forward_guided(x, sigma, cond, null, skip)
+        guided = guided_predictions(adapter, x, sigma, cond, null, skip)
     for got, want in zip(guided, separate):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(guided[0], guided[1], atol=1e-4)  # the null rows are not the cond rows

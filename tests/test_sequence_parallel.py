@@ -24,7 +24,7 @@ WORKER = """
 import json, os, sys
 import torch
 from fastlightgen.adapters import adapt
-from fastlightgen.distill import Branch, run_branches
+from fastlightgen.branches import Branch, run_branches
 from train.config import load_config
 from train.dist import init_dist
 sys.path.insert(0, "tests")

@@ -16,7 +16,8 @@ from test_train import make_tiny_teacher, train_args
 from tiny_models import tiny_wan, wan_inputs
 
 from fastlightgen.adapters import adapt
-from fastlightgen.distill import Branch, mse, run_branches, stage2_loss
+from fastlightgen.branches import Branch, run_branches
+from fastlightgen.distill import mse, stage2_loss
 from train.config import ConfigError, identity_diff, load_config
 from train.models import load_teacher
 

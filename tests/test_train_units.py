@@ -9,11 +9,10 @@ import torch
 from tiny_models import tiny_wan, wan_inputs
 
 from fastlightgen.adapters import adapt
+from fastlightgen.branches import Branch, run_branches
 from fastlightgen.distill import (
-    Branch,
     backward_simulation,
     dmd_generator_loss,
-    run_branches,
     sample_skip,
     stage2_loss,
     teacher_scores,
@@ -89,6 +88,25 @@ def test_run_branches_equal_separate_passes_and_only_grad_branches_record(wan):
         torch.testing.assert_close(v_p, adapter.forward(x, sigma, cond, skip=skip))
         torch.testing.assert_close(v_u, adapter.forward(x, sigma, cond))
     assert v_p.requires_grad and not v_u.requires_grad
+
+
+def test_run_branches_tree_runs_each_shared_block_once_and_cuts_rows(wan):
+    """Branches parting at different blocks (Stage I's N + 1 passes and more) and a branch on fewer rows: each equals
+    its own pass, and a block runs once for every group of branches that reach it from the same state."""
+    adapter, x, sigma, cond = wan
+    n = adapter.num_blocks
+    branches = [Branch(), Branch(frozenset({1})), Branch(frozenset({1, 3})), Branch(frozenset({4}), rows=1)]
+    adapter.block_evaluations = 0
+    with torch.no_grad():
+        outs = run_branches(adapter, x, sigma, cond, branches)
+        counted = adapter.block_evaluations
+        for branch, out in zip(branches, outs):
+            want = adapter.forward(x, sigma, cond, skip=branch.skip)
+            torch.testing.assert_close(out, want if branch.rows is None else want[:branch.rows])
+    # block 0 for all; the two skipping 1 share block 2, then 3-5 for one and 4-5 for the other; the other two share
+    # 1-3, then 5 for the one skipping 4 and 4-5 for the full pass
+    assert counted == 1 + (1 + 3 + 2) + (3 + 1 + 2)
+    assert outs[3].shape[0] == 1
 
 
 def test_stage2_loss_alpha_one_distills_pruned_path_only(wan):

@@ -1,9 +1,8 @@
 """The model-adapter seam: a DiT seen as  g2 . B_{N-1} . ... . B_0 . g1  (paper eq. 2).
 
 An adapter splits a model's forward into `begin` (g1: embeddings), `run_block` (one block of the
-ordered list) and `end` (g2: output head), so that skipping blocks, eq. 9's batched passes and Stage I's
-prefix reuse are written once here, for every family; `run_blocks` is what training's shared-prefix engine
-(`fastlightgen.distill.run_branches`) builds on.
+ordered list) and `end` (g2: output head), so that skipping blocks is written once here, for every family;
+`run_blocks` and `take_rows` are what the shared-prefix engine (`fastlightgen.branches`) builds on.
 Nothing here copies weights or mutates the wrapped model.
 """
 from __future__ import annotations
@@ -67,6 +66,12 @@ class BlockState:
 
     streams: tuple[torch.Tensor, ...]
     ctx: dict[str, Any] = field(default_factory=dict)
+
+
+def batch_sigma(sigma, x: torch.Tensor) -> torch.Tensor:
+    """A sigma per sample of `x` (or per frame, as given) from a number or a tensor."""
+    s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    return s.expand(x.shape[0]) if s.ndim == 0 else s
 
 
 def _as_skip(skip: Iterable[int] | None) -> frozenset[int]:
@@ -170,7 +175,7 @@ class DiTAdapter(ABC):
     def forward(self, x: torch.Tensor, sigma, cond: Conditioning, skip: Iterable[int] | None = None) -> torch.Tensor:
         """Velocity with the blocks in `skip` bypassed (identity), no weight copy."""
         skip = self.check_skip(skip)
-        state = self.begin(x, self._sigma(sigma, x), cond)
+        state = self.begin(x, batch_sigma(sigma, x), cond)
         return self.end(self.run_blocks(state, 0, self.num_blocks, skip))
 
     __call__ = forward
@@ -179,41 +184,6 @@ class DiTAdapter(ABC):
         """The state of a sub-batch, to continue only some rows of a batched pass."""
         ctx = {k: v[rows] if k in self.batched_ctx and v is not None else v for k, v in state.ctx.items()}
         return BlockState(tuple(s[rows] for s in state.streams), ctx)
-
-    def forward_guided(self, x: torch.Tensor, sigma, cond: Conditioning, null_cond: Conditioning,
-                       skip: Iterable[int] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(skipped model on cond, skipped model on null_cond, full model on cond) in one call.
-
-        cond and null_cond run as one batch of 2B through the blocks before the first skipped one and on
-        along the skipped path; the full model continues from the cond rows at that fork. Batching pays
-        wherever one sample leaves the device idle (a GPU at batch 1), and the fork shares the prefix.
-        """
-        skip = self.check_skip(skip)
-        n, sigma = x.shape[0], self._sigma(sigma, x)
-        fork = min(skip, default=self.num_blocks)
-        state = self.begin(torch.cat([x, x]), torch.cat([sigma, sigma]), cond.cat(null_cond))
-        state = self.run_blocks(state, 0, fork, frozenset())
-        skipped = self.end(self.run_blocks(state, fork, self.num_blocks, skip))
-        full = self.end(self.run_blocks(self.take_rows(state, slice(0, n)), fork, self.num_blocks, frozenset()))
-        return skipped[:n], skipped[n:], full
-
-    def block_inputs(self, x: torch.Tensor, sigma, cond: Conditioning) -> tuple[list[BlockState], torch.Tensor]:
-        """Full pass keeping the input state of every block; returns (states, full-model velocity)."""
-        state = self.begin(x, self._sigma(sigma, x), cond)
-        states = []
-        for i in range(self.num_blocks):
-            states.append(state)
-            state = self.run_block(i, state)
-        return states, self.end(state)
-
-    def skip_one_from(self, states: list[BlockState], index: int) -> torch.Tensor:
-        """Velocity of the model with block `index` skipped, reusing the full pass's prefix."""
-        return self.end(self.run_blocks(states[index], index + 1, self.num_blocks, frozenset()))
-
-    @staticmethod
-    def _sigma(sigma, x: torch.Tensor) -> torch.Tensor:
-        s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-        return s.expand(x.shape[0]) if s.ndim == 0 else s
 
     # ---- physical pruning -------------------------------------------------------------------
     def pruned_keys(self, keep: Sequence[int]) -> dict[str, str]:

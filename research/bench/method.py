@@ -15,7 +15,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from fastlightgen.adapters import Conditioning, adapt
-from fastlightgen.distill import Branch, run_branches
+from fastlightgen.branches import Branch, run_branches
 from fastlightgen.importance import block_importance, stage1_sigmas
 from fastlightgen.plan import PrunePlan
 

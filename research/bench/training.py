@@ -4,7 +4,7 @@ On a randomly initialised toy-teacher-shaped Wan (12 blocks x 256, 48 latent cha
 with a plan dropping the four middle blocks (Stage I's U-shape: the first dropped block is block 4):
 1. Stage II step (forward, backward, AdamW) with the shared prefix vs two separate passes, over the
    same Bernoulli(0.5) skip-sets;
-2. Stage III: eq. 9's three teacher predictions in one `forward_guided` call ([c; null] as one batch
+2. Stage III: eq. 9's three teacher predictions in one `guided_predictions` call ([c; null] as one batch
    through the prefix and the pruned path, vU(c) continuing from the c rows) vs three separate teacher
    passes (target <= 0.85x); the same plus the fake-score pass on both sides; and the whole generator
    update (backward simulation, student, teacher, backward);
@@ -30,7 +30,8 @@ import torch
 
 from fastlightgen.adapters import adapt
 from fastlightgen.checkpoint import CheckpointMeta, save_checkpoint
-from fastlightgen.distill import Branch, dmd_generator_loss, mse, run_branches, sample_skip, teacher_scores
+from fastlightgen.branches import Branch, run_branches
+from fastlightgen.distill import dmd_generator_loss, mse, sample_skip, teacher_scores
 from fastlightgen.flow import x0_from_velocity
 from fastlightgen.guidance import mix_velocities, well_guided_velocity
 from fastlightgen.lora import add_lora, lora_enabled, lora_parameters
@@ -82,7 +83,7 @@ def bench_stage2(repeats: int, batch: int) -> tuple[float, float]:
 
 @dataclass
 class Stage3Times:
-    eq9: tuple[float, float]  # eq. 9's three predictions: one forward_guided call vs three separate passes
+    eq9: tuple[float, float]  # eq. 9's three predictions: one guided_predictions call vs three separate passes
     with_fake: tuple[float, float]  # the same plus the fake-score pass on both sides
     update: tuple[float, float]  # the whole generator update
 
