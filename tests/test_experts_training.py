@@ -213,11 +213,72 @@ def test_the_wan_adapter_puts_the_i2v_condition_beside_its_input(folders):
         assert cond.repeat(2).latent_condition.shape == (2, 20, 3, 4, 4)
 
 
-def test_an_i2v_teacher_is_refused_until_the_data_holds_its_image(folders, shards, tmp_path):
-    from train import stage1
+def test_an_i2v_teacher_is_refused_without_image_latents(folders, shards, tmp_path):
+    from train import stage1, stage2
 
-    with pytest.raises(ValueError, match=r"I2V model \(36 input channels.*train.preprocess does not encode one yet"):
+    with pytest.raises(ValueError, match=r"I2V model \(36 input channels.*hold no image latents: run `python -m "
+                                         r"train.preprocess` with this model's config"):
         stage1.run(load_config(None, a14b_settings(folders["i2v"], shards, tmp_path)))
+    with pytest.raises(ValueError, match=r"the toy world's data hold no image latents"):
+        stage2.run(load_config(None, [f"model.path={folders['i2v']}", "stage2.expert=low", "data.source=toy",
+                                      f"run.run_dir={tmp_path}"]))
+    assert not (tmp_path / "stage1").exists()
+
+
+@pytest.fixture(scope="module")
+def i2v_shards(folders, tmp_path_factory) -> tuple[Path, list[str]]:
+    """Two clips through train.preprocess with the tiny I2V-A14B folder's encoders: its settings and shard folder."""
+    from test_preprocess_real import clip
+
+    from train import preprocess
+
+    base = tmp_path_factory.mktemp("i2v_data")
+    for k, caption in enumerate(("a red circle moves left", "a blue square jumps")):
+        clip(base / "videos" / f"{k}.mp4", 9, 32, 32, seed=k)
+        (base / "videos" / f"{k}.txt").write_text(caption)
+    settings = [f"model.path={folders['i2v']}", "model.ti2v=false", "preprocess.encoder=wan",
+                f"preprocess.videos={base / 'videos'}", f"preprocess.out={base / 'shards'}", "preprocess.frames=9",
+                "preprocess.height=32", "preprocess.width=32"]
+    preprocess.run(load_config(None, settings))
+    return base / "shards", settings
+
+
+def test_preprocess_writes_the_image_latents_the_pipeline_conditions_on(folders, i2v_shards):
+    """For an I2V model each row also holds the VAE's latents of its video's first frame followed by zero frames:
+    with the mask, the condition WanImageToVideoPipeline builds from that frame."""
+    from diffusers import WanImageToVideoPipeline
+
+    from fastlightgen.image_condition import image_condition
+    from train.dataset import entries, videos
+
+    out, settings = i2v_shards
+    cfg = load_config(None, settings)
+    stored = load_file(str(out / "shard_00000.safetensors"))
+    assert stored["image_latents"].dtype == torch.float32 and stored["image_latents"].shape == (2, 16, 3, 4, 4)
+    pipe = WanImageToVideoPipeline.from_pretrained(str(folders["i2v"]))
+    for row, (_, video, _) in enumerate(videos(entries(cfg.preprocess), cfg.preprocess, {})):
+        _, expected = pipe.prepare_latents(video[None, :, 0], 1, 16, 32, 32, 9, torch.float32, torch.device("cpu"),
+                                           torch.Generator().manual_seed(0))
+        torch.testing.assert_close(image_condition(stored["image_latents"][row:row + 1]), expected, atol=1e-5,
+                                   rtol=1e-5)
+
+
+def test_an_i2v_expert_trains_on_its_image_latents(folders, i2v_shards, tmp_path, monkeypatch):
+    """Stage I and a Stage II step of the I2V-A14B low-noise expert on those shards: every prediction gets the
+    condition, on the caption's and the null's rows alike."""
+    from train import data, stage1, stage2
+
+    out, _ = i2v_shards
+    settings = a14b_settings(folders["i2v"], out, tmp_path, **{"stage2.expert": "low", "stage2.iterations": 1,
+                                                                "stage2.alpha": 0.5})
+    drawn = []
+    real_batch = data.ShardSet.batch
+    monkeypatch.setattr(data.ShardSet, "batch", lambda self, g, n: drawn.append(real_batch(self, g, n)) or drawn[-1])
+    stage1.run(load_config(None, settings))
+    stage2.run(load_config(None, settings))
+    assert len(drawn) == 3 and all(b.cond.latent_condition.shape == (1, 20, 3, 4, 4) for b in drawn)
+    assert all(torch.equal(b.null.latent_condition, b.cond.latent_condition) for b in drawn)
+    assert json.loads((tmp_path / "stage2_low" / "run.json").read_text())["sigma_range"] == [0.0, I2V_BOUNDARY]
 
 
 # ---- 3. Stage I per expert ------------------------------------------------------------------------------

@@ -7,6 +7,9 @@ encoder's encoding of the null prompt ("" unless configured), stored once beside
 batch carries it as `Batch.null` (eq. 9's vP(null), CFG), and caption dropout replaces a caption's
 conditioning by it, so the unconditional prediction that CFG and eq. 9 need keeps being trained on the
 very input they give it. The toy world's null is its encoder's "" too (all zeros there).
+A Wan I2V model's shards also hold `image_latents` (N, C, F, h, w): a batch carries their condition
+(`fastlightgen.image_condition`) on its conditioning and on its null alike, since the null prompt drops the text,
+not the image.
 A batch reads from the shard files only its rows' bytes (located by the files' headers), never whole files.
 Every shard's header and size are checked against the index when the set is opened, so a truncated, missing or
 foreign file stops the run at start with its name, not when a batch first draws it hours later.
@@ -27,10 +30,12 @@ from safetensors.torch import load_file
 
 from fastlightgen.adapters import Conditioning
 from fastlightgen.checkpoint import CheckpointError, read_safetensors_header
+from fastlightgen.image_condition import image_condition
 
 from .config import Config
 
 SHARD_FORMAT = "fastlightgen.shards/2"  # /2: the null conditioning is stored
+LATENTS = ("latents", "image_latents")  # a shard's per-video tensors; the rest is the caption's conditioning
 
 
 @dataclass
@@ -73,9 +78,11 @@ def toy_batch(generator: torch.Generator, size: int, backgrounds: tuple[str, ...
 
 
 def _conditioning(tensors: dict[str, torch.Tensor]) -> Conditioning:
-    """The conditioning among a shard's tensors, floats in fp32 (stored in bf16)."""
+    """The conditioning among a shard's tensors, floats in fp32 (stored in bf16; image latents in fp32)."""
     floats = lambda key: tensors[key].float() if key in tensors else None  # noqa: E731
-    return Conditioning(text=floats("text"), text_mask=tensors.get("text_mask"), pooled=floats("pooled"))
+    image = floats("image_latents")
+    return Conditioning(text=floats("text"), text_mask=tensors.get("text_mask"), pooled=floats("pooled"),
+                        latent_condition=None if image is None else image_condition(image))
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -116,7 +123,7 @@ class ShardSet:
         null_file = self.folder / self.index["null"]["file"]
         null, first = load_file(str(null_file)), self.shard(self.items[0][0])
         shapes = {k: tuple(v.shape[1:]) for k, v in null.items()}
-        if shapes != {k: shape[1:] for k, (_, shape, _) in first.items() if k != "latents"}:
+        if shapes != {k: shape[1:] for k, (_, shape, _) in first.items() if k not in LATENTS}:
             raise ValueError(f"{null_file} holds {shapes}, unlike the conditioning of the shards; write both with "
                              f"the same text encoder (`python -m train.preprocess`)")
         self.null = _conditioning(null)
@@ -171,7 +178,9 @@ class ShardSet:
         rows = [self.items[k] for k in picks]
         stacked = {k: torch.stack([self.row(f, k, i) for f, i, _ in rows]) for k in self.shard(rows[0][0])}
         desc = ", ".join(f"{f}[{i}] ({item['file']})" for f, i, item in rows)
-        return Batch(stacked["latents"].float(), _conditioning(stacked), self.null.repeat(size), desc)
+        cond, null = _conditioning(stacked), self.null.repeat(size)
+        null.latent_condition = cond.latent_condition
+        return Batch(stacked["latents"].float(), cond, null, desc)
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.index, sort_keys=True).encode()).hexdigest()[:16]

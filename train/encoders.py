@@ -101,6 +101,11 @@ class WanEncoders:
         std = torch.tensor(c.latents_std).view(1, -1, 1, 1, 1).to(latents)
         return ((latents - mean) / std).cpu()
 
+    def image_latents(self, videos: torch.Tensor) -> torch.Tensor:
+        """An I2V model's image latents (fastlightgen.image_condition): the first frame followed by zero frames,
+        encoded as the videos are, as WanImageToVideoPipeline encodes its image."""
+        return self.video(torch.cat([videos[:, :, :1], torch.zeros_like(videos[:, :, 1:])], dim=2))
+
     @torch.no_grad()
     def text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         rows = []

@@ -331,17 +331,26 @@ def check_stage_inputs(cfg: Config, stage: str) -> None:
 
 
 def check_conditioning(cfg: Config) -> None:
-    """The teacher takes what the training data holds: an I2V model's image condition
-    (fastlightgen.image_condition) is not written by train.preprocess yet. Reads the teacher's config, no weights."""
+    """An I2V teacher (fastlightgen.image_condition) trains on shards holding image latents, which train.preprocess
+    writes for an I2V model. Reads the teacher's config and the shards' headers, no weights."""
     if cfg.model.family != "wan":
         return
     from fastlightgen.image_condition import condition_channels
 
     arch = teacher_config(cfg)
-    if condition_channels(arch["in_channels"], arch["out_channels"]):
-        raise ValueError(f"the teacher is an I2V model ({arch['in_channels']} input channels: latents, mask and image "
-                         "latents, fastlightgen/image_condition.py), and the training data holds no image condition: "
-                         "train.preprocess does not encode one yet (issue #41); train a T2V or TI2V model")
+    if not condition_channels(arch["in_channels"], arch["out_channels"]):
+        return
+    if cfg.data.source == "shards":
+        from .data import ShardSet
+
+        shards = ShardSet(cfg.data.shards)
+        if "image_latents" in shards.shard(shards.items[0][0]):
+            return
+    data = f"the shards in {cfg.data.shards}" if cfg.data.source == "shards" else "the toy world's data"
+    raise ValueError(f"the teacher is an I2V model ({arch['in_channels']} input channels: latents, mask and image "
+                     f"latents, fastlightgen/image_condition.py), and {data} hold no image latents: run `python -m "
+                     "train.preprocess` with this model's config (it encodes them for an I2V model) and train on "
+                     "its shards")
 
 
 def load_plan(cfg: Config, configured: str, model: nn.Module, expert: str | None = None) -> PrunePlan:

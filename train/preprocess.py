@@ -22,7 +22,9 @@ items, skips and the identity of what made it) exist; the record is written afte
 same command again after an interruption: finished shards whose record matches (the same settings, model
 files, input files and encoding code, files by path, size and modification time) are kept, the others are
 encoded.
-Output: preprocess.out/shard_*.safetensors (`latents`, `text`; HunyuanVideo also `text_mask`, `pooled`),
+Output: preprocess.out/shard_*.safetensors (`latents`, `text`; HunyuanVideo also `text_mask`, `pooled`; a Wan I2V
+model (36 input channels, fastlightgen/image_condition.py) also `image_latents`, in fp32 like the latents: the VAE's
+encoding of each video's first frame followed by zero frames, the image its condition is made of),
 null.safetensors (the encoding of preprocess.null_prompt, "" by default: the null conditioning of CFG,
 caption dropout and eq. 9) and index.json naming them, shard by shard in rank order. API: `run(cfg)`;
 `write_shard`, `write_null` and `write_index` are the shard format's writers for other producers of shards.
@@ -37,6 +39,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from fastlightgen.image_condition import condition_channels
 from fastlightgen.io_utils import atomic_path, atomic_write_text
 
 from .cli import parse
@@ -59,19 +62,30 @@ class Inputs:
     family: str  # the encoders (train/encoders.py ENCODERS): "toy", "wan", "hunyuanvideo"
     items: list[Entry] | None  # None: toy world videos are rendered
     parts: dict[str, Path]  # the encoders' folders (vae, text_encoder, tokenizer, ...)
+    image: bool = False  # an I2V model: the shards also hold each video's image latents
+
+
+def transformer_config(cfg: Config) -> dict:
+    """model.arch, else the teacher's config (no weights read), else {} (preprocessing needs no teacher)."""
+    if cfg.model.arch:
+        return cfg.model.arch
+    try:
+        return teacher_config(cfg)
+    except (OSError, ValueError):
+        return {}
 
 
 def patch_size(cfg: Config) -> int:
-    """The transformer's spatial patch: model.arch's, else the teacher's config (no weights read), else the
-    family's default (preprocessing needs no teacher)."""
-    config = cfg.model.arch
-    if not config:
-        try:
-            config = teacher_config(cfg)
-        except (OSError, ValueError):
-            config = {}
-    patch = config.get("patch_size") or default(model_class(cfg.model.family), "patch_size")
+    """The transformer's spatial patch (transformer_config), else the family's default."""
+    patch = transformer_config(cfg).get("patch_size") or default(model_class(cfg.model.family), "patch_size")
     return patch[-1] if isinstance(patch, (list, tuple)) else patch
+
+
+def image_conditioned(cfg: Config, family: str) -> bool:
+    """Whether the model is a Wan I2V model, whose shards hold image latents (fastlightgen.image_condition)."""
+    config = transformer_config(cfg)
+    return family == "wan" and "in_channels" in config and \
+        condition_channels(config["in_channels"], config["out_channels"]) > 0
 
 
 def check_video_shape(cfg: Config, family: str, parts: dict[str, Path]) -> None:
@@ -127,7 +141,7 @@ def read_inputs(cfg: Config) -> Inputs:
             raise ValueError("no dataset: set preprocess.videos to a folder of videos with same-name .txt captions, "
                              "or preprocess.captions to a JSONL / CSV / JSON list of records")
         return Inputs(family, None, parts)
-    return Inputs(family, entries(p), parts)
+    return Inputs(family, entries(p), parts, image_conditioned(cfg, family))
 
 
 def toy_videos(p: PreprocessConfig) -> dict[str, tuple[torch.Tensor, str]]:
@@ -168,7 +182,7 @@ def folder_identity(folder: Path, pattern: str = "*") -> dict:
     return {str(f.relative_to(folder)): file_identity(f) for f in sorted(folder.rglob(pattern)) if f.is_file()}
 
 
-def run_identity(p: PreprocessConfig, family: str, parts: dict[str, Path]) -> dict:
+def run_identity(p: PreprocessConfig, family: str, parts: dict[str, Path], image: bool = False) -> dict:
     """What every shard's encoding depends on besides its inputs: the settings, the encoders' files, and the code
     that decodes and encodes (a shard written by older code is not kept)."""
     import diffusers
@@ -177,6 +191,8 @@ def run_identity(p: PreprocessConfig, family: str, parts: dict[str, Path]) -> di
     from fastlightgen import toy
 
     settings = {k: getattr(p, k) for k in ("frames", "height", "width", "frame_stride", "fps")}
+    if image:  # only then, so the shards of every other model keep their identity
+        settings["image_latents"] = True
     here = Path(__file__).parent
     code = {"versions": [torch.__version__, diffusers.__version__, transformers.__version__],
             **{name: file_identity(here / name) for name in ("dataset.py", "encoders.py")}}
@@ -221,13 +237,14 @@ def to_stored(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def write_shard(out: Path, index: int | str, latents: torch.Tensor,
-                text: torch.Tensor | dict[str, torch.Tensor]) -> str:
-    """Shard number `index` of `out` (or the shard named `index`): latents as given and the conditioning (a
-    `text` tensor, or the tensors by key) in bf16; returns its file name."""
+                text: torch.Tensor | dict[str, torch.Tensor], image_latents: torch.Tensor | None = None) -> str:
+    """Shard number `index` of `out` (or the shard named `index`): latents (and an I2V model's image latents) as
+    given and the conditioning (a `text` tensor, or the tensors by key) in bf16; returns its file name."""
     name = f"shard_{index:05d}.safetensors" if isinstance(index, int) else f"{index}.safetensors"
     cond = text if isinstance(text, dict) else {"text": text}
+    image = {} if image_latents is None else {"image_latents": image_latents.contiguous()}
     with atomic_path(out / name) as tmp:
-        save_file({"latents": latents.contiguous(), **to_stored(cond)}, str(tmp))
+        save_file({"latents": latents.contiguous(), **image, **to_stored(cond)}, str(tmp))
     return name
 
 
@@ -256,7 +273,7 @@ class Encoding:
     def __init__(self, cfg: Config, inputs: Inputs, dist: Dist):
         self.p, self.inputs, self.dist = cfg.preprocess, inputs, dist
         self.out = Path(self.p.out)
-        self.identity = run_identity(self.p, inputs.family, inputs.parts)
+        self.identity = run_identity(self.p, inputs.family, inputs.parts, inputs.image)
         self.toy = toy_videos(self.p) if inputs.items is None else None
         self.items = inputs.items if self.toy is None else [Entry(n, None, c) for n, (_, c) in self.toy.items()]
         self.tag = f"[rank {dist.rank}] " if dist.world_size > 1 else ""
@@ -285,14 +302,16 @@ class Encoding:
             print(f"{self.tag}kept {job.name} (finished earlier)")
             return
         skipped: dict[str, int] = {}
-        latents, items = [], []
+        latents, images, items = [], [], []
         for name, video, caption in self.clips(job, skipped):
             latents.append(self.encoders.video(video[None]))
+            if self.inputs.image:
+                images.append(self.encoders.image_latents(video[None]))
             items.append({"file": name, "caption": caption})
         file, content = None, {}
         if items:
             cond = self.encoders.text([item["caption"] for item in items])
-            file = write_shard(self.out, job.name, torch.cat(latents), cond)
+            file = write_shard(self.out, job.name, torch.cat(latents), cond, torch.cat(images) if images else None)
             content = file_sha256(self.out / file)
         write_record(self.out, job.name, source, file=file, items=items, skipped=skipped, **content)
         print(f"{self.tag}encoded {job.name}: {len(items)} samples, {sum(skipped.values())} skipped")
