@@ -225,6 +225,16 @@ def test_an_i2v_teacher_is_refused_without_image_latents(folders, shards, tmp_pa
     assert not (tmp_path / "stage1").exists()
 
 
+def test_a_wan21_i2v_teacher_is_refused_for_its_clip_tokens(i2v_shards, tmp_path):
+    from tiny_models import tiny_wan
+    from train import stage1
+
+    tiny_wan("i2v", layers=2).save_pretrained(str(tmp_path / "transformer"))
+    with pytest.raises(ValueError, match=r"Wan 2.1 I2V model: it also takes CLIP image tokens \(image_dim 24\)"):
+        stage1.run(load_config(None, [f"model.teacher={tmp_path / 'transformer'}", "model.ti2v=false",
+                                      "data.source=shards", f"data.shards={i2v_shards[0]}"]))
+
+
 @pytest.fixture(scope="module")
 def i2v_shards(folders, tmp_path_factory) -> tuple[Path, list[str]]:
     """Two clips through train.preprocess with the tiny I2V-A14B folder's encoders: its settings and shard folder."""

@@ -340,6 +340,10 @@ def check_conditioning(cfg: Config) -> None:
     arch = teacher_config(cfg)
     if not condition_channels(arch["in_channels"], arch["out_channels"]):
         return
+    if arch.get("image_dim"):
+        raise ValueError(f"the teacher is a Wan 2.1 I2V model: it also takes CLIP image tokens (image_dim "
+                         f"{arch['image_dim']}), which train.preprocess does not encode; of the I2V models only Wan 2.2 "
+                         "I2V-A14B's experts (no image encoder) train")
     if cfg.data.source == "shards":
         from .data import ShardSet
 
