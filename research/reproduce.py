@@ -291,8 +291,8 @@ class Reproduction:
         text = (f"## Sanity: the scorer's ranking of known answers\n\nOn the held-out prompts of each mode "
                 f"({videos} prompts; the teacher's row is its {videos * len(self.seeds)} videos of Table 2, noise "
                 f"seeds {', '.join(map(str, self.seeds))}), known answers scored like the models: the scorer may rank "
-                f"models only if the ground truth is above the teacher and the teacher above every wrong answer by at "
-                f"least {SANITY_MARGIN} on `{PRIMARY}`. The no-model shortcut is listed apart: where it reaches the "
+                f"models only if the ground truth is above the teacher and the teacher above every wrong answer and near "
+                f"miss by at least {SANITY_MARGIN} on `{PRIMARY}`. The no-model shortcut is listed apart: where it reaches the "
                 f"ground truth the world is too easy to tell models apart.\n\n" + "\n".join(parts))
         return text, numbers
 
