@@ -369,6 +369,20 @@ def test_a_one_expert_plan_is_not_read_as_an_experts(tmp_path):
         read_plan(tmp_path / "plan.json", "low")
 
 
+def test_stage2_refuses_a_plan_scored_at_another_boundary(folders, shards, tmp_path):
+    """The boundary a run uses is the one its plan was scored at: Stage I's identity holds the folder's, and Stage
+    II of an expert stops before any load when the model's boundary has changed since."""
+    from train import stage1, stage2
+
+    settings = a14b_settings(folders["t2v"], shards, tmp_path, **{"stage2.expert": "high"})
+    assert load_config(None, settings).identity("stage1", 1)["model"]["boundary"] == T2V_BOUNDARY
+    stage1.run(load_config(None, settings))
+    with pytest.raises(ValueError, match=r"scored with the experts' boundary at 0.875, but the model's is 0.5: run "
+                                         r"Stage I again, or set model.boundary=0.875"):
+        stage2.run(load_config(None, [*settings, "model.boundary=0.5"]))
+    assert not (tmp_path / "stage2_high").exists()
+
+
 # ---- 4. Stage II of one expert ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("expert", ["high", "low"])

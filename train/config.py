@@ -259,7 +259,7 @@ class Config:
         whose inputs changed at the same path does not; but not logging, checkpointing, speed or memory settings, nor the length of the run unless
         its learning-rate schedule depends on it (a cosine decay extended mid-run would jump back up), nor
         export settings. With `whole_run`, the length too: what a finished run's result depends on."""
-        from .models import expert_count, model_part, stage_inputs, teacher_path
+        from .models import expert_count, model_experts, stage_inputs, teacher_path
 
         section = _identity_settings(getattr(self, stage))
         if not whole_run and (section.get("lr_decay", "constant") == "constant" or section.get("lr_cycle", 0) > 0):
@@ -278,10 +278,11 @@ class Config:
             teacher = None
         model = {k: v for k, v in _identity_settings(self.model).items()
                  if k not in ("arch", "gradient_checkpointing", "path", "teacher", "teacher_2")}
-        if expert_count(self) == 2:  # the low-noise expert, by contents like the teacher
+        if expert_count(self) == 2:  # the low-noise expert by contents like the teacher, and the boundary in use
             try:
-                model["teacher_2 (contents)"] = file_digest(model_part(self, "transformer_2"))
-            except FileNotFoundError:
+                experts = model_experts(self)
+                model.update({"teacher_2 (contents)": file_digest(experts.low), "boundary": experts.boundary})
+            except (FileNotFoundError, ValueError):  # the stages refuse to start without them
                 model["teacher_2 (contents)"] = None
         data = {k: v for k, v in asdict(self.data).items() if k != "shards"}
         if self.data.source == "shards":  # the index holds every shard's content digest (train.preprocess)

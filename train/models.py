@@ -124,6 +124,16 @@ def stage_expert(cfg: Config, stage: str) -> str | None:
     return expert
 
 
+def check_expert_plan(cfg: Config, configured: str, expert: str, boundary: float) -> None:
+    """The plan at `configured` holds `expert`'s plan, scored at the model's boundary (read before any load)."""
+    path = plan_path(cfg, configured)
+    read_plan(path, expert)
+    scored = json.loads(path.read_text())["boundary"]
+    if scored != boundary:
+        raise ValueError(f"the plan {path} was scored with the experts' boundary at {scored}, but the model's is "
+                         f"{boundary}: run Stage I again, or set model.boundary={scored}")
+
+
 def expert_config(cfg: Config, expert: str) -> Config:
     """`cfg` seen as the one-expert model `expert`: model.teacher is that expert's weights and the rest of the
     model folder is left unread, so every loader and the run's identity work on that expert alone."""

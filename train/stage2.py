@@ -36,8 +36,8 @@ from .config import Config
 from .data import BatchFn, batch_source, data_fingerprint
 from .dist import Dist, init_dist
 from .loop import Run, learning_rate, train
-from .models import (MODEL_FILE, check_stage_inputs, expert_config, load_plan, load_start, model_experts, plan_path,
-                     save_stage_output, stage_expert)
+from .models import (MODEL_FILE, check_expert_plan, check_stage_inputs, expert_config, load_plan, load_start,
+                     model_experts, plan_path, save_stage_output, stage_expert)
 from .state import hold_run_dir
 from .units import EMA, AdapterModule, Predictor, Trainable, compute_dtype, is_partitioned, make_trainable, predictor
 
@@ -113,7 +113,9 @@ def run(cfg: Config, resume: bool = False) -> Path:
     expert = stage_expert(cfg, "stage2")
     sigma_range = (0.0, 1.0)
     if expert:
-        sigma_range = expert_sigma_range(expert, model_experts(cfg).boundary)
+        boundary = model_experts(cfg).boundary
+        check_expert_plan(cfg, cfg.stage2.plan, expert, boundary)
+        sigma_range = expert_sigma_range(expert, boundary)
         cfg = expert_config(cfg, expert)
     with hold_run_dir(cfg.stage_dir("stage2")):
         m = build(cfg, sigma_range)
