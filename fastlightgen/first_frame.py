@@ -20,6 +20,11 @@ def pin(x: torch.Tensor, first_frame: torch.Tensor | None) -> torch.Tensor:
     return torch.cat([first_frame.to(x), x[:, :, 1:]], dim=2)
 
 
+def given_frame(x0: torch.Tensor, ti2v: bool) -> torch.Tensor | None:
+    """The first latent frame of clean latents x0 under the TI2V rule, else None: what `noised` keeps clean."""
+    return x0[:, :, :1] if ti2v else None
+
+
 def frame_sigma(sigma, x: torch.Tensor, ti2v: bool) -> torch.Tensor:
     """Sigmas of a latent x (B, C, F, H, W): (B,), or (B, F) with frame 0 at 0 under the TI2V rule."""
     s = torch.as_tensor(sigma, dtype=torch.float32).expand(x.shape[0]).clone()

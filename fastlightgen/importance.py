@@ -15,8 +15,8 @@ import torch
 
 from .adapters.base import Conditioning, DiTAdapter
 from .branches import Branch, run_branches
-from .first_frame import frame_sigma
-from .flow import add_noise, x0_from_velocity
+from .first_frame import given_frame, noised
+from .flow import x0_from_velocity
 from .plan import PrunePlan
 
 
@@ -84,9 +84,7 @@ def block_importance(adapter: DiTAdapter, samples: Iterable[tuple[torch.Tensor, 
     with torch.no_grad():
         for x0, cond in samples:
             for s in sigmas:
-                sigma = frame_sigma(float(s), x0, pin_first_frame)
-                noise = torch.randn(x0.shape, generator=generator).to(x0)
-                x_t = add_noise(x0, noise, sigma)
+                x_t, sigma, _ = noised(x0, float(s), generator, given_frame(x0, pin_first_frame))
                 err = lambda v: (x0_from_velocity(x_t, v, sigma) - x0).double().pow(2).mean().item()  # noqa: E731
                 if prefix_reuse:  # the full pass and each one-block-skipped pass, sharing their prefixes
                     v_full, *skipped = run_branches(adapter, x_t, sigma, cond,

@@ -27,8 +27,8 @@ import torch
 
 from fastlightgen.distill import sample_skip, stage2_loss
 from fastlightgen.experts import sigma_range as expert_sigma_range
-from fastlightgen.first_frame import frame_sigma
-from fastlightgen.flow import add_noise, sample_training_sigma, velocity_target
+from fastlightgen.first_frame import given_frame, noised
+from fastlightgen.flow import sample_training_sigma, velocity_target
 from fastlightgen.plan import PrunePlan
 
 from .cli import stage_main
@@ -89,11 +89,10 @@ def train_one_step(m: Stage2Models, i: int) -> dict:
     g = m.run.generator(i, "batch")
     batch = m.draw_batch(g, cfg.data.batch_size)
     x0 = batch.x0
-    sigma = frame_sigma(sample_training_sigma(x0.shape[0], g, s2.sigma_shift, s2.sigma_law, within=m.sigma_range),
-                        x0, batch.ti2v)
-    noise = torch.randn(x0.shape, generator=g)
+    sigma = sample_training_sigma(x0.shape[0], g, s2.sigma_shift, s2.sigma_law, within=m.sigma_range)
+    x_t, sigma, noise = noised(x0, sigma, g, given_frame(x0, batch.ti2v))
     batch = batch.to(device, m.dtype)
-    x_t = add_noise(x0, noise, sigma).to(device, m.dtype)
+    x_t = x_t.to(device, m.dtype)
     target = velocity_target(x0, noise).to(device)
     unpruned_target = None
     if m.target is not None:

@@ -28,7 +28,7 @@ from torch import nn
 from fastlightgen.adapters import adapt
 from fastlightgen.adapters.base import Conditioning
 from fastlightgen.distill import backward_simulation, dmd_generator_loss, fake_velocity, mse, teacher_scores
-from fastlightgen.first_frame import noised
+from fastlightgen.first_frame import given_frame, noised
 from fastlightgen.flow import shift_sigma, velocity_target, x0_from_velocity
 from fastlightgen.guidance import TeacherMix
 from fastlightgen.lora import add_lora, lora_enabled, lora_parameters
@@ -107,7 +107,7 @@ def generator_sample(m: Stage3Models, i: int, stream: str, grad: bool) -> Genera
     g = m.run.generator(i, stream)
     batch = m.draw_batch(g, m.cfg.data.batch_size).to(m.device, m.dtype)
     velocity = student_velocity(m, batch.cond)
-    first = batch.x0[:, :, :1].float() if batch.ti2v else None
+    first = given_frame(batch.x0.float(), batch.ti2v)
     stop = int(torch.randint(0, len(m.sigmas) - 1, (1,), generator=m.run.generator(i, stream, shared=True)))
     noise = torch.randn(batch.x0.shape, generator=g).to(m.device)
     x = backward_simulation(velocity, noise, m.sigmas, stop, g, first)

@@ -25,8 +25,8 @@ import torch
 from fastlightgen.adapters import adapt
 from fastlightgen.checkpoint import CheckpointMeta, load_wan, save_checkpoint
 from fastlightgen.distill import mse
-from fastlightgen.first_frame import frame_sigma
-from fastlightgen.flow import add_noise, sample_training_sigma, velocity_target
+from fastlightgen.first_frame import given_frame, noised
+from fastlightgen.flow import sample_training_sigma, velocity_target
 from fastlightgen.sampling import Sampling
 from fastlightgen.toy.evaluate import evaluate_batch
 from fastlightgen.toy.generate import generate_teacher
@@ -143,10 +143,10 @@ def train_and_export(cfg: Config, model: torch.nn.Module, resume: bool, export_o
             g = training.generator(i, "batch")
             batch = draw_batch(g, cfg.data.batch_size)
             x0 = batch.x0
-            sigma = frame_sigma(sample_training_sigma(x0.shape[0], g, tt.sigma_shift, tt.sigma_law), x0, batch.ti2v)
-            noise = torch.randn(x0.shape, generator=g)
+            sigma = sample_training_sigma(x0.shape[0], g, tt.sigma_shift, tt.sigma_law)
+            x_t, sigma, noise = noised(x0, sigma, g, given_frame(x0, batch.ti2v))
             cond = batch.to(dist.device, torch.float32).cond
-            x_t, sigma = add_noise(x0, noise, sigma).to(dist.device), sigma.to(dist.device)
+            x_t, sigma = x_t.to(dist.device), sigma.to(dist.device)
             target = velocity_target(x0, noise).to(dist.device)
             loss = unit(lambda a: mse(a.forward(x_t, sigma, cond), target, batch.ti2v))
             unit.update(loss, batch.desc, learning_rate(tt.lr, i, cfg.run.warmup, tt.lr_decay, tt.iterations,
