@@ -32,6 +32,7 @@ PROMPT_SEEDS = (0, 1, 2, 3)
 NOISE_SEEDS = tuple(range(10))
 CACHE = Path("runs/draws")
 TARGET_WIDTH = 0.03  # issue #43: the interval the draws are sized for
+DEMO_SEEDS = (0, 1, 2, 3, 4)  # research.demo's default noise seeds, on prompt draw 0: its very videos
 
 
 def draw(mode: str, prompt_seed: int) -> Prompts:
@@ -67,6 +68,7 @@ class Scored:
     """One model's videos of one mode: their scores, and each video's prompt draw and held-out combination."""
     table: EvalTable
     draws: list[int]
+    noise: list[int]
     clusters: list[tuple]
 
     def subset(self, prompt_seed: int) -> EvalTable:
@@ -76,7 +78,7 @@ class Scored:
 
 def score(model: Candidate, digest: str, cache: Path, mode: str, prompt_seeds: tuple[int, ...]) -> Scored:
     """Every video of a mode's draws scored."""
-    rows, labels, draws, clusters = [], [], [], []
+    rows, labels, draws, noise, clusters = [], [], [], [], []
     for prompt_seed in prompt_seeds:
         prompts = draw(mode, prompt_seed)
         for noise_seed in NOISE_SEEDS:
@@ -85,13 +87,16 @@ def score(model: Candidate, digest: str, cache: Path, mode: str, prompt_seeds: t
             rows += table.rows
             labels += [f"prompts {prompt_seed}, noise {noise_seed}: {label}" for label in table.labels]
             draws += [prompt_seed] * len(table.rows)
+            noise += [noise_seed] * len(table.rows)
             clusters += [f.combination for f in prompts.factors]
-    return Scored(EvalTable(labels, rows), draws, clusters)
+    return Scored(EvalTable(labels, rows), draws, noise, clusters)
 
 
-def difference(student: Scored, teacher: Scored, prompt_seed: int | None = None) -> Interval:
-    """Student - teacher on `faithful`, paired per video, resampled over combinations then videos."""
-    keep = [prompt_seed is None or d == prompt_seed for d in teacher.draws]
+def difference(student: Scored, teacher: Scored, prompt_seed: int | None = None,
+               noise_seeds: tuple[int, ...] = NOISE_SEEDS) -> Interval:
+    """Student - teacher on `faithful`, paired per video, resampled over combinations then videos; one prompt draw's
+    videos alone if `prompt_seed` is given, and only the videos of `noise_seeds`."""
+    keep = [(prompt_seed is None or d == prompt_seed) and n in noise_seeds for d, n in zip(teacher.draws, teacher.noise)]
     pick = lambda values: [v for v, k in zip(values, keep) if k]  # noqa: E731
     return paired_interval(pick([r["faithful"] for r in student.table.rows]),
                            pick([r["faithful"] for r in teacher.table.rows]), pick(teacher.clusters))
@@ -140,6 +145,17 @@ def by_draw_table(scored: dict[str, tuple[Scored, Scored]], prompt_seeds: tuple[
     return "\n".join(lines)
 
 
+def demo_videos_table(scored: dict[str, tuple[Scored, Scored]]) -> str:
+    """The demo's own videos (prompt draw 0, its noise seeds), so its verdict under this scorer is read here too."""
+    lines = ["| mode | teacher faithful | student faithful | student − teacher [95% CI] | verdict |", "|---|---|---|---|---|"]
+    for mode, (teacher, student) in scored.items():
+        interval = difference(student, teacher, 0, DEMO_SEEDS)
+        means = [sum(r["faithful"] for r, d, n in zip(t.table.rows, t.draws, t.noise) if d == 0 and n in DEMO_SEEDS)
+                 / interval.n for t in (teacher, student)]
+        lines.append(f"| {mode} | {means[0]:.3f} | {means[1]:.3f} | {interval} | {interval.verdict()} |")
+    return "\n".join(lines)
+
+
 def report(scored: dict[str, tuple[Scored, Scored]], sections: dict[str, str], evidence: dict[str, bool],
            prompt_seeds: tuple[int, ...]) -> str:
     n = len(next(iter(scored.values()))[0].table.rows)
@@ -159,7 +175,10 @@ def report(scored: dict[str, tuple[Scored, Scored]], sections: dict[str, str], e
             f"{SANITY_MARGIN}).\n\n## Sanity\n\n" + "\n".join(sections.values())
             + f"\n## Table 2's main row\n\nEvidence: {', '.join(evident) or 'no mode'}.\n\n"
             f"{main_row_table(scored, evidence)}\n\n## By prompt draw\n\nStudent − teacher on `faithful` on "
-            f"each draw alone ({len(NOISE_SEEDS)} noise seeds):\n\n{by_draw_table(scored, prompt_seeds)}\n")
+            f"each draw alone ({len(NOISE_SEEDS)} noise seeds):\n\n{by_draw_table(scored, prompt_seeds)}\n\n"
+            f"## The demo's videos\n\n`python -m research.demo` makes prompt draw 0 at noise seeds "
+            f"{', '.join(map(str, DEMO_SEEDS))} with the same models and sampler: these are its videos, scored "
+            f"here (its own verdicts take the sanity ordering of its 12 prompts):\n\n{demo_videos_table(scored)}\n")
 
 
 def complete_draws(cache: Path, digests: list[str], modes: tuple[str, ...]) -> tuple[int, ...]:

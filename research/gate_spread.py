@@ -74,7 +74,7 @@ def ground_truth_variants() -> dict[str, Variant]:
     return variants
 
 
-SPREAD_COLUMNS = ("heading (deg)", "|log2 speed ratio|", "frame-1 step error (px)", "color error (/ half sep.)")
+SPREAD_COLUMNS = ("heading (deg)", "log2 speed ratio (abs)", "frame-1 step error (px)", "color error (/ half sep.)")
 TOLERANCES = (EVAL.direction_degrees, EVAL.speed_log2_tolerance, EVAL.position_tolerance, 1.0)
 
 
