@@ -11,22 +11,22 @@ from fastlightgen.toy.generate import generate_few_step, generate_teacher
 from fastlightgen.toy.prompts import Prompts, heldout_prompts
 from fastlightgen.toy.teacher import TOY_TEACHER, conditioning
 from research.demo import STUDENT, TEACHER, load_fp32
-from research.sanity import ordering_holds, sanity_rows
+from research.sanity import SANITY_MARGIN, TI2V_NEAR_MISSES, ordering_holds, ranked_below_teacher, sanity_rows
 
-# Floors below the committed models' scores on `floor_prompts` (measured, in the comments: gate_color, gate_shape,
-# gate_direction, gate_speed, faithful, overall), a step of 0.25 below on a gate, about 0.1 below on `faithful`.
+# Floors below the committed models' scores on `floor_prompts` with the near-miss gates of issue #43 (measured, in
+# the comments), a step of 0.25 below on a gate, about 0.1 below on `faithful`; none where the measurement is 0.
 FLOORS = {"teacher": {"TI2V": {"gate_color": 0.75, "gate_shape": 0.75, "gate_direction": 0.75, "gate_speed": 0.75,
-                               "faithful": 0.6, "overall": 0.85},
-                      # measured 1.0, 1.0, 1.0, 1.0, 0.716, 0.915
-                      "T2V": {"gate_color": 0.75, "gate_shape": 0.75, "gate_direction": 0.75, "gate_speed": 0.5,
-                              "faithful": 0.3, "overall": 0.75}},
-                      # measured 1.0, 1.0, 1.0, 0.75, 0.403, 0.849
-          "student": {"TI2V": {"gate_color": 0.75, "gate_shape": 0.75, "gate_direction": 0.75, "gate_speed": 0.75,
-                               "faithful": 0.6, "overall": 0.85},
-                      # measured 1.0, 1.0, 1.0, 1.0, 0.694, 0.912
-                      "T2V": {"gate_color": 0.75, "gate_shape": 0.75, "gate_direction": 0.75, "gate_speed": 0.75,
-                              "faithful": 0.25, "overall": 0.7}}}
-                      # measured 1.0, 1.0, 1.0, 1.0, 0.329, 0.792
+                               "faithful": 0.08, "overall": 0.85},
+                      # measured 1.0, 1.0, 1.0, 1.0, 0.183, 0.915; gate_position 0.25
+                      "T2V": {"gate_color": 0.75, "gate_shape": 0.75, "gate_direction": 0.5, "faithful": 0.03,
+                              "overall": 0.75}},
+                      # measured 1.0, 1.0, 0.75, 0.137, 0.849; gate_speed 0.25
+          "student": {"TI2V": {"gate_color": 0.75, "gate_shape": 0.75, "gate_direction": 0.75, "gate_speed": 0.5,
+                               "overall": 0.85},
+                      # measured 1.0, 1.0, 1.0, 0.75, 0.912; gate_position and faithful 0: every frame-1 step is off
+                      "T2V": {"gate_color": 0.5, "gate_shape": 0.75, "gate_direction": 0.5, "faithful": 0.03,
+                              "overall": 0.7}}}
+                      # measured 0.75, 1.0, 0.75, 0.135, 0.817; gate_speed 0.25
 
 
 def test_teacher_file_and_metadata():
@@ -67,11 +67,15 @@ def test_committed_models_clear_their_floors_on_heldout_prompts(model, t2v):
     assert all(mean[column] >= floor for column, floor in floors.items()), {c: round(mean[c], 3) for c in floors}
 
 
-@pytest.mark.parametrize("t2v", [False, True], ids=["TI2V", "T2V"])
-def test_committed_teacher_passes_the_sanity_ordering(t2v):
-    """Ground truth > teacher > every wrong answer by SANITY_MARGIN on `faithful`, on the floor prompts."""
-    rows = sanity_rows(floor_prompts(t2v), heldout_table("teacher", t2v))
-    assert ordering_holds(rows), {name: round(table.mean()["faithful"], 3) for name, table in rows.items()}
+def test_committed_teacher_clears_every_wrong_answer_in_ti2v_but_the_whole_pixel_solver():
+    """TI2V, the floor prompts: the teacher clears every wrong answer and near miss by SANITY_MARGIN except the
+    caption-reading whole-pixel solver, which outscores it, so the ordering fails (TI2V is not evidence:
+    reports/toy/table2_draws_2026-12-05.md)."""
+    rows = sanity_rows(floor_prompts(False), heldout_table("teacher", False))
+    means = {name: table.mean()["faithful"] for name, table in rows.items()}
+    cleared = [name for name in ranked_below_teacher(rows) if name not in TI2V_NEAR_MISSES]
+    assert all(means["teacher"] - means[name] >= SANITY_MARGIN for name in cleared), means
+    assert not ordering_holds(rows) and all(means[name] > means["teacher"] for name in TI2V_NEAR_MISSES), means
 
 
 def test_teacher_loads_and_samples_in_comfyui(comfy_in_process):
