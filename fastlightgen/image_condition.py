@@ -20,12 +20,12 @@ import torch
 TEMPORAL_STRIDE = 4  # Wan's VAE: 4 video frames per latent frame after the first
 
 
-def frame_mask(latents: torch.Tensor, given_frames: int = 1) -> torch.Tensor:
-    """The mask channels for latents (B, C, F, h, w) of a video of 4(F - 1) + 1 frames whose first
-    `given_frames` video frames are given: (B, 4, F, h, w)."""
+def frame_mask(latents: torch.Tensor) -> torch.Tensor:
+    """The mask channels for latents (B, C, F, h, w) of a video of 4(F - 1) + 1 frames whose first frame is given:
+    (B, 4, F, h, w)."""
     b, _, f, h, w = latents.shape
     video = torch.zeros(TEMPORAL_STRIDE * (f - 1) + 1)
-    video[:given_frames] = 1.0
+    video[0] = 1.0
     # frame 0 fills a whole latent frame's S slots, as the VAE encodes it alone
     slots = torch.cat([video[:1].repeat(TEMPORAL_STRIDE), video[1:]]).view(f, TEMPORAL_STRIDE).T
     return slots.view(1, TEMPORAL_STRIDE, f, 1, 1).expand(b, -1, -1, h, w).to(latents)
