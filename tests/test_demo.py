@@ -34,7 +34,7 @@ def test_demo_writes_videos_and_table(tmp_path, capsys):
         assert [p.name for p in (tmp_path / "out" / mode).iterdir()] == ["teacher"]
         assert len(list((tmp_path / "out" / mode / "teacher").glob("*.mp4"))) == 12
     progress = capsys.readouterr().err  # a bar over the 48 videos, with the time left
-    assert "demo: 100%" in progress and re.search(r"48/48 \[[0-9:]+<[0-9:]+, [0-9.]+(video/s|s/video)", progress)
+    assert "demo: 100%" in progress and re.search(r"48/48 \[[0-9:]+<[0-9:]+, +[0-9.]+(video/s|s/video)", progress)
     assert "## TI2V: scores" in report and "## T2V: scores" in report
 
 
