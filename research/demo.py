@@ -5,8 +5,8 @@ training, with free speeds and color changes) in both modes the model serves, TI
 T2V (the caption alone), with the toy teacher (50-step Euler with CFG) and, when it has been trained, the
 4-step pruned student, each at several noise seeds; writes the first seed's videos as mp4 and a report, per
 mode: each model's scores over all videos, the student's per-video paired difference to the teacher with its
-95% bootstrap interval and verdict (research/stats.py; the margin is fixed there) and the sanity table
-(research/sanity.py); and the cost per video of each model: wall clock (one TI2V video per call, the two
+95% bootstrap interval and verdict (research/stats.py; the margin is fixed there; no verdict in a mode whose sanity
+ordering fails) and the sanity table (research/sanity.py); and the cost per video of each model: wall clock (one TI2V video per call, the two
 models timed in alternating rounds, the best of 10) and FLOPs (the same on every machine).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from fastlightgen.toy.generate import generate_few_step, generate_teacher
 from fastlightgen.toy.prompts import Prompts, split_prompts
 from fastlightgen.video_io import write_mp4
 
-from .sanity import sanity_markdown, sanity_rows
+from .sanity import ordering_holds, sanity_markdown, sanity_rows
 from .stats import EQUIVALENCE_MARGIN, paired_interval
 from .timing import flops_per_call, seconds_per_call
 
@@ -60,6 +60,7 @@ def load_fp32(path: Path):
 
 
 MODES = ("TI2V", "T2V")
+NOT_EVIDENCE = "none, not evidence"  # the verdict of a mode whose sanity ordering fails
 SUMMARY_COLUMNS = ("faithful", "correct", "gate_color", "gate_shape", "gate_direction", "gate_speed", "fidelity",
                    "overall")
 
@@ -95,13 +96,15 @@ def cost_markdown(costs: dict[str, tuple[float, float]]) -> str:
     return "\n".join(lines)
 
 
-def comparison_markdown(student: EvalTable, teacher: EvalTable, prompts: Prompts, seeds: list[int]) -> str:
-    """Student - teacher per video, resampled over held-out combinations then videos."""
+def comparison_markdown(student: EvalTable, teacher: EvalTable, prompts: Prompts, seeds: list[int],
+                        evidence: bool) -> str:
+    """Student - teacher per video, resampled over held-out combinations then videos; no verdict where the mode's
+    sanity ordering fails (its scores cannot rank models)."""
     combos = [f.combination for f in prompts.factors] * len(seeds)
     lines = [f"| score | student - teacher, mean [95% CI] | verdict (margin ±{EQUIVALENCE_MARGIN}) |", "|---|---|---|"]
     for column in ("faithful", "overall"):
         interval = paired_interval([r[column] for r in student.rows], [r[column] for r in teacher.rows], combos)
-        lines.append(f"| {column} | {interval} | {interval.verdict()} |")
+        lines.append(f"| {column} | {interval} | {interval.verdict() if evidence else NOT_EVIDENCE} |")
     return "\n".join(lines)
 
 
@@ -111,14 +114,15 @@ def mode_section(models: list[Candidate], prompts: Prompts, seeds: list[int], ou
     mode = prompts.mode
     tables = {m.name: score_model(m, prompts, seeds, out_dir, progress) for m in models}
     teacher_table, *student_table = tables.values()
+    sanity = sanity_rows(prompts, teacher_table, seeds[0])
     parts = [f"## {mode}: scores over {len(teacher_table.rows)} videos (mean ± std)\n\n{summary_markdown(tables)}\n"]
     if student_table:
         parts.append(f"### {mode}: the student against the teacher, paired per video\n\n"
-                     f"{comparison_markdown(student_table[0], teacher_table, prompts, seeds)}\n")
+                     f"{comparison_markdown(student_table[0], teacher_table, prompts, seeds, ordering_holds(sanity))}\n")
     else:
         parts.append(f"(no student at {student_source}: train one with the pipeline in train/README.md)\n")
     parts.append(f"### The same prompts: known answers (noise at seed {seeds[0]}) and the teacher over every seed\n\n"
-                 f"{sanity_markdown(sanity_rows(prompts, teacher_table, seeds[0]))}\n")
+                 f"{sanity_markdown(sanity)}\n")
     parts += [f"### {mode}: {name}, per video\n\n{table.to_markdown(per_video=True)}\n"
               for name, table in tables.items()]
     return "\n".join(parts)
