@@ -97,9 +97,12 @@ def difference(student: Scored, teacher: Scored, prompt_seed: int | None = None,
     """Student - teacher on `faithful`, paired per video, resampled over combinations then videos; one prompt draw's
     videos alone if `prompt_seed` is given, and only the videos of `noise_seeds`."""
     keep = [(prompt_seed is None or d == prompt_seed) and n in noise_seeds for d, n in zip(teacher.draws, teacher.noise)]
-    pick = lambda values: [v for v, k in zip(values, keep) if k]  # noqa: E731
-    return paired_interval(pick([r["faithful"] for r in student.table.rows]),
-                           pick([r["faithful"] for r in teacher.table.rows]), pick(teacher.clusters))
+    return paired_interval(_kept([r["faithful"] for r in student.table.rows], keep),
+                           _kept([r["faithful"] for r in teacher.table.rows], keep), _kept(teacher.clusters, keep))
+
+
+def _kept(values: list, keep: list[bool]) -> list:
+    return [v for v, k in zip(values, keep) if k]
 
 
 def sanity_section(mode: str, teacher: Scored, prompt_seeds: tuple[int, ...]) -> tuple[str, bool]:
