@@ -39,7 +39,8 @@ from fastlightgen.toy.prompts import Prompts, split_prompts
 from fastlightgen.toy.world import split_combinations
 from fastlightgen.video_io import write_mp4
 from train.config import Config
-from train.models import MODEL_FILE, load_teacher, load_weights, read_run_info, student_model
+from train.models import MODEL_FILE, load_teacher, load_weights, student_model
+from train.record import StageRecord
 
 from .demo import MODES
 from .report import (PRIMARY, Costs, Measured, all_finite, comparison, contour_plot, markdown_table, measure, paired,
@@ -101,16 +102,16 @@ def measure_euler(label: str, model: torch.nn.Module, sampling: Sampling, prompt
 def measure_student(label: str, base: Config, folder: Path, steps: int, prompts: Sequence[Prompts],
                     seeds: Sequence[int], teacher_params: int) -> Measured:
     """The student of a finished Stage III run sampled at `steps` of its few-step schedule."""
-    info = read_run_info(folder)
-    few = Sampling.few_step(FEW_STEP_LISTS[steps], info["shift"])
-    return measure(label, student_model(base, folder, info),
+    record = StageRecord.load(folder)
+    few = Sampling.few_step(FEW_STEP_LISTS[steps], record.sampling.shift)
+    return measure(label, student_model(base, folder, record),
                    lambda a, batch, seed: generate_few_step(a, batch, seed, few), prompts, seeds, teacher_params,
                    steps, steps)
 
 
 def pruned_path(base: Config, folder: Path) -> torch.nn.Module:
     """The pruned path of a finished Stage II run, as its own model."""
-    return student_model(base, folder, read_run_info(folder))
+    return student_model(base, folder, StageRecord.load(folder))
 
 
 def training_lengths(base: Config) -> str:

@@ -20,7 +20,8 @@ from fastlightgen.adapters import adapt
 from fastlightgen.plan import PrunePlan
 from train import stage1, stage2, stage3
 from train.config import Config, config_from_dict, identity_hash, load_config
-from train.models import MODEL_FILE, RUN_FILE, load_teacher
+from train.models import MODEL_FILE, load_teacher
+from train.record import RUN_FILE
 
 
 def stage_key(cfg: Config, stage: str) -> str:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from fastlightgen.experts import I2V_BOUNDARY, T2V_BOUNDARY
 from tiny_models import tiny_wan_a14b_folder
 from train.config import identity_hash, load_config
+from train.record import StageRecord
 
 REPO = Path(__file__).resolve().parents[1]
 A14B = {name: str(REPO / "configs" / f"wan2.2-{name}-a14b.yaml") for name in ("t2v", "i2v")}
@@ -288,7 +289,7 @@ def test_an_i2v_expert_trains_on_its_image_latents(folders, i2v_shards, tmp_path
     stage2.run(load_config(None, settings))
     assert len(drawn) == 3 and all(b.cond.latent_condition.shape == (1, 20, 3, 4, 4) for b in drawn)
     assert all(torch.equal(b.null.latent_condition, b.cond.latent_condition) for b in drawn)
-    assert json.loads((tmp_path / "stage2_low" / "run.json").read_text())["sigma_range"] == [0.0, I2V_BOUNDARY]
+    assert StageRecord.load(tmp_path / "stage2_low").sigma_range == (0.0, I2V_BOUNDARY)
 
 
 # ---- 3. Stage I per expert ------------------------------------------------------------------------------
@@ -400,11 +401,11 @@ def test_stage2_trains_the_chosen_expert_on_its_sigmas(expert, folders, shards, 
                         or real_loss(a, x_t, sigma, *rest))
     out = stage2.run(load_config(None, settings))
     assert out == tmp_path / f"stage2_{expert}" / "model.safetensors"
-    info = json.loads((out.parent / "run.json").read_text())
-    expected_range = [T2V_BOUNDARY, 1.0] if expert == "high" else [0.0, T2V_BOUNDARY]
-    assert info["expert"] == expert and info["sigma_range"] == expected_range
+    record = StageRecord.load(out.parent)
+    expected_range = (T2V_BOUNDARY, 1.0) if expert == "high" else (0.0, T2V_BOUNDARY)
+    assert record.expert == expert and record.sigma_range == expected_range
     plan = json.loads((tmp_path / "stage1" / "plan.json").read_text())["experts"][expert]
-    assert info["plan"] == plan
+    assert record.plan.to_dict() == plan
     drawn = torch.cat(sigmas)
     assert len(drawn) == 3 and bool(((drawn >= expected_range[0]) & (drawn <= expected_range[1])).all())
     trained = load_file(str(out))  # lr 1e-9: the weights it started from, that expert's
@@ -437,5 +438,5 @@ def test_stage2_of_one_expert_under_zero3_two_processes_matches_the_single_proce
     gathered = load_file(str(tmp_path / "zero3" / "stage2_low" / "model.safetensors"))
     start = load_file(str(folders["t2v"] / "transformer_2" / "diffusion_pytorch_model.safetensors"))
     assert {k: v.shape for k, v in gathered.items()} == {k: v.shape for k, v in start.items()}
-    info = json.loads((tmp_path / "zero3" / "stage2_low" / "run.json").read_text())
-    assert (info["expert"], info["sigma_range"]) == ("low", [0.0, T2V_BOUNDARY])
+    record = StageRecord.load(tmp_path / "zero3" / "stage2_low")
+    assert (record.expert, record.sigma_range) == ("low", (0.0, T2V_BOUNDARY))

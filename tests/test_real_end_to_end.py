@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from test_preprocess_dist import torchrun_preprocess, wan_settings, write_videos
 
 from tiny_models import tiny_wan_folder
+from train.record import StageRecord
 
 
 def test_videos_to_a_student_the_loader_reads(tmp_path, one_thread):
@@ -42,7 +43,7 @@ def test_videos_to_a_student_the_loader_reads(tmp_path, one_thread):
     for stage, key in (("stage2", "loss"), ("stage3", "gen_loss")):
         records = [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records] == [1, 2] and all(torch.isfinite(torch.tensor(r[key])) for r in records)
-    assert json.loads((run / "stage3" / "run.json").read_text())["data"].startswith(f"shards {shards} sha256:")
+    assert StageRecord.load(run / "stage3").data.startswith(f"shards {shards} sha256:")
     export.main(flags)
 
     model, meta = load_wan(tmp_path / "student.safetensors")

@@ -6,7 +6,6 @@ setting existed, so cached runs stay valid; a missing file stops the run before 
 """
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from fastlightgen.adapters import adapt
 from fastlightgen.plan import PrunePlan
 from train.config import load_config
 from train.models import load_weights
+from train.record import StageRecord
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_a_run_from_stage2_init_starts_from_those_weights(runs, tmp_path, monkey
         for x_t, sigma, cond, unpruned_target in calls:
             assert torch.equal(unpruned_target, start.forward(x_t, sigma, cond))
             assert not torch.equal(unpruned_target, adapt(teacher_model(teacher)).forward(x_t, sigma, cond))
-    assert json.loads((tmp_path / "stage2" / "run.json").read_text())["init"] == str(init)
+    assert StageRecord.load(tmp_path / "stage2").config["stage2"]["init"] == str(init)
 
 
 def test_the_identity_names_the_init_by_its_contents_and_is_unchanged_without_one(runs, tmp_path):

@@ -20,6 +20,7 @@ from fastlightgen.branches import Branch, run_branches
 from fastlightgen.distill import mse, stage2_loss
 from train.config import ConfigError, identity_diff, load_config
 from train.models import load_teacher
+from train.record import StageRecord
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +129,7 @@ def test_frozen_target_is_the_teachers_unpruned_velocity_at_every_step(alpha, ti
     trained = load_file(str(tmp_path / "stage2" / "model.safetensors"))
     start = reference.model.state_dict()
     assert any(not torch.equal(trained[k], start[k]) for k in start)  # the live weights moved; the target did not
-    assert json.loads((tmp_path / "stage2" / "run.json").read_text())["target"] == "frozen"
+    assert StageRecord.load(tmp_path / "stage2").config["stage2"]["target"] == "frozen"
 
 
 # ---- ema: the EMA rule, and an exact resume ------------------------------------------------------

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from fastlightgen.checkpoint import CheckpointError, CheckpointMeta, read_checkpoint, save_checkpoint
 from fastlightgen.plan import PrunePlan
 from fastlightgen.toy.teacher import ToyTeacherShape, build_toy_teacher
+from train.record import StageRecord
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ToyTeacherShape(num_layers=4, num_attention_heads=2, attention_head_dim=16, ffn_dim=64)
@@ -313,8 +314,8 @@ def test_stage3_ablations_step_only_and_unpruned_teacher(tiny, tmp_path, capsys)
     keep_all = tmp_path / "keep_all.json"
     PrunePlan.from_blocks(adapt(build_toy_teacher(TINY)).fingerprint(), []).save(keep_all)
     stage3.main(train_args(teacher, keep_all, tmp_path / "dmd", **{"stage3.init": "teacher"}))
-    info = json.loads((tmp_path / "dmd" / "stage3" / "run.json").read_text())
-    assert info["student_config"]["num_layers"] == 4 and info["alpha"] is None
+    record = StageRecord.load(tmp_path / "dmd" / "stage3")
+    assert record.student_config["num_layers"] == 4 and record.alpha is None
 
     stage2.main(train_args(teacher, plan, tmp_path / "s2"))
     init = {"stage3.init": tmp_path / "s2" / "stage2" / "model.safetensors", "stage3.iterations": 1}

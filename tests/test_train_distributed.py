@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import load_file
 from test_train import REPO, make_tiny_teacher, subprocess_env, train_args
 
+from train.record import StageRecord
+
 pytest.importorskip("deepspeed", reason="the distributed tests run DeepSpeed (pip install -e .[train])")
 
 ZERO3 = {"dist.deepspeed": True, "dist.cpu_adam": False, "dist.param_persistence_threshold": 0,
@@ -119,7 +121,7 @@ def test_stage2_zero3_from_stage2_init_matches_single(tiny, tmp_path):
     single, zero3 = metrics(tmp_path / "single" / "stage2"), metrics(tmp_path / "zero3" / "stage2")
     assert zero3[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-5)
     assert zero3[0]["loss"] != pytest.approx(from_teacher, rel=1e-3)
-    assert json.loads((tmp_path / "zero3" / "stage2" / "run.json").read_text())["init"] == str(settings["stage2.init"])
+    assert StageRecord.load(tmp_path / "zero3" / "stage2").config["stage2"]["init"] == str(settings["stage2.init"])
 
 
 def test_stage3_zero3_two_processes_matches_single(tiny, tmp_path):

@@ -25,26 +25,18 @@ import torch
 from fastlightgen.checkpoint import CheckpointError, CheckpointMeta, load_wan, save_checkpoint
 from fastlightgen.fp8 import FP8_SCALED
 from fastlightgen.io_utils import atomic_write_text
-from fastlightgen.plan import PrunePlan
-from fastlightgen.sampling import Sampling
 
 from .cli import parse
 from .config import Config, ExportConfig
-from .models import read_run_info, student_model
+from .models import student_model
+from .record import StageRecord
 
 
-def metadata(model: torch.nn.Module, info: dict) -> CheckpointMeta:
-    plan = PrunePlan.from_dict(info["plan"])
-    if info["stage"] == "stage3":
-        recommended = Sampling.few_step(info["denoising_step_list"], info["shift"])
-    else:
-        recommended = Sampling()
-    provenance = {"trainer": f"train.{info['stage']}", "iterations": info["steps"], "alpha": info["alpha"],
-                  "betas": [info.get("beta1"), info.get("beta2")], "data": info["data"],
-                  "plan_method": plan.method, "keep_ratio": plan.keep_ratio}
+def metadata(model: torch.nn.Module, record: StageRecord) -> CheckpointMeta:
+    plan = record.plan
     return CheckpointMeta(original_num_blocks=plan.fingerprint.num_blocks, kept_blocks=plan.kept,
                           family=plan.fingerprint.family, head_dim=model.config.attention_head_dim,
-                          recommended=recommended, provenance=provenance)
+                          recommended=record.sampling, provenance=record.provenance())
 
 
 def run(cfg: Config) -> Path:
@@ -52,9 +44,9 @@ def run(cfg: Config) -> Path:
     when the family has no checkpoint format."""
     ex = checked(cfg)
     folder = Path(ex.run) if ex.run else cfg.stage_dir("stage3")
-    info = read_run_info(folder)
-    model = student_model(cfg, folder, info)
-    meta = metadata(model, info)
+    record = StageRecord.load(folder)
+    model = student_model(cfg, folder, record)
+    meta = metadata(model, record)
 
     out = None
     if meta.family == "wan":

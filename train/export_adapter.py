@@ -59,7 +59,8 @@ def from_files(student: str | Path, teacher: str | Path, out: str | Path, rank: 
 def run(cfg: Config, rank: int = 0, energy: float | None = None, out: str | Path = "") -> Path:
     """The adapter of a finished run's student (export.run, default run_dir/stage3) over model.teacher."""
     from .export import metadata
-    from .models import load_teacher, read_run_info, student_model
+    from .models import load_teacher, student_model
+    from .record import StageRecord
 
     check_setting(rank, energy)
     ex = cfg.validate().export
@@ -67,9 +68,9 @@ def run(cfg: Config, rank: int = 0, energy: float | None = None, out: str | Path
         raise SystemExit(f"export.dtype={ex.dtype}: an adapter's deltas are stored in {', '.join(DTYPES)} (fp8 "
                          "would round deltas far smaller than the weights to zero); set export.dtype to one of them")
     folder = Path(ex.run) if ex.run else cfg.stage_dir("stage3")
-    info = read_run_info(folder)
-    student = student_model(cfg, folder, info)
-    meta = metadata(student, info)
+    record = StageRecord.load(folder)
+    student = student_model(cfg, folder, record)
+    meta = metadata(student, record)
     if meta.family != "wan":
         raise SystemExit(f"student adapters hold Wan students; this run is {meta.family}")
     adapter = make_adapter(load_teacher(cfg), student, meta.kept_blocks, rank=rank, energy=energy,

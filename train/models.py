@@ -17,14 +17,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fastlightgen.experts import EXPERTS, I2V_BOUNDARY, T2V_BOUNDARY, check_boundary
-from fastlightgen.io_utils import atomic_path, atomic_write_text
+from fastlightgen.io_utils import atomic_path
 from fastlightgen.plan import PrunePlan, read_plan
 from fastlightgen.stored import StoredTensor, stored_tensors
 
 from .config import Config
+from .record import StageRecord
 
 MODEL_FILE = "model.safetensors"
-RUN_FILE = "run.json"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"  # a diffusers folder's weights (or their index)
 
 
@@ -266,32 +266,23 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-def student_model(cfg: Config, folder: Path, info: dict) -> nn.Module:
-    """The physically pruned model of a finished Stage II or III run (`info`: its run.json), in fp32."""
+def student_model(cfg: Config, folder: Path, record: StageRecord) -> nn.Module:
+    """The physically pruned model of a finished Stage II or III run (`record`: its StageRecord), in fp32."""
     from fastlightgen.adapters import adapt
 
     cls = model_class(cfg.model.family)
-    if info["stage"] == "stage3":
-        return load_weights(cls.from_config(info["student_config"]), folder / MODEL_FILE)
-    if info["stage"] == "stage2":
-        model = load_weights(cls.from_config(teacher_config(cfg)), folder / MODEL_FILE)
-        return adapt(model).pruned_model(PrunePlan.from_dict(info["plan"]).kept)
-    raise ValueError(f"{folder}: a {info['stage']} run holds no student; use a stage2 or stage3 run")
+    if record.stage == "stage3":
+        return load_weights(cls.from_config(record.student_config), folder / MODEL_FILE)
+    model = load_weights(cls.from_config(teacher_config(cfg)), folder / MODEL_FILE)
+    return adapt(model).pruned_model(record.plan.kept)
 
 
-def save_stage_output(folder: Path, weights: dict[str, torch.Tensor], info: dict) -> Path:
+def save_stage_output(folder: Path, weights: dict[str, torch.Tensor], record: StageRecord) -> Path:
     out = folder / MODEL_FILE
     with atomic_path(out) as tmp:
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
-    atomic_write_text(folder / RUN_FILE, json.dumps(info, indent=1))
+    record.save(folder)
     return out
-
-
-def read_run_info(folder: Path) -> dict:
-    path = Path(folder) / RUN_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} holds no {RUN_FILE}: that stage has not finished")
-    return json.loads(path.read_text())
 
 
 def plan_path(cfg: Config, configured: str) -> Path:

@@ -30,6 +30,7 @@ from fastlightgen.experts import sigma_range as expert_sigma_range
 from fastlightgen.first_frame import given_frame, noised
 from fastlightgen.flow import sample_training_sigma, velocity_target
 from fastlightgen.plan import PrunePlan
+from fastlightgen.sampling import Sampling
 
 from .cli import stage_main
 from .config import Config
@@ -38,6 +39,7 @@ from .dist import Dist, init_dist
 from .loop import Run, learning_rate, train
 from .models import (MODEL_FILE, check_expert_plan, check_stage_inputs, expert_config, load_plan, load_start,
                      model_experts, plan_path, save_stage_output, stage_expert)
+from .record import StageRecord
 from .state import hold_run_dir
 from .units import EMA, AdapterModule, Predictor, Trainable, compute_dtype, is_partitioned, make_trainable, predictor
 
@@ -123,12 +125,9 @@ def run(cfg: Config, resume: bool = False) -> Path:
         # the whole model (pruned and unpruned paths share it) for Stage III and export
         weights = m.unit.full_state_dict()
         if m.run.dist.is_main:
-            save_stage_output(m.run.dir, weights, {
-                "stage": "stage2", "plan": m.plan.to_dict(), "plan_path": str(plan_path(cfg, cfg.stage2.plan)),
-                "steps": steps, "alpha": cfg.stage2.alpha, "skip_prob": cfg.stage2.skip_prob,
-                "target": cfg.stage2.target, "init": cfg.stage2.init or "teacher",
-                **({"expert": expert, "sigma_range": list(sigma_range)} if expert else {}),
-                "data": data_fingerprint(cfg), "config": cfg.to_dict()})
+            save_stage_output(m.run.dir, weights, StageRecord(
+                "stage2", m.plan, str(plan_path(cfg, cfg.stage2.plan)), steps, Sampling(), data_fingerprint(cfg),
+                cfg.to_dict(), alpha=cfg.stage2.alpha, expert=expert, sigma_range=sigma_range if expert else None))
             m.run.print_on_main(f"wrote {m.run.dir / MODEL_FILE}")
         m.run.dist.close()
         return m.run.dir / MODEL_FILE

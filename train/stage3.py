@@ -41,6 +41,7 @@ from .data import Batch, BatchFn, batch_source, data_fingerprint
 from .dist import init_dist, step_generator
 from .loop import Run, learning_rate, train
 from .models import MODEL_FILE, check_stage_inputs, load_plan, load_pruned, load_start, plan_path, save_stage_output
+from .record import StageRecord
 from .state import hold_run_dir
 from .units import AdapterModule, Trainable, compute_dtype, make_trainable
 
@@ -56,13 +57,18 @@ class Stage3Models:
     skip: frozenset[int]  # the blocks both scores skip: the plan's dropped ones, none for the unpruned teacher
     plan: PrunePlan
     mix: TeacherMix
-    sigmas: list[float]  # the few-step list, ending at 0
+    sampling: Sampling  # the few-step list the student learns
     draw_batch: BatchFn
     dtype: torch.dtype
 
     @property
     def device(self) -> torch.device:
         return self.run.dist.device
+
+    @property
+    def sigmas(self) -> list[float]:
+        """The few-step list's sigmas, ending at 0."""
+        return self.sampling.sigmas.tolist()
 
 
 class GeneratorSample(NamedTuple):
@@ -95,7 +101,7 @@ def build(cfg: Config) -> Stage3Models:
     return Stage3Models(
         cfg, Run(cfg, "stage3", dist), generator, fake, fake.module.model, skip, plan,
         TeacherMix(s3.beta1, s3.beta2, s3.beta1_below, s3.beta1_above, s3.beta2_jitter),
-        Sampling.few_step(s3.denoising_step_list, s3.shift).sigmas.tolist(), batch_source(cfg), compute_dtype(cfg))
+        Sampling.few_step(s3.denoising_step_list, s3.shift), batch_source(cfg), compute_dtype(cfg))
 
 
 def student_velocity(m: Stage3Models, cond: Conditioning) -> Velocity:
@@ -164,12 +170,10 @@ def run(cfg: Config, resume: bool = False) -> Path:
         # the student, physically pruned, for train.export
         weights = m.generator.full_state_dict()
         if m.run.dist.is_main:
-            save_stage_output(m.run.dir, weights, {
-                "stage": "stage3", "plan": m.plan.to_dict(), "plan_path": str(plan_path(cfg, s3.plan)),
-                "steps": steps, "alpha": None if s3.init == "teacher" else cfg.stage2.alpha, "beta1": s3.beta1,
-                "beta2": s3.beta2, "plan_teacher": s3.plan_teacher, "denoising_step_list": s3.denoising_step_list,
-                "shift": s3.shift, "student_config": dict(m.generator.module.model.config),
-                "data": data_fingerprint(cfg), "config": cfg.to_dict()})
+            save_stage_output(m.run.dir, weights, StageRecord(
+                "stage3", m.plan, str(plan_path(cfg, s3.plan)), steps, m.sampling, data_fingerprint(cfg),
+                cfg.to_dict(), alpha=None if s3.init == "teacher" else cfg.stage2.alpha, betas=(s3.beta1, s3.beta2),
+                student_config=dict(m.generator.module.model.config)))
             m.run.print_on_main(f"wrote {m.run.dir / MODEL_FILE}")
         m.run.dist.close()
         return m.run.dir / MODEL_FILE
