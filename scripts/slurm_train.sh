@@ -18,7 +18,9 @@ stage=${1:?usage: sbatch scripts/slurm_train.sh preprocess|stage2|stage3 CONFIG 
 config=${2:?usage: sbatch scripts/slurm_train.sh preprocess|stage2|stage3 CONFIG [--set section.key=value ...]}
 shift 2
 gpus_per_node=8
-head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# read every name: `| head -n 1` would end scontrol with SIGPIPE, which pipefail turns into a failed job
+readarray -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+head_node=${nodes[0]}
 extra=()
 if [[ $stage == stage2 || $stage == stage3 ]]; then
     extra=(--set "dist.world_size=$((SLURM_NNODES * gpus_per_node))" --resume)
