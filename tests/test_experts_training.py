@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from fastlightgen.experts import I2V_BOUNDARY, T2V_BOUNDARY
 from tiny_models import tiny_wan_a14b_folder
-from train.config import identity_hash, load_config
+from train.config import load_config
+from train.identity import identity_hash, run_identity
 from train.record import StageRecord
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +95,7 @@ def test_two_experts_count_twice_in_stage3_only():
 
 
 def test_added_settings_leave_the_identity_of_existing_configs_unchanged():
-    """research.run_cache keys runs by Config.identity: the two-expert settings at their defaults are not in it (the
+    """research.run_cache keys runs by train.identity.run_identity: the two-expert settings at their defaults are not in it (the
     committed report's keys stay valid); set, they change it."""
     cfg = load_config(str(REPO / "configs" / "toy.yaml"))
     before = {"model": {"family", "ti2v", "teacher (contents)"},
@@ -102,13 +103,13 @@ def test_added_settings_leave_the_identity_of_existing_configs_unchanged():
               "stage2": {"plan (contents)", "lr", "alpha", "target", "skip_prob", "lr_decay", "weight_decay",
                          "sigma_law", "sigma_shift", "iterations"}}
     for stage in ("stage1", "stage2"):
-        identity = cfg.identity(stage, 1, whole_run=True)
+        identity = run_identity(cfg, stage, 1, whole_run=True)
         assert set(identity["model"]) == before["model"] and set(identity[stage]) == before[stage]
-    base = identity_hash(cfg.identity("stage1", 1, whole_run=True))
+    base = identity_hash(run_identity(cfg, "stage1", 1, whole_run=True))
     for setting in ("model.boundary=0.5", "stage1.expert_keep_ratios={low: 0.5}"):
         changed = load_config(str(REPO / "configs" / "toy.yaml"), [setting])
-        assert identity_hash(changed.identity("stage1", 1, whole_run=True)) != base, setting
-    expert = load_config(str(REPO / "configs" / "toy.yaml"), ["stage2.expert=low"]).identity("stage2", 1)
+        assert identity_hash(run_identity(changed, "stage1", 1, whole_run=True)) != base, setting
+    expert = run_identity(load_config(str(REPO / "configs" / "toy.yaml"), ["stage2.expert=low"]), "stage2", 1)
     assert expert["stage2"]["expert"] == "low"
 
 
@@ -376,7 +377,7 @@ def test_stage2_refuses_a_plan_scored_at_another_boundary(folders, shards, tmp_p
     from train import stage1, stage2
 
     settings = a14b_settings(folders["t2v"], shards, tmp_path, **{"stage2.expert": "high"})
-    assert load_config(None, settings).identity("stage1", 1)["model"]["boundary"] == T2V_BOUNDARY
+    assert run_identity(load_config(None, settings), "stage1", 1)["model"]["boundary"] == T2V_BOUNDARY
     stage1.run(load_config(None, settings))
     with pytest.raises(ValueError, match=r"scored with the experts' boundary at 0.875, but the model's is 0.5: run "
                                          r"Stage I again, or set model.boundary=0.875"):

@@ -44,6 +44,16 @@ def test_the_check_sees_a_forbidden_import(tmp_path):
     assert imported_packages(module, "fastlightgen") == {"train", "fastlightgen"}
 
 
+def test_the_settings_import_no_training_module_back():
+    """train/config.py is what every training module imports: it imports none of them, not even inside a function,
+    so no import loop starts there (the resume identity, which reads the stage's files, is train/identity.py)."""
+    tree = ast.parse((REPO / "train" / "config.py").read_text())
+    relative = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
+    assert relative <= {"ranges"}
+    ranges = ast.parse((REPO / "train" / "ranges.py").read_text())
+    assert not [node for node in ast.walk(ranges) if isinstance(node, ast.ImportFrom) and node.level]
+
+
 def test_the_library_has_no_entry_points():
     scripts = [str(p.relative_to(REPO)) for p in modules("fastlightgen") if "__main__" in p.read_text()]
     assert not scripts, "command-line entry points belong in train/ or research/"

@@ -15,6 +15,7 @@ from test_train import make_tiny_teacher, train_args
 from fastlightgen.adapters import adapt
 from fastlightgen.plan import PrunePlan
 from train.config import load_config
+from train.identity import run_identity
 from train.models import load_weights
 from train.record import StageRecord
 
@@ -50,17 +51,17 @@ def test_a_run_from_stage2_init_starts_from_those_weights(runs, tmp_path, monkey
 def test_the_identity_names_the_init_by_its_contents_and_is_unchanged_without_one(runs, tmp_path):
     teacher, plan, init = runs
     base = [f"model.teacher={teacher}", f"stage2.plan={plan}"]
-    plain = load_config(None, base).identity("stage2", 1)["stage2"]
+    plain = run_identity(load_config(None, base), "stage2", 1)["stage2"]
     assert "init" not in plain and "init (contents)" not in plain  # the keys of runs cached before the setting
     copy = tmp_path / "model.safetensors"
     copy.write_bytes(init.read_bytes())
-    given = load_config(None, [*base, f"stage2.init={copy}"]).identity("stage2", 1)["stage2"]
+    given = run_identity(load_config(None, [*base, f"stage2.init={copy}"]), "stage2", 1)["stage2"]
     assert given["init (contents)"] is not None and {k: v for k, v in given.items() if k != "init (contents)"} == plain
     weights = load_weights(teacher_model(teacher), init).state_dict()
     from safetensors.torch import save_file
 
     save_file({k: v + 1e-3 for k, v in weights.items()}, str(copy))
-    changed = load_config(None, [*base, f"stage2.init={copy}"]).identity("stage2", 1)["stage2"]
+    changed = run_identity(load_config(None, [*base, f"stage2.init={copy}"]), "stage2", 1)["stage2"]
     assert changed["init (contents)"] != given["init (contents)"]
 
 

@@ -18,7 +18,8 @@ from tiny_models import tiny_wan, wan_inputs
 from fastlightgen.adapters import adapt
 from fastlightgen.branches import Branch, run_branches
 from fastlightgen.distill import mse, stage2_loss
-from train.config import ConfigError, identity_diff, load_config
+from train.config import ConfigError, load_config
+from train.identity import identity_diff, run_identity
 from train.models import load_teacher
 from train.record import StageRecord
 
@@ -211,7 +212,7 @@ def test_the_target_is_in_the_identity_and_its_decay_only_for_ema(tiny):
     base = [f"model.teacher={teacher}", f"stage2.plan={plan}"]
 
     def identity(*sets):
-        return load_config(None, [*base, *sets]).identity("stage2", 1)
+        return run_identity(load_config(None, [*base, *sets]), "stage2", 1)
 
     assert identity()["stage2"]["target"] == "shared" and "target_ema_decay" not in identity()["stage2"]
     assert identity_diff(identity(), identity("stage2.target=frozen")) == ["stage2.target: 'shared' != 'frozen'"]

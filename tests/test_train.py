@@ -486,7 +486,8 @@ def test_resume_identity_follows_contents_not_paths(tmp_path):
     import shutil
 
     from train import preprocess
-    from train.config import identity_diff, load_config
+    from train.config import load_config
+    from train.identity import identity_diff, run_identity
 
     shards = tmp_path / "a" / "shards"
     preprocess.main(["--set", f"preprocess.out={shards}", "--set", "preprocess.toy_samples=4",
@@ -501,7 +502,7 @@ def test_resume_identity_follows_contents_not_paths(tmp_path):
 
     def identity(folder: Path, model: Path) -> dict:
         sets = ["data.source=shards", f"data.shards={folder}", f"model.teacher={model}"]
-        return load_config(str(REPO / "configs" / "toy.yaml"), sets).identity("stage2", 1)
+        return run_identity(load_config(str(REPO / "configs" / "toy.yaml"), sets), "stage2", 1)
 
     before = identity(shards, teacher)
     assert identity(tmp_path / "b" / "shards", moved_teacher) == before

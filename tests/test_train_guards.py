@@ -21,7 +21,8 @@ from test_train import REPO, TINY, make_tiny_teacher, subprocess_env, train_args
 from fastlightgen.adapters import adapt
 from fastlightgen.plan import PrunePlan
 from fastlightgen.toy.teacher import build_toy_teacher
-from train.config import ConfigError, identity_diff, load_config
+from train.config import ConfigError, load_config
+from train.identity import identity_diff, run_identity
 from train.dist import Dist
 from train.loop import CheckpointMismatch, PoisonedWeights, Run, TooManyBadSteps
 from train.ranges import RANGES
@@ -116,18 +117,18 @@ def test_identity_covers_input_contents_and_result_settings(tiny, tmp_path):
     my_plan.write_text(plan.read_text())
     save_file({"w": torch.zeros(3)}, str(init))
     sets = [f"model.teacher={teacher}", f"stage2.plan={my_plan}", f"stage3.plan={my_plan}", f"stage3.init={init}"]
-    before = {stage: load_config(None, sets).identity(stage, 1) for stage in ("stage2", "stage3")}
+    before = {stage: run_identity(load_config(None, sets), stage, 1) for stage in ("stage2", "stage3")}
 
     layout_only = json.dumps(json.loads(plan.read_text()), indent=4, sort_keys=True)
     my_plan.write_text(layout_only)  # the same plan, written otherwise: the same run
-    assert load_config(None, sets).identity("stage2", 1) == before["stage2"]
+    assert run_identity(load_config(None, sets), "stage2", 1) == before["stage2"]
     PrunePlan.from_blocks(adapt(build_toy_teacher(TINY)).fingerprint(), [1]).save(my_plan)
     save_file({"w": torch.ones(3)}, str(init))  # Stage II retrained in place: the same size
     os.utime(init, ns=(0, 12345))  # a distinct mtime even on a coarse clock
-    after = load_config(None, sets).identity("stage3", 1)
+    after = run_identity(load_config(None, sets), "stage3", 1)
     assert [line.split(":")[0] for line in identity_diff(before["stage3"], after)] == \
         ["stage3.init (contents)", "stage3.plan (contents)"]
-    clipped = load_config(None, [*sets, "dist.grad_clip=0.5"]).identity("stage2", 1)
+    clipped = run_identity(load_config(None, [*sets, "dist.grad_clip=0.5"]), "stage2", 1)
     assert clipped["dist"]["grad_clip"] == 0.5 != before["stage2"]["dist"]["grad_clip"]
 
 

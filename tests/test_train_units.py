@@ -21,7 +21,8 @@ from fastlightgen.guidance import mix_velocities
 from fastlightgen.lora import add_lora, lora_enabled, lora_parameters, lora_state_dict
 from fastlightgen.sampling import FEW_STEP, predict_x0, sample_few_step
 from fastlightgen.toy.teacher import null_like
-from train.config import identity_diff, load_config
+from train.config import load_config
+from train.identity import identity_diff, run_identity
 from train.dist import step_generator
 from train.loop import learning_rate
 from train.models import load_teacher, model_class, teacher_config
@@ -65,17 +66,19 @@ def test_a_cycled_schedule_restarts_every_cycle_and_does_not_depend_on_the_run_l
     path = tmp_path / "c.yaml"
     path.write_text("toy_teacher: {iterations: 100, lr_decay: cosine, lr_cycle: 50}\n")
     short, longer = load_config(str(path), []), load_config(str(path), ["toy_teacher.iterations=150"])
-    assert short.identity("toy_teacher", 1) == longer.identity("toy_teacher", 1)
-    assert short.identity("toy_teacher", 1, whole_run=True) != longer.identity("toy_teacher", 1, whole_run=True)
+    assert run_identity(short, "toy_teacher", 1) == run_identity(longer, "toy_teacher", 1)
+    assert run_identity(short, "toy_teacher", 1, whole_run=True) != \
+        run_identity(longer, "toy_teacher", 1, whole_run=True)
 
 
 def test_a_cosine_run_cannot_be_resumed_at_another_length(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("stage2: {iterations: 100}\n")
     short, longer = load_config(str(path), []), load_config(str(path), ["stage2.iterations=200"])
-    assert short.identity("stage2", 1) == longer.identity("stage2", 1)
+    assert run_identity(short, "stage2", 1) == run_identity(longer, "stage2", 1)
     short.stage2.lr_decay = longer.stage2.lr_decay = "cosine"
-    assert identity_diff(short.identity("stage2", 1), longer.identity("stage2", 1)) == ["stage2.iterations: 100 != 200"]
+    assert identity_diff(run_identity(short, "stage2", 1), run_identity(longer, "stage2", 1)) == \
+        ["stage2.iterations: 100 != 200"]
 
 
 def test_run_branches_equal_separate_passes_and_only_grad_branches_record(wan):

@@ -26,8 +26,9 @@ import torch
 
 from fastlightgen.io_utils import atomic_write_text
 
-from .config import Config, identity_diff, identity_hash
+from .config import Config
 from .dist import Dist, step_generator
+from .identity import identity_diff, identity_hash, run_identity
 from .state import STATE_FILE, TENSORS_FILE, commit_state, latest_state, load_state, staging_dir, write_state_files
 from .units import NonFiniteStep, NonFiniteWeights, Resumable
 
@@ -55,7 +56,7 @@ class Run:
 
     def __post_init__(self):
         # taken once the stage has read its inputs: their digests as this run read them, not at a later save
-        self.identity = self.cfg.identity(self.stage, self.dist.world_size)
+        self.identity = run_identity(self.cfg, self.stage, self.dist.world_size)
 
     @property
     def dir(self) -> Path:
