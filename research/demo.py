@@ -6,8 +6,8 @@ T2V (the caption alone), with the toy teacher (50-step Euler with CFG) and, when
 4-step pruned student, each at several noise seeds; writes the first seed's videos as mp4 and a report, per
 mode: each model's scores over all videos, the student's per-video paired difference to the teacher with its
 95% bootstrap interval and verdict (research/stats.py; the margin is fixed there; no verdict in a mode whose sanity
-ordering fails) and the sanity table (research/sanity.py); and the cost per video of each model: wall clock (one TI2V video per call, the two
-models timed in alternating rounds, the best of 10) and FLOPs (the same on every machine).
+ordering fails) and the sanity table (research/sanity.py); and the cost per video of each model: wall clock (one
+TI2V video per call, the two models timed in alternating rounds, the best of 10) and FLOPs (the same on every machine).
 """
 from __future__ import annotations
 
@@ -61,8 +61,8 @@ def load_fp32(path: Path):
 
 MODES = ("TI2V", "T2V")
 NOT_EVIDENCE = "none, not evidence"  # the verdict of a mode whose sanity ordering fails
-SUMMARY_COLUMNS = ("faithful", "correct", "gate_color", "gate_shape", "gate_direction", "gate_speed", "fidelity",
-                   "overall")
+SUMMARY_COLUMNS = ("faithful", "correct", "gate_color", "gate_shape", "gate_direction", "gate_speed", "gate_position",
+                   "fidelity", "overall")
 
 
 def score_model(model: Candidate, prompts: Prompts, seeds: list[int], out_dir: Path, progress: tqdm) -> EvalTable:
@@ -117,8 +117,8 @@ def mode_section(models: list[Candidate], prompts: Prompts, seeds: list[int], ou
     sanity = sanity_rows(prompts, teacher_table, seeds[0])
     parts = [f"## {mode}: scores over {len(teacher_table.rows)} videos (mean ± std)\n\n{summary_markdown(tables)}\n"]
     if student_table:
-        parts.append(f"### {mode}: the student against the teacher, paired per video\n\n"
-                     f"{comparison_markdown(student_table[0], teacher_table, prompts, seeds, ordering_holds(sanity))}\n")
+        comparison = comparison_markdown(student_table[0], teacher_table, prompts, seeds, ordering_holds(sanity))
+        parts.append(f"### {mode}: the student against the teacher, paired per video\n\n{comparison}\n")
     else:
         parts.append(f"(no student at {student_source}: train one with the pipeline in train/README.md)\n")
     parts.append(f"### The same prompts: known answers (noise at seed {seeds[0]}) and the teacher over every seed\n\n"

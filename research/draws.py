@@ -96,7 +96,8 @@ def difference(student: Scored, teacher: Scored, prompt_seed: int | None = None,
                noise_seeds: tuple[int, ...] = NOISE_SEEDS) -> Interval:
     """Student - teacher on `faithful`, paired per video, resampled over combinations then videos; one prompt draw's
     videos alone if `prompt_seed` is given, and only the videos of `noise_seeds`."""
-    keep = [(prompt_seed is None or d == prompt_seed) and n in noise_seeds for d, n in zip(teacher.draws, teacher.noise)]
+    keep = [(prompt_seed is None or d == prompt_seed) and n in noise_seeds
+            for d, n in zip(teacher.draws, teacher.noise)]
     return paired_interval(_kept([r["faithful"] for r in student.table.rows], keep),
                            _kept([r["faithful"] for r in teacher.table.rows], keep), _kept(teacher.clusters, keep))
 
@@ -150,7 +151,8 @@ def by_draw_table(scored: dict[str, tuple[Scored, Scored]], prompt_seeds: tuple[
 
 def demo_videos_table(scored: dict[str, tuple[Scored, Scored]]) -> str:
     """The demo's own videos (prompt draw 0, its noise seeds), so its verdict under this scorer is read here too."""
-    lines = ["| mode | teacher faithful | student faithful | student − teacher [95% CI] | verdict |", "|---|---|---|---|---|"]
+    lines = ["| mode | teacher faithful | student faithful | student − teacher [95% CI] | verdict |",
+             "|---|---|---|---|---|"]
     for mode, (teacher, student) in scored.items():
         interval = difference(student, teacher, 0, DEMO_SEEDS)
         means = [sum(r["faithful"] for r, d, n in zip(t.table.rows, t.draws, t.noise) if d == 0 and n in DEMO_SEEDS)

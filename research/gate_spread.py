@@ -101,8 +101,8 @@ def spread_table(factors: list[Factors]) -> str:
     misses = [spread_row(f"{name} (smallest)", answer, [f for f in factors if applies is None or applies(f)], min)
               for name, (answer, applies) in near_misses(t2v=False).items()]
     solver = caption_shift_recolor
-    misses += [spread_row(f"the same solver at {speed} (smallest)", solver, [f for f in factors if f.speed == speed], min)
-               for speed in SPEEDS]
+    misses += [spread_row(f"the same solver at {speed} (smallest)", solver,
+                          [f for f in factors if f.speed == speed], min) for speed in SPEEDS]
     return "\n".join([head, *truths, *misses])
 
 

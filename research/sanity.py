@@ -234,5 +234,5 @@ def sanity_markdown(rows: SanityRows, columns: tuple[str, ...] = SANITY_COLUMNS)
         mean = table.mean()
         lines.append(f"| {name} | {len(table.rows)} | " + " | ".join(f"{mean[c]:.3f}" for c in columns) + " |")
     verdict = "holds" if ordering_holds(rows) else "FAILS"
-    return "\n".join(lines) + (f"\n\nRequired: ground truth > teacher > every wrong answer and near miss by >= {SANITY_MARGIN} on "
-                               f"`faithful`: the ordering **{verdict}**.")
+    return "\n".join(lines) + (f"\n\nRequired: ground truth > teacher > every wrong answer and near miss by >= "
+                               f"{SANITY_MARGIN} on `faithful`: the ordering **{verdict}**.")

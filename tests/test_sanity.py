@@ -99,7 +99,8 @@ def test_ordering_fails_when_the_teacher_is_a_wrong_answer(t2v):
     assert "the ordering **FAILS**" in sanity_markdown(rows)
 
 
-NEAR_MISS_GATES = {"near miss: color change one frame early": "color", "near miss: color change one frame late": "color",
+NEAR_MISS_GATES = {"near miss: color change one frame early": "color",
+                   "near miss: color change one frame late": "color",
                    "near miss: 30-degree drift": "direction", "near miss: 45-degree drift": "direction",
                    "near miss: speed between the words (2.25 px/frame)": "speed"}
 

@@ -415,9 +415,10 @@ def first_step_error(est: ObjectEstimate, factors: Factors) -> float:
 
 
 def registered_step(first: torch.Tensor, second: torch.Tensor, guess: torch.Tensor) -> torch.Tensor:
-    """The shift d (2,) px near `guess` that best maps coverage `first` (H, W) onto `second`: min |second - first(. - d)|,
-    coarse to fine. Registering a frame on the previous one compares like with like, so the bias a soft or
-    textured video puts into each frame's shape fit cancels (a shape fit's step drifts 0.45 px on blurred ground truth)."""
+    """The shift d (2,) px near `guess` that best maps coverage `first` (H, W) onto `second`, min over d of
+    |second - first(. - d)|, coarse to fine. Registering a frame on the previous one compares like with like, so
+    the bias a soft or textured video puts into each frame's shape fit cancels (a step from two shape fits drifts
+    0.45 px on blurred ground truth)."""
     step = guess
     for radius, spacing in EVAL.search_rounds:
         candidates = step + _grid_offsets(radius, spacing)  # (K, 2)
