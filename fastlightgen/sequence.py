@@ -11,7 +11,7 @@ Gradients: every collective's backward is its exact adjoint (a gather's backward
 so the group's summed gradient is `size` times the gradient of the whole sample. A data-parallel average over
 all ranks (data parallel x sequence parallel, what ZeRO does) divides that by `size` again: the optimizer sees
 the data-parallel mean of whole-sample gradients, with no special case. The library only states the rule; the
-trainer supplies the collectives (DeepSpeed's Ulysses attention, `train/sequence.py`).
+trainer supplies the collectives (DeepSpeed's Ulysses attention, `train/distributed/sequence.py`).
 """
 from __future__ import annotations
 

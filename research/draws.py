@@ -22,7 +22,7 @@ import torch
 from fastlightgen.io_utils import atomic_path, atomic_write_text
 from fastlightgen.toy.evaluate import GATES, EvalTable, evaluate_batch
 from fastlightgen.toy.prompts import Prompts, heldout_prompts
-from train.fingerprint import file_digest
+from train.data.fingerprint import file_digest
 
 from .demo import MODES, STUDENT, TEACHER, Candidate, models_to_compare
 from .sanity import SANITY_MARGIN, ordering_holds, sanity_markdown, sanity_rows

@@ -39,8 +39,8 @@ from fastlightgen.toy.prompts import Prompts, split_prompts
 from fastlightgen.toy.world import split_combinations
 from fastlightgen.video_io import write_mp4
 from train.config import Config
-from train.models import MODEL_FILE, load_teacher, load_weights, student_model
-from train.record import StageRecord
+from train.models.loading import MODEL_FILE, load_teacher, load_weights, student_model
+from train.models.record import StageRecord
 
 from .demo import MODES
 from .report import (PRIMARY, Costs, Measured, all_finite, comparison, contour_plot, markdown_table, measure, paired,

@@ -1,6 +1,6 @@
 """Stage runs cached by the hash of the settings they depend on, so a report re-trains only what changed.
 
-A stage's key hashes the run's identity (`train.identity.run_identity` of the whole run: what changes its result, with
+A stage's key hashes the run's identity (`run_identity` of the whole run: what changes its result, with
 the contents of its input files, so a teacher retrained in place does not reuse runs of the old one; its
 own config section holds the paths of its inputs, which name the upstream runs by their keys): two variants
 that differ only in stage3.beta2 share their Stage I and Stage II runs. Each run lives in `<root>/<stage>-<key>/`
@@ -20,9 +20,9 @@ from fastlightgen.adapters import adapt
 from fastlightgen.plan import PrunePlan
 from train import stage1, stage2, stage3
 from train.config import Config, config_from_dict, load_config
-from train.identity import identity_hash, run_identity
-from train.models import MODEL_FILE, load_teacher
-from train.record import RUN_FILE
+from train.loop.identity import identity_hash, run_identity
+from train.models.loading import MODEL_FILE, load_teacher
+from train.models.record import RUN_FILE
 
 
 def stage_key(cfg: Config, stage: str) -> str:

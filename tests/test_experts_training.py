@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from fastlightgen.experts import I2V_BOUNDARY, T2V_BOUNDARY
 from tiny_models import tiny_wan_a14b_folder
 from train.config import load_config
-from train.identity import identity_hash, run_identity
-from train.record import StageRecord
+from train.loop.identity import identity_hash, run_identity
+from train.models.record import StageRecord
 
 REPO = Path(__file__).resolve().parents[1]
 A14B = {name: str(REPO / "configs" / f"wan2.2-{name}-a14b.yaml") for name in ("t2v", "i2v")}
@@ -80,7 +80,7 @@ def test_two_experts_count_twice_in_stage3_only():
     """Stage I scores the experts one after the other and Stage II trains one per run: their rows are one expert's.
     Stage III holds both: its parameter, gradient and optimizer terms double, its activations (one expert runs at a
     time) do not."""
-    from train.memory import GPUS_PER_NODE, PROCESS_GIB, count_params, estimate
+    from train.models.memory import GPUS_PER_NODE, PROCESS_GIB, count_params, estimate
 
     pair = load_config(A14B["t2v"])
     one = load_config(A14B["t2v"], ["model.boundary=0", "stage2.expert="])  # the same architecture, one expert
@@ -95,7 +95,7 @@ def test_two_experts_count_twice_in_stage3_only():
 
 
 def test_added_settings_leave_the_identity_of_existing_configs_unchanged():
-    """research.run_cache keys runs by train.identity.run_identity: the two-expert settings at their defaults are not in it (the
+    """research.run_cache keys runs by run_identity: the two-expert settings at their defaults are not in it (the
     committed report's keys stay valid); set, they change it."""
     cfg = load_config(str(REPO / "configs" / "toy.yaml"))
     before = {"model": {"family", "ti2v", "teacher (contents)"},
@@ -116,7 +116,7 @@ def test_added_settings_leave_the_identity_of_existing_configs_unchanged():
 # ---- 2. the experts as the user holds them ------------------------------------------------------------
 
 def test_a_diffusers_folder_gives_both_experts_and_its_boundary(folders, tmp_path):
-    from train.models import Experts, model_experts
+    from train.models.loading import Experts, model_experts
 
     for variant, boundary in (("t2v", T2V_BOUNDARY), ("i2v", I2V_BOUNDARY)):
         root = folders[variant]
@@ -134,7 +134,7 @@ def test_a_missing_expert_or_boundary_is_named_with_its_setting_before_any_load(
     import diffusers
 
     from train import stage2
-    from train.models import model_experts
+    from train.models.loading import model_experts
 
     monkeypatch.setattr(diffusers.WanTransformer3DModel, "from_pretrained",
                         classmethod(lambda *a, **k: pytest.fail("a model loaded")))
@@ -261,7 +261,7 @@ def test_preprocess_writes_the_image_latents_the_pipeline_conditions_on(folders,
     from diffusers import WanImageToVideoPipeline
 
     from fastlightgen.image_condition import image_condition
-    from train.dataset import entries, videos
+    from train.data.dataset import entries, videos
 
     out, settings = i2v_shards
     cfg = load_config(None, settings)
@@ -303,8 +303,8 @@ def test_stage1_scores_each_expert_on_its_part_of_the_schedule(folders, shards, 
     from fastlightgen.plan import ExpertPlans, PrunePlan, read_plan
     from fastlightgen.plot import HEIGHT
     from train import stage1
-    from train.data import batch_source
-    from train.dist import step_generator
+    from train.data.batches import batch_source
+    from train.distributed.processes import step_generator
 
     root = folders["t2v"]
     cfg = load_config(None, a14b_settings(root, shards, tmp_path, **{"stage1.expert_keep_ratios": "{high: 0.5}"}))
@@ -340,8 +340,8 @@ def test_two_files_in_the_comfyui_layout_are_the_experts_with_the_boundary_given
     from fastlightgen.wan_keys import diffusers_to_original
     from tiny_models import tiny_wan
     from train import stage1
-    from train.data import batch_source
-    from train.dist import step_generator
+    from train.data.batches import batch_source
+    from train.distributed.processes import step_generator
 
     experts = {name: tiny_wan("t2v", layers=LAYERS, seed=seed, heads=1, head_dim=128)  # ComfyUI's 128-wide heads
                for name, seed in (("high", 3), ("low", 4))}

@@ -46,7 +46,7 @@ def test_the_check_sees_a_forbidden_import(tmp_path):
 
 def test_the_settings_import_no_training_module_back():
     """train/config.py is what every training module imports: it imports none of them, not even inside a function,
-    so no import loop starts there (the resume identity, which reads the stage's files, is train/identity.py)."""
+    so no import loop starts there (the resume identity, which reads the stage's files, is train/loop/identity.py)."""
     tree = ast.parse((REPO / "train" / "config.py").read_text())
     relative = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
     assert relative <= {"ranges"}

@@ -568,7 +568,7 @@ def plans_folder(pack, tmp_path):
 def test_plan_travels_from_stage1_into_a_graph_and_back_to_training(pack, loaded, teacher_files, plans_folder):
     from fastlightgen.adapters import adapt
     from fastlightgen.plan import PrunePlan
-    from train.models import load_plan
+    from train.models.loading import load_plan
 
     model, _ = loaded
     nodes = pack["plan"]

@@ -88,7 +88,7 @@ def test_null_and_rows_are_the_pipelines_encoding(hunyuan, shards):
     from diffusers import AutoencoderKLHunyuanVideo
 
     from train.config import PreprocessConfig
-    from train.dataset import read_video
+    from train.data.dataset import read_video
 
     index = json.loads((shards / "index.json").read_text())
     assert index["null"] == {"file": "null.safetensors", "prompt": ""} and index["encoder"] == "hunyuanvideo"
@@ -130,7 +130,7 @@ def test_hunyuan_shards_train_a_stage2_step(hunyuan, shards, tmp_path, monkeypat
     import train.stage2
     from fastlightgen.adapters import adapt
     from fastlightgen.plan import PrunePlan
-    from train.models import load_teacher
+    from train.models.loading import load_teacher
 
     settings = [f"model.path={hunyuan}", "model.arch={}", f"data.shards={shards}", "data.batch_size=2",
                 "data.caption_dropout=0.5", "dist.deepspeed=false", "dist.bf16=false", "dist.world_size=1",

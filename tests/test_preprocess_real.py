@@ -78,7 +78,7 @@ def shards21(wan21, tmp_path_factory) -> Path:
 def test_model_path_finds_every_part_and_overrides_win(wan21, tmp_path):
     from diffusers import WanPipeline
 
-    from train.models import load_teacher, model_part
+    from train.models.loading import load_teacher, model_part
 
     cfg = load_config(None, [f"model.path={wan21}"])
     assert {p: model_part(cfg, p) for p in ("transformer", "vae", "text_encoder", "tokenizer")} == \
@@ -94,7 +94,7 @@ def test_model_path_finds_every_part_and_overrides_win(wan21, tmp_path):
 
 def test_a_missing_part_is_named_before_any_model_loads(wan21, tmp_path):
     from train import preprocess
-    from train.models import model_part
+    from train.models.loading import model_part
 
     partial = tmp_path / "Wan-partial"
     partial.mkdir()
@@ -141,7 +141,7 @@ def test_stored_null_is_the_text_encoders_empty_prompt(wan21, shards21, tmp_path
 
 
 def test_batches_carry_the_stored_null_and_dropped_captions_equal_it(shards21):
-    from train.data import batch_source
+    from train.data.batches import batch_source
 
     null = load_file(str(shards21 / "null.safetensors"))["text"].float()
     for dropout in (0.0, 1.0):
@@ -154,7 +154,7 @@ def test_batches_carry_the_stored_null_and_dropped_captions_equal_it(shards21):
 
 
 def test_old_shards_without_a_null_are_refused(shards21, tmp_path):
-    from train.data import ShardSet
+    from train.data.batches import ShardSet
 
     old = shutil.copytree(shards21, tmp_path / "old")
     index = json.loads((old / "index.json").read_text())
@@ -176,7 +176,7 @@ def test_toy_shards_store_the_toy_encoders_null(tmp_path):
 
 def test_dataset_forms(tmp_path):
     from train.config import PreprocessConfig
-    from train.dataset import entries
+    from train.data.dataset import entries
 
     videos = tmp_path / "videos"
     for name in ("a.mp4", "sub/b.mov", "c.mp4", "d.mp4"):
@@ -225,7 +225,7 @@ def test_captions_are_read_as_people_write_them(tmp_path, capsys):
     captions cleaned by the rule prompts are cleaned by at inference (fastlightgen.captions)."""
     from fastlightgen.captions import clean_caption
     from train.config import PreprocessConfig
-    from train.dataset import entries, videos
+    from train.data.dataset import entries, videos
 
     folder = tmp_path / "videos"
     folder.mkdir()
@@ -282,7 +282,7 @@ def test_every_skip_is_reported_and_counted(tmp_path, capsys):
 
 def test_videos_are_scaled_to_cover_center_cropped_and_sampled(tmp_path):
     from train.config import PreprocessConfig
-    from train.dataset import BadVideo, read_video
+    from train.data.dataset import BadVideo, read_video
 
     # 96x48, thirds red | green | blue: scaled to 64x32 (aspect kept), then columns 16..47 kept
     thirds = torch.full((3, 4, 48, 96), -1.0)
@@ -369,7 +369,7 @@ def test_folder_of_videos_to_stage2_and_stage3_batches_with_the_stored_null(wan2
     import train.stage3
     from fastlightgen.adapters import adapt
     from fastlightgen.plan import PrunePlan
-    from train.models import load_teacher
+    from train.models.loading import load_teacher
 
     videos = tmp_path / "videos"
     clip(videos / "square.mp4", 12, 60, 60, fps=24)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from test_preprocess_dist import torchrun_preprocess, wan_settings, write_videos
 
 from tiny_models import tiny_wan_folder
-from train.record import StageRecord
+from train.models.record import StageRecord
 
 
 def test_videos_to_a_student_the_loader_reads(tmp_path, one_thread):

@@ -26,7 +26,7 @@ import torch
 from fastlightgen.adapters import adapt
 from fastlightgen.branches import Branch, run_branches
 from train.config import load_config
-from train.dist import init_dist
+from train.distributed.processes import init_dist
 sys.path.insert(0, "tests")
 from tiny_models import hunyuan_inputs, tiny_hunyuan, tiny_wan, wan_inputs
 
@@ -172,7 +172,7 @@ def _config(teacher, plan, run_dir, sp=2, world=2, deepspeed=True):
 
 def test_dry_run_splits_the_activations_and_names_the_smallest_size_that_fits():
     from train.config import load_config
-    from train.memory import count_params, estimate, report, smallest_fitting_sequence_parallel
+    from train.models.memory import count_params, estimate, report, smallest_fitting_sequence_parallel
 
     hunyuan = load_config(str(REPO / "configs" / "hunyuanvideo.yaml"))
     counts = count_params(hunyuan)

@@ -1,4 +1,4 @@
-"""Sharded model loading under ZeRO-3 (train/units.py `partitioned_model`), 2 processes on gloo (CPU).
+"""Sharded model loading under ZeRO-3 (train/models/units.py `partitioned_model`), 2 processes on gloo (CPU).
 
 Each rank builds the models under deepspeed.zero.Init and reads only its partitions from the files. Checked:
 the partitions gather to exactly the whole models the plain path loads (teacher from a ComfyUI fp8_scaled file
@@ -30,8 +30,8 @@ import torch
 import deepspeed
 from fastlightgen.adapters import adapt
 from train.config import load_config
-from train.dist import init_dist
-from train.models import load_pruned, load_start, load_teacher
+from train.distributed.processes import init_dist
+from train.models.loading import load_pruned, load_start, load_teacher
 
 result = {}
 for teacher in sys.argv[2:]:

@@ -15,9 +15,9 @@ from test_train import make_tiny_teacher, train_args
 from fastlightgen.adapters import adapt
 from fastlightgen.plan import PrunePlan
 from train.config import load_config
-from train.identity import run_identity
-from train.models import load_weights
-from train.record import StageRecord
+from train.loop.identity import run_identity
+from train.models.loading import load_weights
+from train.models.record import StageRecord
 
 
 @pytest.fixture(scope="module")

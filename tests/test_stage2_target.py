@@ -19,9 +19,9 @@ from fastlightgen.adapters import adapt
 from fastlightgen.branches import Branch, run_branches
 from fastlightgen.distill import mse, stage2_loss
 from train.config import ConfigError, load_config
-from train.identity import identity_diff, run_identity
-from train.models import load_teacher
-from train.record import StageRecord
+from train.loop.identity import identity_diff, run_identity
+from train.models.loading import load_teacher
+from train.models.record import StageRecord
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +224,7 @@ def test_the_target_is_in_the_identity_and_its_decay_only_for_ema(tiny):
 def test_the_memory_estimate_counts_the_target_copy_whole_or_partitioned():
     """Whole on every rank in the plain loop and with dist.sharded_load off; partitioned (bytes / W) under
     sharded ZeRO-3 loading."""
-    from train.memory import GIB, ParamCounts, estimate
+    from train.models.memory import GIB, ParamCounts, estimate
 
     counts = ParamCounts(total=10_000, per_block=[2_000] * 4, lora_per_block=[10] * 4, width=8, ffn=16)
     zero3 = ["dist.deepspeed=true", "dist.world_size=4", "dist.bf16=true", "stage2.target=frozen"]

@@ -1,4 +1,4 @@
-"""StageRecord: the typed hand-off of a finished Stage II or III run (train/record.py)."""
+"""StageRecord: the typed hand-off of a finished Stage II or III run (train/models/record.py)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import pytest
 from fastlightgen.adapters.base import ModelFingerprint
 from fastlightgen.plan import PrunePlan
 from fastlightgen.sampling import Sampling
-from train.record import RUN_FILE, StageRecord
+from train.models.record import RUN_FILE, StageRecord
 
 PLAN = PrunePlan.from_blocks(ModelFingerprint("wan", 4, 32), [1, 2])
 

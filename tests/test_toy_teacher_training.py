@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from fastlightgen.checkpoint import load_wan, read_checkpoint
 from train import toy_teacher
-from train.loop import CheckpointMismatch
-from train.state import TENSORS_FILE, latest_state
+from train.loop.run import CheckpointMismatch
+from train.loop.state import TENSORS_FILE, latest_state
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16, "ffn_dim": 64}

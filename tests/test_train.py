@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from fastlightgen.checkpoint import CheckpointError, CheckpointMeta, read_checkpoint, save_checkpoint
 from fastlightgen.plan import PrunePlan
 from fastlightgen.toy.teacher import ToyTeacherShape, build_toy_teacher
-from train.record import StageRecord
+from train.models.record import StageRecord
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ToyTeacherShape(num_layers=4, num_attention_heads=2, attention_head_dim=16, ffn_dim=64)
@@ -254,7 +254,7 @@ def test_stage3_resume_is_exact(tiny, tmp_path):
 
 def test_foreign_checkpoint_is_refused(tiny, tmp_path):
     from train import stage2
-    from train.loop import CheckpointMismatch
+    from train.loop.run import CheckpointMismatch
 
     teacher, plan = tiny
     stage2.main(train_args(teacher, plan, tmp_path))
@@ -266,8 +266,8 @@ def test_foreign_checkpoint_is_refused(tiny, tmp_path):
 
 def test_planted_nan_is_skipped_then_too_many_stop(tiny, tmp_path, monkeypatch, capsys):
     from train import stage2
-    from train.loop import TooManyBadSteps
-    from train.state import latest_state
+    from train.loop.run import TooManyBadSteps
+    from train.loop.state import latest_state
 
     teacher, plan = tiny
     real_source = stage2.batch_source
@@ -353,7 +353,7 @@ def _shard_set(folder: Path, rows: tuple[int, ...]) -> dict[str, dict[str, torch
 
 
 def test_shard_batches_are_the_drawn_rows_of_the_whole_files(tmp_path):
-    from train.data import ShardSet
+    from train.data.batches import ShardSet
 
     shards = _shard_set(tmp_path, (3, 5, 1))
     items = [(name, i) for name, t in shards.items() for i in range(len(t["latents"]))]
@@ -373,7 +373,7 @@ def test_shard_draw_reads_only_its_rows(tmp_path):
     import struct
 
     from research.bench.shards import rchar
-    from train.data import ShardSet
+    from train.data.batches import ShardSet
 
     for seed in range(6):
         shards = _shard_set(tmp_path, (4, 4))
@@ -406,7 +406,7 @@ def test_shard_draw_reads_only_its_rows(tmp_path):
                                                      (0.5, True, {True, False}), (1.0, False, {False})])
 def test_first_frame_dropout_makes_t2v_batches(dropout, ti2v, expected):
     from train.config import load_config
-    from train.data import batch_source
+    from train.data.batches import batch_source
 
     cfg = load_config(None, [f"data.first_frame_dropout={dropout}", f"model.ti2v={ti2v}", "data.batch_size=1"])
     draw = batch_source(cfg)
@@ -422,7 +422,7 @@ def test_toy_t2v_background_setting_limits_t2v_batches_alone(dropout, background
     exactly gray); "any" draws textured ones too, and TI2V batches, whose first frame shows it, always do."""
     from fastlightgen.toy.codec import decode_video
     from train.config import load_config
-    from train.data import batch_source
+    from train.data.batches import batch_source
 
     cfg = load_config(None, [f"data.first_frame_dropout={dropout}", f"data.toy_t2v_background={background}",
                              "model.ti2v=true", "data.source=toy"])
@@ -455,7 +455,7 @@ def test_every_trainer_follows_the_batch_first_frame_rule(stage, tiny, tmp_path,
 
 def test_a_damaged_or_foreign_shard_is_named_when_the_set_opens(tmp_path):
     """Checked at start, not when a batch first draws the shard: size, header, rows, and the model's widths."""
-    from train.data import ShardSet
+    from train.data.batches import ShardSet
 
     _shard_set(tmp_path, (3, 5))
     ShardSet(tmp_path).check_model(4, 6)
@@ -487,7 +487,7 @@ def test_resume_identity_follows_contents_not_paths(tmp_path):
 
     from train import preprocess
     from train.config import load_config
-    from train.identity import identity_diff, run_identity
+    from train.loop.identity import identity_diff, run_identity
 
     shards = tmp_path / "a" / "shards"
     preprocess.main(["--set", f"preprocess.out={shards}", "--set", "preprocess.toy_samples=4",

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from test_train import REPO, make_tiny_teacher, subprocess_env, train_args
 
-from train.record import StageRecord
+from train.models.record import StageRecord
 
 pytest.importorskip("deepspeed", reason="the distributed tests run DeepSpeed (pip install -e .[train])")
 
@@ -54,7 +54,7 @@ def tiny(tmp_path_factory):
 def test_stage2_zero3_two_processes_matches_single_and_resumes(tiny, tmp_path):
     from fastlightgen.checkpoint import read_checkpoint
     from train import stage2
-    from train.loop import CheckpointMismatch
+    from train.loop.run import CheckpointMismatch
 
     teacher, plan = tiny
     stage2.main(train_args(teacher, plan, tmp_path / "single", **{"stage2.iterations": 1}))
@@ -74,9 +74,9 @@ def test_stage2_zero3_two_processes_matches_single_and_resumes(tiny, tmp_path):
     with pytest.raises(CheckpointMismatch, match="world_size: 2 != 1"):
         stage2.main(train_args(teacher, plan, tmp_path / "zero3", **{"stage2.iterations": 4}) + ["--resume"])
 
-    # --dry-run's disk figure for a step_* checkpoint (train/memory.py) against the files DeepSpeed wrote
+    # --dry-run's disk figure for a step_* checkpoint (train/models/memory.py) against the files DeepSpeed wrote
     from train.config import load_config
-    from train.memory import GIB, checkpoint_gib, count_params
+    from train.models.memory import GIB, checkpoint_gib, count_params
 
     cfg = load_config(None, [a for a in ds_args if a != "--set"])
     step = tmp_path / "zero3" / "stage2" / "step_0000003"

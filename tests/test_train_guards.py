@@ -22,12 +22,12 @@ from fastlightgen.adapters import adapt
 from fastlightgen.plan import PrunePlan
 from fastlightgen.toy.teacher import build_toy_teacher
 from train.config import ConfigError, load_config
-from train.identity import identity_diff, run_identity
-from train.dist import Dist
-from train.loop import CheckpointMismatch, PoisonedWeights, Run, TooManyBadSteps
+from train.loop.identity import identity_diff, run_identity
+from train.distributed.processes import Dist
+from train.loop.run import CheckpointMismatch, PoisonedWeights, Run, TooManyBadSteps
 from train.ranges import RANGES
-from train.state import LOCK_FILE, RunDirBusy, latest_state
-from train.units import AdapterModule, make_trainable
+from train.loop.state import LOCK_FILE, RunDirBusy, latest_state
+from train.models.units import AdapterModule, make_trainable
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,7 @@ def test_a_second_job_on_a_locked_run_folder_refuses(tiny, tmp_path):
 
     teacher, plan = tiny
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom train.state import hold_run_dir\n"
+        [sys.executable, "-c", "import sys, time\nfrom train.loop.state import hold_run_dir\n"
          f"with hold_run_dir({str(tmp_path / 'stage2')!r}):\n    print('held', flush=True)\n    time.sleep(120)"],
         cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, text=True)
     try:

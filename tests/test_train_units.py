@@ -22,10 +22,10 @@ from fastlightgen.lora import add_lora, lora_enabled, lora_parameters, lora_stat
 from fastlightgen.sampling import FEW_STEP, predict_x0, sample_few_step
 from fastlightgen.toy.teacher import null_like
 from train.config import load_config
-from train.identity import identity_diff, run_identity
-from train.dist import step_generator
-from train.loop import learning_rate
-from train.models import load_teacher, model_class, teacher_config
+from train.loop.identity import identity_diff, run_identity
+from train.distributed.processes import step_generator
+from train.loop.run import learning_rate
+from train.models.loading import load_teacher, model_class, teacher_config
 
 
 @pytest.fixture
@@ -227,12 +227,12 @@ MEMORY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "wan2.1-t2v-1.
 
 @pytest.fixture(scope="module")
 def wan21_counts():
-    from train.memory import count_params
+    from train.models.memory import count_params
     return count_params(load_config(str(MEMORY_CONFIG), []))
 
 
 def test_activations_grow_linearly_with_batch_size_and_frames(wan21_counts):
-    from train.memory import estimate
+    from train.models.memory import estimate
 
     def act(*sets: str) -> list[float]:
         rows = estimate(load_config(str(MEMORY_CONFIG), list(sets)), wan21_counts)
@@ -250,7 +250,7 @@ def test_activations_grow_linearly_with_batch_size_and_frames(wan21_counts):
 
 
 def test_activations_count_block_inputs_and_one_recomputed_block(wan21_counts):
-    from train.memory import GIB, activations, tokens
+    from train.models.memory import GIB, activations, tokens
 
     cfg = load_config(str(MEMORY_CONFIG), [])
     t = tokens(cfg, wan21_counts)
@@ -264,7 +264,7 @@ def test_activations_count_block_inputs_and_one_recomputed_block(wan21_counts):
 def test_host_ram_is_the_processes_and_offloaded_optimizer_of_one_node(wan21_counts):
     """Sharded loading (the default): per rank the process and 20 bytes per trained parameter / W; loading whole
     models first (dist.sharded_load false) makes the fp32 models every rank loads the larger term."""
-    from train.memory import GIB, GPUS_PER_NODE, PROCESS_GIB, estimate
+    from train.models.memory import GIB, GPUS_PER_NODE, PROCESS_GIB, estimate
 
     total = wan21_counts.total
     for world in (4, 16):

@@ -1,1 +1,2 @@
-"""FastLightGen training entry points: `python -m train.<stage>`; thin loops over `fastlightgen`."""
+"""FastLightGen training: the entry points at the top (`python -m train.<stage>`, thin loops over `fastlightgen`), with
+the settings (config.py, ranges.py, cli.py); their machinery below: data/, models/, loop/, distributed/."""

@@ -30,7 +30,7 @@ def parse(doc: str, argv: list[str] | None, training: bool = True,
 
 
 def dry_run(cfg: Config) -> None:
-    from .memory import report
+    from .models.memory import report
 
     try:
         text = report(cfg)

@@ -34,15 +34,15 @@ def one_of(*options: str) -> Any:
 
 
 def added_setting(default: Any, choices: tuple[str, ...] = ()) -> Any:
-    """A setting added after runs were cached (research.run_cache keys runs by `train.identity.run_identity`): at its
-    default it is left out of the identity, so every earlier run keeps its key; set, it counts like any other."""
+    """A setting added after runs were cached (research.run_cache keys runs by `run_identity`): at its default it
+    is left out of the identity, so every earlier run keeps its key; set, it counts like any other."""
     value = {"default_factory": lambda: type(default)(default)} if isinstance(default, (dict, list)) \
         else {"default": default}
     return field(metadata={"identity": "unless_default", **({"choices": choices} if choices else {})}, **value)
 
 
 def export_setting(**default: Any) -> Any:
-    """A setting read only when the weights are exported, left out of `train.identity.run_identity`: a resumed run may
+    """A setting read only when the weights are exported, left out of `run_identity`: a resumed run may
     change it (another output path, other candidates to choose from)."""
     return field(metadata={"identity": False}, **default)
 
@@ -84,8 +84,8 @@ class DistConfig:
     cpu_adam: bool = True  # DeepSpeedCPUAdam (compiled once); False: torch AdamW (zero_force_ds_cpu_optimizer off)
     bf16: bool = False
     world_size: int = 1  # GPUs the run is planned for; --dry-run estimates memory for it
-    # Ulysses: groups of this many ranks share each sample, each running 1/n of its video tokens (train/sequence.py);
-    # must divide the processes, the attention heads and the video tokens
+    # Ulysses: groups of this many ranks share each sample, each running 1/n of its video tokens
+    # (train/distributed/sequence.py); must divide the processes, the attention heads and the video tokens
     sequence_parallel: int = 1
     # ZeRO-3: each rank builds the models under deepspeed.zero.Init and reads only its partitions from the files;
     # false: every rank first loads them whole in fp32 (4 bytes x teacher + student per process; same results)
@@ -108,10 +108,10 @@ class RunConfig:
 
 @dataclass
 class PreprocessConfig:
-    # "toy": the toy world's codec and text encoder; else model.family's own encoders (train/encoders.py)
+    # "toy": the toy world's codec and text encoder; else model.family's own encoders (train/data/encoders.py)
     encoder: str = one_of("toy", "wan", "hunyuanvideo")
     videos: str = ""  # folder of videos (any container PyAV reads); without `captions`, each with a same-name .txt
-    captions: str = ""  # or: JSONL / CSV / JSON list of records naming a video and its caption (train/dataset.py)
+    captions: str = ""  # or: JSONL / CSV / JSON list of records naming a video and its caption (train/data/dataset.py)
     video_column: str = ""  # the records' video field; "": the first of file, path, video
     caption_column: str = ""  # the records' caption field; "": the first of caption, cap, text, prompt
     null_prompt: str = ""  # its encoding is the null conditioning of CFG, caption dropout and eq. 9
@@ -198,7 +198,7 @@ class ToyTeacherConfig:
     lr: float = 3e-4
     lr_decay: str = one_of("constant", "cosine")  # cosine: the learning rate falls to zero at `iterations`
     # > 0: warm-up and decay restart every lr_cycle steps (cosine then falls to zero at each cycle's end), so a
-    # finished run is continued by raising `iterations` by whole cycles (train.loop.learning_rate)
+    # finished run is continued by raising `iterations` by whole cycles (train.loop.run.learning_rate)
     lr_cycle: int = 0
     weight_decay: float = 0.0
     # uniform, then shift 5: the density of the sigmas the teacher's 50-step Euler sampler visits

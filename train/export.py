@@ -12,7 +12,7 @@ Linear layer in fp8, each weight with a per-tensor scale; about half the size; t
 An existing checkpoint file in another dtype (e.g. a bf16 student as fp8_scaled), metadata kept:
     python -m train.export --convert student.safetensors --set export.dtype=fp8_scaled [--set export.out=OUT]
 (default out: beside it, student_fp8_scaled.safetensors; only export.dtype and export.out are read.)
-API: `run(cfg)`, `convert(cfg, source)`; the model itself: `train.models.student_model`.
+API: `run(cfg)`, `convert(cfg, source)`; the model itself: `train.models.loading.student_model`.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ from fastlightgen.io_utils import atomic_write_text
 
 from .cli import parse
 from .config import Config, ExportConfig
-from .models import student_model
-from .record import StageRecord
+from .models.loading import student_model
+from .models.record import StageRecord
 
 
 def metadata(model: torch.nn.Module, record: StageRecord) -> CheckpointMeta:

@@ -59,8 +59,8 @@ def from_files(student: str | Path, teacher: str | Path, out: str | Path, rank: 
 def run(cfg: Config, rank: int = 0, energy: float | None = None, out: str | Path = "") -> Path:
     """The adapter of a finished run's student (export.run, default run_dir/stage3) over model.teacher."""
     from .export import metadata
-    from .models import load_teacher, student_model
-    from .record import StageRecord
+    from .models.loading import load_teacher, student_model
+    from .models.record import StageRecord
 
     check_setting(rank, energy)
     ex = cfg.validate().export

@@ -1,11 +1,11 @@
 """`python -m train.preprocess`: videos + captions -> shards of latents and text embeddings, and the null.
 
-Inputs: the dataset forms of train/dataset.py (a folder of videos with same-name .txt captions, or a JSONL,
+Inputs: the dataset forms of train/data/dataset.py (a folder of videos with same-name .txt captions, or a JSONL,
 CSV or JSON list of records); every video is scaled to cover preprocess.width x preprocess.height,
 center-cropped and sampled at preprocess.frame_stride or preprocess.fps; its first preprocess.frames
 frames are encoded. A video that cannot be used (no caption, missing, unreadable, too short) is reported
 and skipped, and the run ends with the counts.
-Encoders (train/encoders.py): preprocess.encoder = "toy" (the toy world's exact codec and text encoder), or
+Encoders (train/data/encoders.py): preprocess.encoder = "toy" (the toy world's exact codec and text encoder), or
 model.family's own, named the same: "wan" (the Wan VAE, UMT5 and its tokenizer) or "hunyuanvideo" (its
 VAE, Llama and CLIP text encoders and their tokenizers), from model.path, the model's folder as downloaded;
 preprocess.vae / text_encoder / tokenizer / text_encoder_2 / tokenizer_2 override its parts. With the toy
@@ -44,12 +44,12 @@ from fastlightgen.io_utils import atomic_path, atomic_write_text
 
 from .cli import parse
 from .config import Config, PreprocessConfig
-from .data import SHARD_FORMAT
-from .dataset import Entry, entries, videos
-from .dist import Dist, init_workers
-from .encoders import ENCODERS, check_parts, default
-from .fingerprint import file_sha256
-from .models import model_class, model_part, teacher_config
+from .data.batches import SHARD_FORMAT
+from .data.dataset import Entry, entries, videos
+from .distributed.processes import Dist, init_workers
+from .data.encoders import ENCODERS, check_parts, default
+from .data.fingerprint import file_sha256
+from .models.loading import model_class, model_part, teacher_config
 
 NULL_FILE = "null.safetensors"
 RECORD_FORMAT = "fastlightgen.shard-record/1"
@@ -59,7 +59,7 @@ RECORD_FORMAT = "fastlightgen.shard-record/1"
 
 @dataclass
 class Inputs:
-    family: str  # the encoders (train/encoders.py ENCODERS): "toy", "wan", "hunyuanvideo"
+    family: str  # the encoders (train/data/encoders.py ENCODERS): "toy", "wan", "hunyuanvideo"
     items: list[Entry] | None  # None: toy world videos are rendered
     parts: dict[str, Path]  # the encoders' folders (vae, text_encoder, tokenizer, ...)
     image: bool = False  # an I2V model: the shards also hold each video's image latents

@@ -28,12 +28,12 @@ from fastlightgen.plot import expert_charts, importance_chart
 
 from .cli import dry_run, parse
 from .config import Config
-from .data import batch_source
-from .dist import Dist, init_dist, step_generator
-from .memory import meta_model
-from .models import check_conditioning, expert_config, load_teacher, model_experts, plan_path, teacher_config
-from .sequence import check_setting as check_sequence_parallel
-from .units import compute_dtype
+from .data.batches import batch_source
+from .distributed.processes import Dist, init_dist, step_generator
+from .models.memory import meta_model
+from .models.loading import check_conditioning, expert_config, load_teacher, model_experts, plan_path, teacher_config
+from .distributed.sequence import check_setting as check_sequence_parallel
+from .models.units import compute_dtype
 
 
 def write_csv(path: Path, results: dict[str | None, tuple[ImportanceResult, PrunePlan]]) -> None:

@@ -34,14 +34,15 @@ from fastlightgen.sampling import Sampling
 
 from .cli import stage_main
 from .config import Config
-from .data import BatchFn, batch_source, data_fingerprint
-from .dist import Dist, init_dist
-from .loop import Run, learning_rate, train
-from .models import (MODEL_FILE, check_expert_plan, check_stage_inputs, expert_config, load_plan, load_start,
+from .data.batches import BatchFn, batch_source, data_fingerprint
+from .distributed.processes import Dist, init_dist
+from .loop.run import Run, learning_rate, train
+from .models.loading import (MODEL_FILE, check_expert_plan, check_stage_inputs, expert_config, load_plan, load_start,
                      model_experts, plan_path, save_stage_output, stage_expert)
-from .record import StageRecord
-from .state import hold_run_dir
-from .units import EMA, AdapterModule, Predictor, Trainable, compute_dtype, is_partitioned, make_trainable, predictor
+from .models.record import StageRecord
+from .loop.state import hold_run_dir
+from .models.units import (EMA, AdapterModule, Predictor, Trainable, compute_dtype, is_partitioned, make_trainable,
+                           predictor)
 
 
 @dataclass

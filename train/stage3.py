@@ -37,13 +37,14 @@ from fastlightgen.sampling import Sampling, Velocity, predict_x0
 
 from .cli import stage_main
 from .config import Config
-from .data import Batch, BatchFn, batch_source, data_fingerprint
-from .dist import init_dist, step_generator
-from .loop import Run, learning_rate, train
-from .models import MODEL_FILE, check_stage_inputs, load_plan, load_pruned, load_start, plan_path, save_stage_output
-from .record import StageRecord
-from .state import hold_run_dir
-from .units import AdapterModule, Trainable, compute_dtype, make_trainable
+from .data.batches import Batch, BatchFn, batch_source, data_fingerprint
+from .distributed.processes import init_dist, step_generator
+from .loop.run import Run, learning_rate, train
+from .models.loading import (MODEL_FILE, check_stage_inputs, load_plan, load_pruned, load_start, plan_path,
+                             save_stage_output)
+from .models.record import StageRecord
+from .loop.state import hold_run_dir
+from .models.units import AdapterModule, Trainable, compute_dtype, make_trainable
 
 
 @dataclass
@@ -80,7 +81,7 @@ class GeneratorSample(NamedTuple):
 
 def build(cfg: Config) -> Stage3Models:
     """Generator = the pruned copy of the Stage II weights; fake = those weights frozen, plus a LoRA. Under ZeRO-3
-    each rank reads only its partitions of both (train/models.py, `sharded`); the frozen teacher of eq. 9 is the
+    each rank reads only its partitions of both (train/models/loading.py, `sharded`); the frozen teacher of eq. 9 is the
     fake engine's module, so its weights stay partitioned with the fake score's."""
     s3 = cfg.stage3
     dist = init_dist(cfg)

@@ -7,7 +7,7 @@ uniform, then the shift warp (research/README.md, "The toy teacher", says why). 
 (the first latent frame is given clean at sigma 0 and carries no loss) and T2V in data.first_frame_dropout of
 the batches, data.caption_dropout for CFG, AdamW with run.warmup (then toy_teacher.lr_decay; both restart every
 toy_teacher.lr_cycle steps when it is set), and an EMA of the weights that becomes the exported teacher. The
-shared loop (train.loop) seeds every batch and noise draw by (run.seed, step), checkpoints the weights, AdamW and
+shared loop (train.loop.run) seeds every batch and noise draw by (run.seed, step), checkpoints the weights, AdamW and
 the EMA, resumes (--resume), logs and skips non-finite losses, as for every stage.
 Export, at the end or from the newest checkpoint (--export-only): the EMA in bf16, with the CFG scale whose
 50-step samples of training prompts (never held-out ones; TI2V and T2V) score the best `faithful` as the
@@ -35,12 +35,12 @@ from fastlightgen.toy.teacher import TOY_TEACHER, ToyTeacherShape, build_toy_tea
 
 from .cli import parse
 from .config import Config
-from .data import batch_source, data_fingerprint
-from .dist import init_dist
-from .loop import Run, learning_rate, log_path, train
-from .models import check_stage_inputs
-from .state import hold_run_dir
-from .units import EMA, AdapterModule, make_trainable
+from .data.batches import batch_source, data_fingerprint
+from .distributed.processes import init_dist
+from .loop.run import Run, learning_rate, log_path, train
+from .models.loading import check_stage_inputs
+from .loop.state import hold_run_dir
+from .models.units import EMA, AdapterModule, make_trainable
 
 STAGE = "toy_teacher"
 TRAINER = "train.toy_teacher"

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from train.config import Config, load_config
-from train.memory import estimate, meta_model
+from train.models.memory import estimate, meta_model
 from train.preprocess import write_index, write_null, write_shard
 
 from ..timing import seconds_per_call

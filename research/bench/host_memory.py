@@ -12,7 +12,7 @@ DeepSpeedCPUAdam (compiled on first use, about 2 minutes once).
 Each rank records its resident set after the imports (diffusers' model code included) and its peak (VmHWM)
 when the models are loaded (before any DeepSpeed engine), when the stage's engines and optimizer states are
 built, and at the end. The table gives each process and the sum of the 2 (one node), beside `--dry-run`'s host
-RAM per node for the same config (train/memory.py with DS_ACCELERATOR=cpu: every term is host RAM here).
+RAM per node for the same config (train/models/memory.py with DS_ACCELERATOR=cpu: every term is host RAM here).
 About 5 minutes on 2 cores.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from train.config import Config, load_config
-from train.memory import count_params, estimate
+from train.models.memory import count_params, estimate
 
 from .gpu import middle_plan, random_shards, random_wan
 
@@ -55,7 +55,7 @@ def status_bytes(field: str) -> int:
 def worker(stage: str, out: Path, argv: list[str]) -> None:
     """One rank of `stage`, recording its resident set: after the imports, its peak once the models are loaded
     (when `build` makes the first engine), at the end of `build` (engines and optimizer states made) and at exit."""
-    from train.models import model_class
+    from train.models.loading import model_class
 
     module = importlib.import_module(f"train.{stage}")
     model_class("wan")  # imports diffusers' model code, which is not the models

@@ -58,7 +58,7 @@ def worker(blocks: int, frames: int, side: int) -> None:
 
     from fastlightgen.adapters import Conditioning, adapt
     from train.config import load_config
-    from train.dist import init_dist
+    from train.distributed.processes import init_dist
 
     dist = init_dist(load_config(None, ["dist.deepspeed=true", "dist.sequence_parallel=2", "dist.world_size=2"]))
     torch.manual_seed(0)

@@ -2,7 +2,7 @@
 
 Writes N shards (`train.preprocess.write_shard`, `write_null`, `write_index`) whose rows have a real Wan 2.1
 row's size (latents (16, 21, 60, 104) fp32, text (512, 4096) bf16 by default) in a temporary folder, and draws
-batches through the real `train.data.batch_source`.
+batches through the real `train.data.batches.batch_source`.
 
 Measure: the loader reads shard files with read()/pread() only (headers, then each drawn row's bytes; no
 mmap), so the bytes it reads are the growth of `rchar` in /proc/self/io across the draws (the read of
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from train.config import Config
-from train.data import batch_source
+from train.data.batches import batch_source
 from train.preprocess import write_index, write_null, write_shard
 
 

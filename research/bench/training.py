@@ -38,7 +38,7 @@ from fastlightgen.lora import add_lora, lora_enabled, lora_parameters
 from fastlightgen.plan import PrunePlan
 from fastlightgen.toy.teacher import TOY_TEACHER, batch_latents, build_toy_teacher, conditioning, null_like
 from fastlightgen.toy.world import make_batch
-from train.dist import step_generator
+from train.distributed.processes import step_generator
 
 from ..timing import seconds_per_call
 

@@ -21,7 +21,7 @@ from fastlightgen.io_utils import atomic_path
 from fastlightgen.plan import PrunePlan, read_plan
 from fastlightgen.stored import StoredTensor, stored_tensors
 
-from .config import Config
+from ..config import Config
 from .record import StageRecord
 
 MODEL_FILE = "model.safetensors"
@@ -317,7 +317,7 @@ def check_stage_inputs(cfg: Config, stage: str) -> None:
         stage_expert(cfg, stage)  # and both experts' parts and boundary, for a two-expert model
         check_conditioning(cfg)
     if stage != "toy_teacher" and cfg.dist.sequence_parallel > 1:
-        from .sequence import check_setting
+        from ..distributed.sequence import check_setting
 
         check_setting(cfg, teacher_config(cfg))
     missing = [f"{setting} {path} does not exist: {fix}" for setting, (path, fix) in stage_inputs(cfg, stage).items()
@@ -325,7 +325,7 @@ def check_stage_inputs(cfg: Config, stage: str) -> None:
     if missing:
         raise FileNotFoundError("; ".join(missing))
     if stage != "toy_teacher" and cfg.data.source == "shards":  # every shard, and the model's widths
-        from .data import ShardSet
+        from ..data.batches import ShardSet
 
         arch = teacher_config(cfg)
         ShardSet(cfg.data.shards).check_model(arch["out_channels"], arch.get("text_dim") or arch["text_embed_dim"])
@@ -346,7 +346,7 @@ def check_conditioning(cfg: Config) -> None:
                          f"{arch['image_dim']}), which train.preprocess does not encode; of the I2V models only Wan 2.2 "
                          "I2V-A14B's experts (no image encoder) train")
     if cfg.data.source == "shards":
-        from .data import ShardSet
+        from ..data.batches import ShardSet
 
         shards = ShardSet(cfg.data.shards)
         if "image_latents" in shards.shard(shards.items[0][0]):

@@ -20,8 +20,8 @@ gradients and optimizer states evenly over the W ranks. Per GPU:
               projection out), cross-attention 4 D (norm, q, attention out, projection out), FFN 2 D + 2 F
               (norm, hidden, activation, out). Attention is assumed fused (flash / SDPA): no T x T scores.
               The text tokens, the timestep embeddings and the latents themselves are left out (small).
-              With sequence parallelism (dist.sequence_parallel = n, train/sequence.py) each GPU holds T / n of
-              every sample's tokens; the text stream, which each GPU keeps whole, is left out as above.
+              With sequence parallelism (dist.sequence_parallel = n; train/distributed/sequence.py) each GPU holds
+              T / n of every sample's tokens; the text stream, which each GPU keeps whole, is left out as above.
   Per stage (n blocks, k kept by the plan):
     stage1  inference, no gradients: one block's full activations
     stage2  the pruned path with gradients keeps a checkpoint per block it runs (n at worst: nothing
@@ -34,7 +34,7 @@ gradients and optimizer states evenly over the W ranks. Per GPU:
 The plan is not known before Stage I: the student counts the largest blocks (an upper bound for uneven
 blocks). Stage III holds the student (the kept blocks, trainable), the frozen teacher and the fake score's
 LoRA, which sits on the kept blocks (on every block with stage3.plan_teacher=unpruned).
-Two experts (Wan 2.2 A14B, train.models.expert_count) of one architecture: Stage I scores them one after the
+Two experts (Wan 2.2 A14B, train.models.loading.expert_count) of one architecture: Stage I scores them one after the
 other and a Stage II run trains one (stage2.expert), so both hold one expert as above; Stage III holds both
 (its two-expert form is not written yet: counted as a run holding the student pair, the teacher pair and a
 fake-score LoRA per expert, every parameter term twice, the activations of one expert at a time).
@@ -47,7 +47,7 @@ Host RAM per node (DeepSpeed runs; GPUS_PER_NODE ranks, or W if fewer), per rank
   + the larger of
     loading     with dist.sharded_load off only: 4 bytes * the models every rank loads whole in fp32 before
                 DeepSpeed partitions them (the teacher; in Stage III the student too). Sharded loading
-                (train/units.py, `partitioned_model`) keeps at most the largest module's initial values and
+                (train/models/units.py, `partitioned_model`) keeps at most the largest module's initial values and
                 a few rows of one stored tensor beyond the rank's partitions, which live on the GPU.
     training    20 bytes * trainable / W with the optimizer offloaded (OPTIMIZER_HOST_BYTES: fp32 master 4,
                 AdamW moments 8, two fp32 gradient partitions 8)
@@ -72,8 +72,8 @@ from torch import nn
 
 from fastlightgen.fp8 import FP8_SCALED
 
-from .config import Config
-from .models import expert_count, model_class, sharded, teacher_config
+from ..config import Config
+from .loading import expert_count, model_class, sharded, teacher_config
 
 GIB = 1024 ** 3
 LIMIT_GIB = 80e9 / GIB  # the paper's "< 80 GB per GPU" (H100 80GB)
@@ -89,7 +89,7 @@ CHECKPOINT_BYTES = 12
 # one process's own resident set: Python, torch, DeepSpeed and diffusers imported (0.79 GiB measured on the CPU,
 # research.bench.host_memory); a GPU process adds CUDA's host-side runtime, not measured here
 PROCESS_GIB = 0.8
-# DeepSpeed's ZeRO-3 defaults, which train/units.py leaves as they are: parameters kept gathered between reuses
+# DeepSpeed's ZeRO-3 defaults, which train/models/units.py leaves as they are: parameters kept gathered between reuses
 # (stage3_max_live_parameters) and the gradient reduce bucket (reduce_bucket_size), in elements
 MAX_LIVE_PARAMETERS = 1e9
 REDUCE_BUCKET = 5e8
@@ -276,7 +276,7 @@ def checkpoint_line(cfg: Config, counts: ParamCounts) -> str:
 
 def sequence_parallel_sizes(cfg: Config, counts: ParamCounts) -> list[int]:
     """The sizes dist.sequence_parallel may take at the config's world size: divisors of it, of the heads and of
-    one sample's tokens (train/sequence.py checks the same when a run starts)."""
+    one sample's tokens (train/distributed/sequence.py checks the same when a run starts)."""
     t = tokens(cfg, counts)
     return [n for n in range(1, max(1, cfg.dist.world_size) + 1)
             if cfg.dist.world_size % n == 0 and counts.heads % n == 0 and t % n == 0]
@@ -339,6 +339,6 @@ def report(cfg: Config) -> str:
                   + ("" if sharded(cfg) else " or, if more, the fp32 models each loads whole (dist.sharded_load off)")
                   + ("; DS_ACCELERATOR=cpu: what DeepSpeed keeps on the accelerator is host RAM too" if on_cpu
                      else ""))
-    lines += [f"({notes}; activations: train/memory.py's formula, an estimate)", checkpoint_line(cfg, counts),
+    lines += [f"({notes}; activations: train/models/memory.py's formula, an estimate)", checkpoint_line(cfg, counts),
               verdict(rows), sequence_parallel_line(cfg, counts)]
     return "\n".join(lines)

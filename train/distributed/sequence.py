@@ -84,8 +84,8 @@ def sequence_shards(size: int) -> SequenceShards | None:
 
 def check_setting(cfg, arch: dict) -> None:
     """dist.sequence_parallel against the teacher's heads and one sample of the data, before any model loads."""
-    from .data import batch_source
-    from .dist import step_generator
+    from ..data.batches import batch_source
+    from .processes import step_generator
 
     size = cfg.dist.sequence_parallel
     if size == 1:

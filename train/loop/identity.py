@@ -1,6 +1,6 @@
 """What a checkpoint must agree with to be resumed (`run_identity`), its digest and a readable difference.
 
-Kept apart from the settings (train/config.py) because it reads the stage's input files (train/models.py names
+Kept apart from the settings (train/config.py) because it reads the stage's input files (train/models/loading.py names
 them), and the settings are what every module imports.
 """
 from __future__ import annotations
@@ -11,9 +11,9 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from .config import Config
-from .fingerprint import file_digest, json_digest
-from .models import expert_count, model_experts, stage_inputs, teacher_path
+from ..config import Config
+from ..data.fingerprint import file_digest, json_digest
+from ..models.loading import expert_count, model_experts, stage_inputs, teacher_path
 
 
 def run_identity(cfg: Config, stage: str, world_size: int, whole_run: bool = False) -> dict:

@@ -29,9 +29,9 @@ from fastlightgen.adapters import DiTAdapter, adapt
 from fastlightgen.sequence import SequenceShards
 from fastlightgen.stored import StoredTensor
 
-from .config import Config
-from .dist import Dist
-from .state import flatten_optimizer, split_prefix, unflatten_optimizer, with_prefix
+from ..config import Config
+from ..distributed.processes import Dist
+from ..loop.state import flatten_optimizer, split_prefix, unflatten_optimizer, with_prefix
 
 
 class NonFiniteStep(RuntimeError):

@@ -4,7 +4,7 @@ Every random draw of a run is a pure function of (seed, stream, step, rank), so 
 exactly what an uninterrupted one does. Draws that decide *which modules run* (Stage II's skip-set,
 Stage III's simulated step) must be the same on every rank: ZeRO-3 gathers parameters collectively, and
 ranks running different blocks would wait on each other forever. Those use `shared=True`. The ranks of a
-sequence-parallel group (train/sequence.py) share one sample, so per-sample draws take the data rank.
+sequence-parallel group (train/distributed/sequence.py) share one sample, so per-sample draws take the data rank.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch.distributed as tdist
 
 from fastlightgen.sequence import SequenceShards
 
-from .config import Config
+from ..config import Config
 
 
 @dataclass(frozen=True)

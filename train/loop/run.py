@@ -26,11 +26,11 @@ import torch
 
 from fastlightgen.io_utils import atomic_write_text
 
-from .config import Config
-from .dist import Dist, step_generator
+from ..config import Config
+from ..distributed.processes import Dist, step_generator
 from .identity import identity_diff, identity_hash, run_identity
 from .state import STATE_FILE, TENSORS_FILE, commit_state, latest_state, load_state, staging_dir, write_state_files
-from .units import NonFiniteStep, NonFiniteWeights, Resumable
+from ..models.units import NonFiniteStep, NonFiniteWeights, Resumable
 
 StepFn = Callable[[int], dict]
 

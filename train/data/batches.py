@@ -32,7 +32,7 @@ from fastlightgen.adapters import Conditioning
 from fastlightgen.checkpoint import CheckpointError, read_safetensors_header
 from fastlightgen.image_condition import image_condition
 
-from .config import Config
+from ..config import Config
 
 SHARD_FORMAT = "fastlightgen.shards/2"  # /2: the null conditioning is stored
 LATENTS = ("latents", "image_latents")  # a shard's per-video tensors; the rest is the caption's conditioning

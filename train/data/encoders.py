@@ -1,10 +1,10 @@
 """The encoders of `train.preprocess`, one per model family: videos -> latents, captions -> conditioning.
 
-A family's class names the parts of the model folder it reads (`PARTS`, found by `train.models.model_part`),
+A family's class names the parts of the model folder it reads (`PARTS`, found by `train.models.loading.model_part`),
 reads its codec's compression from the VAE's config.json (`strides`, no weight read) and, once built on a
 device, encodes: `video` (B, 3, F, H, W) in [-1, 1] -> latents (B, C, f, h, w) on the CPU; `text` captions
 -> the conditioning tensors a shard stores per row, on the CPU: `text` (N, L, D), and for HunyuanVideo also
-`text_mask` (N, L) and `pooled` (N, P) (the keys train/data.py reads). Captions are encoded one at a time:
+`text_mask` (N, L) and `pooled` (N, P) (the keys train/data/batches.py reads). Captions are encoded one at a time:
 a row's bits then depend on its caption alone, not on the rows that share its shard or on how many
 processes split the dataset.
 - "toy": the toy world's exact codec and text encoder;

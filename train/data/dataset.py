@@ -29,7 +29,7 @@ import torch
 
 from fastlightgen.captions import clean_caption
 
-from .config import PreprocessConfig
+from ..config import PreprocessConfig
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".gif")
 VIDEO_FIELDS = ("file", "path", "video")

@@ -1,0 +1,1 @@
+"""Processes: the process group, a step's randomness, and sequence-parallel groups."""

@@ -1,0 +1,1 @@
+"""The loop every trainer shares: steps, resume by identity, checkpoints and their files."""
