@@ -25,7 +25,8 @@ COMFYUI_FIXTURES = {"comfyui_server", "comfy_in_process"}
 # Files that train, sample the committed toy models at length or start several processes: minutes each (the
 # CI run's --durations). `pytest -m "not slow"` leaves them out; `.ci/run` runs everything.
 SLOW_FILES = {"test_reproduce.py", "test_demo.py", "test_toy_teacher.py", "test_toy_teacher_training.py",
-              "test_train_distributed.py", "test_preprocess_dist.py", "test_train.py", "test_sharded_loading.py"}
+              "test_train_distributed.py", "test_preprocess_dist.py", "test_train.py", "test_sharded_loading.py",
+              "test_sequence_parallel.py", "test_experts_training.py", "test_draws.py"}
 
 
 def pytest_configure(config):
