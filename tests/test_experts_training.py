@@ -278,14 +278,15 @@ def test_preprocess_writes_the_image_latents_the_pipeline_conditions_on(folders,
 def test_an_i2v_expert_trains_on_its_image_latents(folders, i2v_shards, tmp_path, monkeypatch):
     """Stage I and a Stage II step of the I2V-A14B low-noise expert on those shards: every prediction gets the
     condition, on the caption's and the null's rows alike."""
-    from train import data, stage1, stage2
+    from train import stage1, stage2
+    from train.data import batches
 
     out, _ = i2v_shards
     settings = a14b_settings(folders["i2v"], out, tmp_path, **{"stage2.expert": "low", "stage2.iterations": 1,
                                                                 "stage2.alpha": 0.5})
     drawn = []
-    real_batch = data.ShardSet.batch
-    monkeypatch.setattr(data.ShardSet, "batch", lambda self, g, n: drawn.append(real_batch(self, g, n)) or drawn[-1])
+    real_batch = batches.ShardSet.batch
+    monkeypatch.setattr(batches.ShardSet, "batch", lambda self, g, n: drawn.append(real_batch(self, g, n)) or drawn[-1])
     stage1.run(load_config(None, settings))
     stage2.run(load_config(None, settings))
     assert len(drawn) == 3 and all(b.cond.latent_condition.shape == (1, 20, 3, 4, 4) for b in drawn)

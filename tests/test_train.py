@@ -183,8 +183,9 @@ def test_dry_run_gives_the_80_gb_verdict_of_each_shipped_config(name, tmp_path, 
 def test_dry_run_reads_the_teacher_header_not_its_weights(tmp_path, capsys, monkeypatch):
     """Without model.arch the architecture comes from the teacher file's header: a file cut off after it (which
     no loader could read) is enough, and the model is built once."""
-    from train import memory, stage3
+    from train import stage3
     from train.config import load_config
+    from train.models import memory
 
     model = build_toy_teacher(TINY, seed=0)
     full = save_checkpoint(tmp_path / "full.safetensors", model,

@@ -230,14 +230,15 @@ ENTRY = {"stage1": "stage1", "stage3": "stage3", "toy_teacher": "toy_teacher"}
 @pytest.fixture
 def nothing_loads(monkeypatch):
     """Every way an entry point loads a model fails the test."""
-    from train import models, stage1, stage2, stage3, toy_teacher
+    from train import stage1, stage2, stage3, toy_teacher
+    from train.models import loading
 
     def loaded(*args, **kwargs):
         raise AssertionError("a model was loaded before the settings were checked")
 
-    for module in (models, stage1):
+    for module in (loading, stage1):
         monkeypatch.setattr(module, "load_teacher", loaded)
-    for module in (models, stage2, stage3):  # Stage II and III load whole or ZeRO-3-partitioned models through it
+    for module in (loading, stage2, stage3):  # Stage II and III load whole or ZeRO-3-partitioned models through it
         monkeypatch.setattr(module, "load_start", loaded)
     monkeypatch.setattr(toy_teacher, "build_toy_teacher", loaded)
 
