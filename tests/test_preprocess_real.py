@@ -407,3 +407,16 @@ def test_folder_of_videos_to_stage2_and_stage3_batches_with_the_stored_null(wan2
     assert [name for name, _ in seen] == ["stage2_loss", "teacher_scores"]
     for _, cond in seen:
         torch.testing.assert_close(cond.text.float().cpu(), null.expand(2, -1, -1), rtol=0, atol=0)
+
+
+def test_the_shards_identity_follows_the_code_that_decodes_and_encodes():
+    """A shard written by other decoding or encoding code is encoded again: the identity must see those files
+    (it saw nothing, silently, when train/ was regrouped and it still looked beside preprocess.py)."""
+    from train.config import PreprocessConfig
+    from train.data import dataset, encoders
+    from train.preprocess import run_identity
+
+    code = run_identity(PreprocessConfig(), "wan", {})["code"]
+    for module in (dataset, encoders):
+        stat = Path(module.__file__).stat()
+        assert code[Path(module.__file__).name] == [stat.st_size, stat.st_mtime_ns]

@@ -193,9 +193,10 @@ def run_identity(p: PreprocessConfig, family: str, parts: dict[str, Path], image
     settings = {k: getattr(p, k) for k in ("frames", "height", "width", "frame_stride", "fps")}
     if image:  # only then, so the shards of every other model keep their identity
         settings["image_latents"] = True
-    here = Path(__file__).parent
+    from .data import dataset, encoders
+
     code = {"versions": [torch.__version__, diffusers.__version__, transformers.__version__],
-            **{name: file_identity(here / name) for name in ("dataset.py", "encoders.py")}}
+            **{Path(m.__file__).name: file_identity(Path(m.__file__)) for m in (dataset, encoders)}}
     if family == "toy":
         settings["toy_samples"] = p.toy_samples  # the toy world renders its videos from it
         code["toy"] = folder_identity(Path(toy.__file__).parent, "*.py")
