@@ -15,8 +15,9 @@ through it wants it (branches that differ may not share a block that carries a L
 """
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -79,15 +80,16 @@ class _Group:
         need = have if None in wanted else max(wanted)
         return state if need >= have else self.adapter.take_rows(state, slice(0, need))
 
-    def switches(self, members: list[int], start: int, stop: int):
+    @contextmanager
+    def switches(self, members: list[int], start: int, stop: int) -> Iterator[None]:
         """Gradients and LoRA for blocks start..stop-1 (and `begin`/`end`) run once for `members`."""
         grad = torch.is_grad_enabled() and any(self.branches[m].grad for m in members)
         lora = [self.branches[m].lora for m in members]
-        if self.lora_model is None:
-            return _Switches(grad, None)
-        if len(set(lora)) > 1:
+        if self.lora_model is not None and len(set(lora)) > 1:
             self._check_no_lora(start, stop)
-        return _Switches(grad, lora_enabled(self.lora_model, all(lora)))
+        switch = nullcontext() if self.lora_model is None else lora_enabled(self.lora_model, all(lora))
+        with torch.set_grad_enabled(grad), switch:
+            yield
 
     def _check_no_lora(self, start: int, stop: int) -> None:
         blocks = self.adapter.blocks()
@@ -95,20 +97,3 @@ class _Group:
             if any(isinstance(m, LoRALinear) for m in blocks[i].modules()):
                 raise ValueError(f"block {i} carries a LoRA but is shared by branches with the LoRA on and off; put "
                                  "LoRAs only on blocks where those branches have parted")
-
-
-class _Switches:
-    """torch.set_grad_enabled and an optional LoRA switch as one context."""
-
-    def __init__(self, grad: bool, lora):
-        self.grad, self.lora = torch.set_grad_enabled(grad), lora
-
-    def __enter__(self):
-        self.grad.__enter__()
-        if self.lora is not None:
-            self.lora.__enter__()
-
-    def __exit__(self, *exc):
-        if self.lora is not None:
-            self.lora.__exit__(*exc)
-        return self.grad.__exit__(*exc)

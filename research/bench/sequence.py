@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -81,12 +80,6 @@ def worker(blocks: int, frames: int, side: int) -> None:
     dist.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def table(records: list[dict], blocks: int) -> str:
     lines = [f"Wan of the 1.3B's width, {blocks} blocks, one sample of {records[0]['tokens']} tokens, 2 CPU processes "
              "on gloo; per rank:", "",
@@ -111,8 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args.blocks, args.frames, args.side)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), "-m", "research.bench.sequence", "--worker",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "research.bench.sequence", "--worker",
                "--blocks", str(args.blocks), "--frames", str(args.frames), "--side", str(args.side)]
     done = subprocess.run(command, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True)

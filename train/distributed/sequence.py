@@ -85,6 +85,7 @@ def sequence_shards(size: int) -> SequenceShards | None:
 def check_setting(cfg, arch: dict) -> None:
     """dist.sequence_parallel against the teacher's heads and one sample of the data, before any model loads."""
     from ..data.batches import batch_source
+    from ..models.memory import block_shape
     from .processes import step_generator
 
     size = cfg.dist.sequence_parallel
@@ -92,10 +93,9 @@ def check_setting(cfg, arch: dict) -> None:
         return
     batch = batch_source(cfg)(step_generator(cfg.run.seed, "check", 0, None), 1)
     _, _, frames, height, width = batch.x0.shape
-    if cfg.model.family == "hunyuanvideo":
-        pt, ph, pw = arch["patch_size_t"], arch["patch_size"], arch["patch_size"]
+    shape = block_shape(arch)
+    pt, ph, pw = shape["patch"]
+    if cfg.model.family == "hunyuanvideo":  # its text joins the exchange (fastlightgen.sequence.joint_attention)
         check_divides(size, batch.cond.text.shape[1], "text tokens")
-    else:
-        pt, ph, pw = arch["patch_size"]
-    check_divides(size, arch["num_attention_heads"], "attention heads")
+    check_divides(size, shape["heads"], "attention heads")
     check_divides(size, frames // pt * (height // ph) * (width // pw), "video tokens")

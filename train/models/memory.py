@@ -164,6 +164,21 @@ def tokens(cfg: Config, counts: ParamCounts) -> int:
     return ((p.frames - 1) // temporal + 1) // pt * (p.height // spatial // ph) * (p.width // spatial // pw)
 
 
+def stage3_blocks(cfg: Config, counts: ParamCounts) -> tuple[int, int]:
+    """(the blocks the student keeps, the blocks carrying the fake score's LoRA)."""
+    n = len(counts.per_block)
+    kept = max(1, round(cfg.stage1.keep_ratio * n))
+    return kept, kept if cfg.stage3.plan_teacher == "pruned" else n
+
+
+def stage3_params(cfg: Config, counts: ParamCounts) -> tuple[int, int]:
+    """(the student's parameters, the fake score's LoRA's). The plan is not known before Stage I: the largest blocks
+    are counted (an upper bound for uneven blocks)."""
+    kept, lora_blocks = stage3_blocks(cfg, counts)
+    student = counts.outside_blocks + sum(sorted(counts.per_block)[-kept:])
+    return student, sum(sorted(counts.lora_per_block)[-lora_blocks:])
+
+
 def activations(cfg: Config, counts: ParamCounts) -> dict[str, float]:
     """Activation GiB per GPU of each stage (the module docstring has the formula and its assumptions)."""
     b = 2 if cfg.dist.bf16 else 4
@@ -171,8 +186,7 @@ def activations(cfg: Config, counts: ParamCounts) -> dict[str, float]:
     full = per_sample * (FULL_PER_TOKEN[0] * counts.width + FULL_PER_TOKEN[1] * counts.ffn)
     kept_block = per_sample * counts.width if cfg.model.gradient_checkpointing else full
     n = len(counts.per_block)
-    kept = max(1, round(cfg.stage1.keep_ratio * n))
-    lora_blocks = kept if cfg.stage3.plan_teacher == "pruned" else n
+    kept, lora_blocks = stage3_blocks(cfg, counts)
     stage2_blocks = n if cfg.stage2.alpha >= 1.0 else 2 * n - 1
     stage3 = max(kept * kept_block + 3 * full, lora_blocks * kept_block + full)
     return {"stage1": full / GIB, "stage2": (stage2_blocks * kept_block + full) / GIB, "stage3": stage3 / GIB}
@@ -210,12 +224,7 @@ def estimate(cfg: Config, counts: ParamCounts | None = None, on_cpu: bool = Fals
     offload = cfg.dist.deepspeed and cfg.dist.offload_optimizer
     per_node = min(w, GPUS_PER_NODE)
     b = 2 if cfg.dist.bf16 else 4
-    n = len(counts.per_block)
-    kept = max(1, round(cfg.stage1.keep_ratio * n))
-    # the plan is not known before Stage I: count the largest blocks (an upper bound for uneven blocks)
-    student = counts.outside_blocks + sum(sorted(counts.per_block)[-kept:])
-    lora_blocks = kept if cfg.stage3.plan_teacher == "pruned" else n
-    lora = sum(sorted(counts.lora_per_block)[-lora_blocks:])
+    student, lora = stage3_params(cfg, counts)
     gathered = 2 * max(counts.per_block) * b / GIB if cfg.dist.deepspeed else 0.0
     act = activations(cfg, counts)
 
@@ -254,10 +263,7 @@ def checkpoint_gib(cfg: Config, counts: ParamCounts) -> dict[str, float]:
     one more while a save is staged), each stage's model.safetensors (Stage II's whole model, Stage III's student, in
     the training dtype) and the exported student (export.dtype)."""
     b = 2 if cfg.dist.bf16 else 4
-    n = len(counts.per_block)
-    kept = max(1, round(cfg.stage1.keep_ratio * n))
-    student = counts.outside_blocks + sum(sorted(counts.per_block)[-kept:])
-    lora = sum(sorted(counts.lora_per_block)[-(kept if cfg.stage3.plan_teacher == "pruned" else n):])
+    student, lora = stage3_params(cfg, counts)
     pair = expert_count(cfg)  # Stage II trains one expert per run; Stage III both
     # fp8_scaled: 1 byte a weight (about half of bfloat16 with its scales and the small tensors it keeps in bf16)
     export = 1 if cfg.export.dtype == FP8_SCALED else getattr(torch, cfg.export.dtype).itemsize
