@@ -3,7 +3,8 @@
 Weights are stored with original Wan key names and blocks renumbered 0..K-1, so ComfyUI's stock
 diffusion-model loader reads a pruned student as a smaller Wan. The safetensors header's
 `__metadata__["fastlightgen"]` holds a JSON `CheckpointMeta`: format version, family, the original
-block count and which original blocks were kept, the recommended `Sampling`, and training provenance.
+block count and which original blocks were kept, the recommended `Sampling`, training provenance, and for one
+expert of a two-expert model (Wan 2.2 A14B, one file per expert) the expert and the boundary.
 
 `read_checkpoint` also reads every Wan DiT file ComfyUI's stock loader reads: diffusers or original layout,
 fp32/fp16/bf16, fp8 (e4m3fn, e5m2), ComfyUI's fp8_scaled files (per-Linear `scale_weight`/`scale_input`
@@ -27,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .experts import EXPERTS, check_boundary
 from .fp8 import FP8_SCALED, fp8_scaled_state_dict, marker
 from .io_utils import atomic_path
 from .plan import PrunePlan
@@ -61,7 +63,20 @@ class CheckpointMeta:
     head_dim: int = DEFAULT_HEAD_DIM
     recommended: Sampling = FEW_STEP  # how the checkpoint is meant to be sampled
     provenance: dict[str, Any] = field(default_factory=dict)
+    # one expert of a two-expert model (Wan 2.2 A14B): "high" or "low" (fastlightgen.experts), and the sigma where
+    # the low-noise expert takes over; None for a one-expert model
+    expert: str | None = None
+    boundary: float | None = None
     format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        if (self.expert is None) != (self.boundary is None):
+            raise CheckpointError("an expert's checkpoint names both its expert and the boundary, got "
+                                  f"expert={self.expert!r}, boundary={self.boundary!r}")
+        if self.expert is not None:
+            if self.expert not in EXPERTS:
+                raise CheckpointError(f"unknown expert {self.expert!r}; the experts are {', '.join(EXPERTS)}")
+            check_boundary(self.boundary)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
