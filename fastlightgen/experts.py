@@ -6,7 +6,13 @@ below it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
+
 import torch
+
+if TYPE_CHECKING:
+    from .adapters.base import Conditioning, DiTAdapter
 
 T2V_BOUNDARY = 0.875  # Wan2.2-T2V-A14B's boundary_ratio
 I2V_BOUNDARY = 0.9  # Wan2.2-I2V-A14B's
@@ -42,3 +48,31 @@ def split_sigmas(sigmas: torch.Tensor, boundary: float) -> tuple[torch.Tensor, t
     high = sigmas[:first_low + 1] if first_low > 0 else sigmas[:0]
     low = sigmas[first_low:] if first_low < len(steps) else sigmas[:0]
     return high, low
+
+
+def step_sigma(sigma: torch.Tensor) -> torch.Tensor:
+    """Each row's noise level from a per-row or per-frame sigma: its largest, since TI2V's given first frame sits
+    at 0 and does not choose an expert."""
+    return sigma.reshape(sigma.shape[0], -1).amax(dim=1) if sigma.ndim else sigma.reshape(1)
+
+
+@dataclass(frozen=True)
+class ExpertPair:
+    """A two-expert model as a sampler calls one model (`forward`, as `DiTAdapter`): each call goes to the expert
+    whose range holds its sigma. `skip` is given to both experts (a physically pruned student skips none)."""
+    high: "DiTAdapter"
+    low: "DiTAdapter"
+    boundary: float
+
+    def __post_init__(self):
+        check_boundary(self.boundary)
+
+    def expert(self, sigma: torch.Tensor) -> "DiTAdapter":
+        high = [takes_high_noise(float(s), self.boundary) for s in step_sigma(sigma)]
+        if len(set(high)) > 1:
+            raise ValueError(f"a batch whose rows lie on both sides of the boundary {self.boundary:g} reaches two "
+                             "experts: call the pair once per side")
+        return self.high if high[0] else self.low
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: "Conditioning", skip: Iterable[int] = ()):
+        return self.expert(sigma).forward(x, sigma, cond, skip=skip)
