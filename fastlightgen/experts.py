@@ -56,6 +56,15 @@ def step_sigma(sigma: torch.Tensor) -> torch.Tensor:
     return sigma.reshape(sigma.shape[0], -1).amax(dim=1) if sigma.ndim else sigma.reshape(1)
 
 
+def expert_of(sigma: torch.Tensor, boundary: float) -> str:
+    """The expert whose range holds a call's sigma (one, per row or per frame); every row must lie on one side."""
+    high = {takes_high_noise(float(s), boundary) for s in step_sigma(sigma)}
+    if len(high) > 1:
+        raise ValueError(f"a batch whose rows lie on both sides of the boundary {boundary:g} reaches two experts: "
+                         "call each expert on its own rows")
+    return EXPERTS[0] if high.pop() else EXPERTS[1]
+
+
 @dataclass(frozen=True)
 class ExpertPair:
     """A two-expert model as a sampler calls one model (`forward`, as `DiTAdapter`): each call goes to the expert
@@ -68,11 +77,7 @@ class ExpertPair:
         check_boundary(self.boundary)
 
     def expert(self, sigma: torch.Tensor) -> "DiTAdapter":
-        high = [takes_high_noise(float(s), self.boundary) for s in step_sigma(sigma)]
-        if len(set(high)) > 1:
-            raise ValueError(f"a batch whose rows lie on both sides of the boundary {self.boundary:g} reaches two "
-                             "experts: call the pair once per side")
-        return self.high if high[0] else self.low
+        return self.high if expert_of(sigma, self.boundary) == "high" else self.low
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: "Conditioning", skip: Iterable[int] = ()):
         return self.expert(sigma).forward(x, sigma, cond, skip=skip)

@@ -160,13 +160,6 @@ def test_a_missing_expert_or_boundary_is_named_with_its_setting_before_any_load(
     assert not run.exists()
 
 
-def test_stage3_of_two_experts_says_it_does_not_exist_yet(folders, tmp_path):
-    from train import stage3
-
-    with pytest.raises(ValueError, match=r"stage3 of a two-expert model does not exist yet"):
-        stage3.run(load_config(None, [f"model.path={folders['t2v']}", f"run.run_dir={tmp_path}"]))
-
-
 def test_i2v_input_is_the_pipelines_36_channels(folders):
     """fastlightgen.image_condition builds what WanImageToVideoPipeline feeds its experts: noisy latents, the 4-channel
     mask, then the normalized latents of the image followed by zero frames."""
@@ -442,3 +435,133 @@ def test_stage2_of_one_expert_under_zero3_two_processes_matches_the_single_proce
     assert {k: v.shape for k, v in gathered.items()} == {k: v.shape for k, v in start.items()}
     record = StageRecord.load(tmp_path / "zero3" / "stage2_low")
     assert (record.expert, record.sigma_range) == ("low", (0.0, T2V_BOUNDARY))
+
+
+# ---- 5. Stage III of two experts ---------------------------------------------------------------------------
+
+def two_expert_stage2(settings: list[str]) -> None:
+    """Stage I, then one Stage II step of each expert: the runs Stage III of a two-expert model starts from."""
+    from train import stage1, stage2
+
+    stage1.run(load_config(None, settings))
+    for expert in ("high", "low"):
+        stage2.run(load_config(None, [*settings, f"stage2.expert={expert}"]))
+
+
+STAGE3 = {"stage2.iterations": 1, "stage2.alpha": 0.5, "stage3.iterations": 2, "stage3.fake_updates": 2,
+          "run.save_every": 1}
+
+
+def test_stage3_takes_each_step_and_each_draw_with_the_expert_of_its_sigma(folders, shards, tmp_path, monkeypatch):
+    """Every forward of a generator, a real score and a fake score runs at sigmas of its own expert's range; the few-step
+    list at shift 5 gives its first two steps to the high-noise expert; each expert's student is written with its
+    record, pruned to its own plan."""
+    from fastlightgen.plan import ExpertPlans
+    from train import stage3
+
+    settings = a14b_settings(folders["t2v"], shards, tmp_path, **STAGE3)
+    two_expert_stage2(settings)
+    calls = []
+    real_build = stage3.build
+
+    def build(cfg):
+        m = real_build(cfg)
+        for unit in m.experts:
+            for role, model in (("generator", unit.generator.module.model), ("scores", unit.lora_model)):
+                model.condition_embedder.register_forward_pre_hook(
+                    lambda _, args, role=role, name=unit.name: calls.append((role, name, float(args[0].max()) / 1000)))
+        assert [m.expert_at(s).name for s in m.sigmas[:-1]] == ["high", "high", "low", "low"]
+        return m
+
+    monkeypatch.setattr(stage3, "build", build)
+    out = stage3.run(load_config(None, settings))
+    assert out == tmp_path / "stage3"
+    seen = {(role, name) for role, name, _ in calls}
+    assert {("scores", "high"), ("scores", "low"), ("generator", "high")} <= seen
+    for role, name, sigma in calls:
+        assert (sigma >= T2V_BOUNDARY) == (name == "high"), (role, name, sigma)
+    plans = ExpertPlans.from_dict(json.loads((tmp_path / "stage1" / "plan.json").read_text()))
+    for expert, expected_range in (("high", (T2V_BOUNDARY, 1.0)), ("low", (0.0, T2V_BOUNDARY))):
+        record = StageRecord.load(out / expert)
+        assert (record.expert, record.sigma_range) == (expert, expected_range)
+        assert record.plan.kept == plans.plans[expert].kept
+        assert record.student_config["num_layers"] == len(plans.plans[expert].kept)
+        student = load_file(str(out / expert / "model.safetensors"))
+        assert {int(k.split(".")[1]) for k in student if k.startswith("blocks.")} == set(range(len(record.plan.kept)))
+
+
+def test_stage3_draws_each_expert_with_its_share_of_the_dmd_law(folders, shards, tmp_path):
+    """The expert of a DMD draw is the same on every rank and chosen with its share of stage3.dmd_sigma_range after
+    the shift warp; its sigmas lie in its range. A one-expert run draws as before experts existed."""
+    from types import SimpleNamespace
+
+    from fastlightgen.flow import shift_sigma, unshift_sigma
+    from train import stage3
+    from train.loop.run import Run
+
+    cfg = load_config(None, a14b_settings(folders["t2v"], shards, tmp_path))
+    units = [SimpleNamespace(name=n, sigma_range=r) for n, r in (("high", (T2V_BOUNDARY, 1.0)),
+                                                                  ("low", (0.0, T2V_BOUNDARY)))]
+    dist = SimpleNamespace(data_rank=1)
+    m = SimpleNamespace(cfg=cfg, experts=units, run=Run.__new__(Run))
+    m.run.cfg, m.run.dist = cfg, dist
+    lo, hi = cfg.stage3.dmd_sigma_range
+    share = (hi - float(unshift_sigma(T2V_BOUNDARY, cfg.stage3.shift))) / (hi - lo)
+    chosen = [stage3.dmd_expert(m, i, "gen").name for i in range(2000)]
+    assert chosen.count("high") / len(chosen) == pytest.approx(share, abs=0.035)
+    dist.data_rank = 0
+    assert [stage3.dmd_expert(m, i, "gen").name for i in range(2000)] == chosen
+    g = torch.Generator().manual_seed(0)
+    for unit in units:
+        drawn = stage3.dmd_sigma(m, g, 500, unit)
+        assert bool(((drawn >= unit.sigma_range[0]) & (drawn <= unit.sigma_range[1])).all()), unit.name
+    whole = SimpleNamespace(name=None, sigma_range=(0.0, 1.0))
+    torch.testing.assert_close(stage3.dmd_sigma(m, torch.Generator().manual_seed(1), 8, whole),
+                               shift_sigma(lo + (hi - lo) * torch.rand(8, generator=torch.Generator().manual_seed(1)),
+                                           cfg.stage3.shift), rtol=0, atol=0)
+
+
+def test_stage3_of_two_experts_refuses_one_stage2_run_and_names_a_missing_expert(folders, shards, tmp_path):
+    from train import stage3
+
+    settings = a14b_settings(folders["t2v"], shards, tmp_path)
+    with pytest.raises(ValueError, match=r"stage3.init=x.safetensors names one Stage II run.*stage2_high and "
+                                         r"stage2_low\): leave stage3.init empty"):
+        stage3.run(load_config(None, [*settings, "stage3.init=x.safetensors"]))
+    from train import stage1, stage2
+
+    stage1.run(load_config(None, [*settings, "stage2.iterations=1"]))
+    stage2.run(load_config(None, [*settings, "stage2.iterations=1", "stage2.expert=high"]))
+    with pytest.raises(FileNotFoundError, match=r"stage3.init\[low\] .*stage2_low/model.safetensors does not exist: "
+                                                r"run `python -m train.stage2 --set stage2.expert=low` first"):
+        stage3.run(load_config(None, settings))
+    assert not (tmp_path / "stage3").exists()
+
+
+def test_stage3_of_two_experts_under_zero3_two_processes_matches_the_single_process(folders, shards, tmp_path):
+    """Both experts' students and scores partitioned over 2 processes (DeepSpeed ZeRO-3, gloo, CPU): the first fake
+    loss (before any update, rank 0 drawing the single process's batch) equals the plain loop's, and each gathered
+    student is its expert's pruned architecture."""
+    pytest.importorskip("deepspeed")
+    from test_train_distributed import ZERO3, metrics, torchrun
+
+    from train import stage3
+
+    import shutil
+
+    run = {**STAGE3, "stage3.fake_updates": 1}
+    single = a14b_settings(folders["t2v"], shards, tmp_path / "single", **run)
+    two_expert_stage2(single)
+    stage3.run(load_config(None, [*single, "stage3.iterations=1"]))
+    for stage in ("stage1", "stage2_high", "stage2_low"):  # the same Stage I and II runs in the sharded run's folder
+        shutil.copytree(tmp_path / "single" / stage, tmp_path / "zero3" / stage)
+    zero3 = a14b_settings(folders["t2v"], shards, tmp_path / "zero3", **ZERO3, **run)
+    torchrun("train.stage3", [arg for setting in zero3 for arg in ("--set", setting)])
+    first, sharded = metrics(tmp_path / "single" / "stage3")[0], metrics(tmp_path / "zero3" / "stage3")
+    assert [r["step"] for r in sharded] == [1, 2]
+    assert sharded[0]["fake_loss"] > 0 and sharded[0]["fake_loss"] == pytest.approx(first["fake_loss"], rel=1e-5)
+    for expert in ("high", "low"):
+        gathered = load_file(str(tmp_path / "zero3" / "stage3" / expert / "model.safetensors"))
+        plain = load_file(str(tmp_path / "single" / "stage3" / expert / "model.safetensors"))
+        assert {k: v.shape for k, v in gathered.items()} == {k: v.shape for k, v in plain.items()}
+        assert StageRecord.load(tmp_path / "zero3" / "stage3" / expert).expert == expert

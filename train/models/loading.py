@@ -118,9 +118,10 @@ def stage_expert(cfg: Config, stage: str) -> str | None:
                          f"{' or '.join(EXPERTS)} (Stage II trains one per run)" if two else
                          f"stage2.expert={expert} needs a two-expert model (model.path holding transformer_2/, or "
                          f"model.teacher_2); clear it for this one-expert model")
-    if stage == "stage3" and two:
-        raise ValueError("stage3 of a two-expert model does not exist yet (issue #41: Stage III for two experts); "
-                         "Stage I and Stage II (stage2.expert) do")
+    if stage == "stage3" and two and cfg.stage3.init not in ("", "teacher"):
+        raise ValueError(f"stage3.init={cfg.stage3.init} names one Stage II run, but a two-expert model starts each "
+                         "expert from its own (run_dir/stage2_high and stage2_low): leave stage3.init empty, or set "
+                         "it to teacher")
     return expert
 
 
@@ -304,10 +305,23 @@ def stage_inputs(cfg: Config, stage: str) -> dict[str, tuple[Path, str]]:
         found["stage2.init"] = (Path(cfg.stage2.init), f"give a finished Stage II run's {MODEL_FILE}, or leave "
                                                        "stage2.init empty to start from the teacher")
     if stage == "stage3" and cfg.stage3.init != "teacher":
-        found["stage3.init"] = (Path(cfg.stage3.init) if cfg.stage3.init else cfg.stage_dir("stage2") / MODEL_FILE,
-                                f"run `python -m train.stage2` first, or set stage3.init to a finished Stage II "
-                                f"run's {MODEL_FILE} (or to `teacher`)")
+        if expert_count(cfg) == 1:
+            found["stage3.init"] = (stage3_start(cfg, None), f"run `python -m train.stage2` first, or set stage3.init "
+                                                             f"to a finished Stage II run's {MODEL_FILE} (or to `teacher`)")
+        for expert in EXPERTS if expert_count(cfg) == 2 else ():
+            found[f"stage3.init[{expert}]"] = (stage3_start(cfg, expert), f"run `python -m train.stage2 --set "
+                                                                          f"stage2.expert={expert}` first")
     return found
+
+
+def stage3_start(cfg: Config, expert: str | None) -> Path | None:
+    """The Stage II weights Stage III starts from (None: the teacher's, stage3.init=teacher): stage3.init, else
+    run_dir/stage2's; for one expert of two, that expert's Stage II run's."""
+    if cfg.stage3.init == "teacher":
+        return None
+    if expert is None:
+        return Path(cfg.stage3.init) if cfg.stage3.init else cfg.stage_dir("stage2") / MODEL_FILE
+    return replace(cfg, stage2=replace(cfg.stage2, expert=expert)).stage_dir("stage2") / MODEL_FILE
 
 
 def check_stage_inputs(cfg: Config, stage: str) -> None:

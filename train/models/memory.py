@@ -36,8 +36,8 @@ blocks). Stage III holds the student (the kept blocks, trainable), the frozen te
 LoRA, which sits on the kept blocks (on every block with stage3.plan_teacher=unpruned).
 Two experts (Wan 2.2 A14B, train.models.loading.expert_count) of one architecture: Stage I scores them one after the
 other and a Stage II run trains one (stage2.expert), so both hold one expert as above; Stage III holds both
-(its two-expert form is not written yet: counted as a run holding the student pair, the teacher pair and a
-fake-score LoRA per expert, every parameter term twice, the activations of one expert at a time).
+experts' students, frozen teachers and fake-score LoRAs (every parameter term twice) and runs one expert's
+activations at a time (train.stage3: a step or a draw goes to one expert).
 Disk (checkpoint_gib): a DeepSpeed step_* checkpoint holds CHECKPOINT_BYTES per trained parameter (frozen weights
 are rebuilt from the config, not written); model.safetensors the stage's model in the training dtype.
 The verdict compares the largest stage's GPU total with 80 GB = 80e9 bytes (74.5 GiB; an H100 80GB shows
