@@ -452,7 +452,7 @@ STAGE3 = {"stage2.iterations": 1, "stage2.alpha": 0.5, "stage3.iterations": 2, "
           "run.save_every": 1}
 
 
-def test_stage3_takes_each_step_and_each_draw_with_the_expert_of_its_sigma(folders, shards, tmp_path, monkeypatch):
+def test_stage3_takes_each_step_and_each_draw_with_the_expert_of_its_sigma_and_exports_a_pair(folders, shards, tmp_path, monkeypatch):
     """Every forward of a generator, a real score and a fake score runs at sigmas of its own expert's range; the few-step
     list at shift 5 gives its first two steps to the high-noise expert; each expert's student is written with its
     record, pruned to its own plan."""
@@ -488,6 +488,28 @@ def test_stage3_takes_each_step_and_each_draw_with_the_expert_of_its_sigma(folde
         assert record.student_config["num_layers"] == len(plans.plans[expert].kept)
         student = load_file(str(out / expert / "model.safetensors"))
         assert {int(k.split(".")[1]) for k in student if k.startswith("blocks.")} == set(range(len(record.plan.kept)))
+    export_the_pair(load_config(None, settings), plans)
+
+
+def export_the_pair(cfg, plans) -> None:
+    """train.export writes one checkpoint per expert, named after export.out, each naming its expert, the boundary and
+    its kept blocks, renumbered for ComfyUI's loader; --convert keeps them in fp8_scaled."""
+    from dataclasses import replace
+
+    from fastlightgen.checkpoint import load_wan, read_checkpoint
+    from train import export
+
+    root = Path(cfg.run.run_dir)
+    written = export.run(cfg)
+    assert written == [root / "student_high.safetensors", root / "student_low.safetensors"]
+    for path, expert in zip(written, ("high", "low")):
+        model, meta = load_wan(path)
+        assert (meta.expert, meta.boundary, meta.kept_blocks) == (expert, T2V_BOUNDARY, plans.plans[expert].kept)
+        assert meta.recommended.denoising_step_list == (1000, 750, 500, 250)
+        assert model.config.num_layers == len(meta.kept_blocks)
+        fp8 = export.convert(replace(cfg, export=replace(cfg.export, dtype="fp8_scaled")), path)
+        converted = read_checkpoint(fp8)
+        assert converted.marker is not None and converted.meta == meta
 
 
 def test_stage3_draws_each_expert_with_its_share_of_the_dmd_law(folders, shards, tmp_path):

@@ -2,7 +2,10 @@
 
 From run_dir/stage3 (default): the few-step student, already physically pruned. From run_dir/stage2: the
 pruned path of the dynamically pruned model, physically pruned here (a multi-step model: recommended
-Euler with CFG). The file is `fastlightgen.checkpoint` format: original/ComfyUI Wan key layout, kept blocks
+Euler with CFG). A two-expert Stage III run (run_dir/stage3/high and low) exports one file per expert, the name of
+export.out followed by _high and _low (default run_dir/student_high.safetensors, student_low.safetensors), each
+with its expert and the boundary in its metadata: ComfyUI's two Load Diffusion Model nodes read them as they read
+Wan 2.2 A14B's own pair; a Stage II run of one expert exports that expert. The file is `fastlightgen.checkpoint` format: original/ComfyUI Wan key layout, kept blocks
 renumbered 0..K-1, metadata with the kept original indices, the recommended denoising list and shift,
 and provenance (betas, alpha, iterations, data fingerprint). `export.diffusers_out` also writes a
 diffusers folder (the only output for HunyuanVideo, which the checkpoint format does not cover).
@@ -23,44 +26,66 @@ from pathlib import Path
 import torch
 
 from fastlightgen.checkpoint import CheckpointError, CheckpointMeta, load_wan, save_checkpoint
+from fastlightgen.experts import EXPERTS
 from fastlightgen.fp8 import FP8_SCALED
 from fastlightgen.io_utils import atomic_write_text
 
 from .cli import parse
 from .config import Config, ExportConfig
 from .models.loading import student_model
-from .models.record import StageRecord
+from .models.record import RUN_FILE, StageRecord
 
 
 def metadata(model: torch.nn.Module, record: StageRecord) -> CheckpointMeta:
     plan = record.plan
     return CheckpointMeta(original_num_blocks=plan.fingerprint.num_blocks, kept_blocks=plan.kept,
                           family=plan.fingerprint.family, head_dim=model.config.attention_head_dim,
-                          recommended=record.sampling, provenance=record.provenance())
+                          recommended=record.sampling, provenance=record.provenance(), expert=record.expert,
+                          boundary=expert_boundary(record))
 
 
-def run(cfg: Config) -> Path:
-    """Exports the run export.run (default run_dir/stage3); returns the checkpoint, or the diffusers folder
-    when the family has no checkpoint format."""
+def expert_boundary(record: StageRecord) -> float | None:
+    """The boundary of the expert a run trained: the end of its part of the schedule that the other expert holds."""
+    if record.expert is None:
+        return None
+    low, high = record.sigma_range
+    return low if record.expert == EXPERTS[0] else high
+
+
+def run(cfg: Config) -> list[Path]:
+    """Exports the run export.run (default run_dir/stage3); returns the checkpoints written (one per expert of a
+    two-expert Stage III run: export.out's name + _<expert>), or the diffusers folder when the family has no
+    checkpoint format."""
     ex = checked(cfg)
     folder = Path(ex.run) if ex.run else cfg.stage_dir("stage3")
+    out = Path(ex.out) if ex.out else Path(cfg.run.run_dir) / "student.safetensors"
+    diffusers_out = Path(ex.diffusers_out) if ex.diffusers_out else None
+    experts = [e for e in EXPERTS if (folder / e / RUN_FILE).is_file()]
+    if not experts:
+        return [export_run(cfg, folder, out, diffusers_out)]
+    # a diffusers pipeline holds the experts as transformer/ and transformer_2/
+    return [export_run(cfg, folder / e, out.with_name(f"{out.stem}_{e}{out.suffix}"),
+                       diffusers_out / ("transformer" if e == EXPERTS[0] else "transformer_2") if diffusers_out else None)
+            for e in experts]
+
+
+def export_run(cfg: Config, folder: Path, out: Path, diffusers_out: Path | None) -> Path:
+    """One finished run's student as a checkpoint at `out` (Wan) and/or a diffusers folder."""
+    ex = cfg.export
     record = StageRecord.load(folder)
     model = student_model(cfg, folder, record)
     meta = metadata(model, record)
-
-    out = None
     if meta.family == "wan":
-        out = Path(ex.out) if ex.out else Path(cfg.run.run_dir) / "student.safetensors"
         _write(out, model, meta, ex.dtype)
-    elif not ex.diffusers_out:
+    elif diffusers_out is None:
         raise SystemExit(f"the FastLightGen checkpoint format holds Wan models; for {meta.family} set "
                          "--set export.diffusers_out=FOLDER")
-    if ex.diffusers_out:
-        model.to(getattr(torch, ex.dtype)).save_pretrained(ex.diffusers_out, safe_serialization=True)
+    if diffusers_out is not None:
+        model.to(getattr(torch, ex.dtype)).save_pretrained(diffusers_out, safe_serialization=True)
         meta_json = json.dumps(json.loads(meta.to_json()), indent=1)
-        atomic_write_text(Path(ex.diffusers_out) / "fastlightgen.json", meta_json)
-        print(f"wrote diffusers folder {ex.diffusers_out}")
-    return out or Path(ex.diffusers_out)
+        atomic_write_text(diffusers_out / "fastlightgen.json", meta_json)
+        print(f"wrote diffusers folder {diffusers_out}")
+    return out if meta.family == "wan" else diffusers_out
 
 
 def convert(cfg: Config, source: str | Path) -> Path:
