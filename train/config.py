@@ -205,6 +205,10 @@ class ToyTeacherConfig:
     sigma_law: str = field(default="uniform", metadata={"choices": SIGMA_LAWS})
     sigma_shift: float = 5.0
     ema_decay: float = 0.999  # the EMA of the weights is the exported teacher
+    # one expert of a two-expert toy teacher (fastlightgen.experts): training sigmas drawn only on its part of the
+    # schedule, split at `boundary`; the file names both. Empty: the whole schedule (a one-expert teacher)
+    expert: str = added_setting("", ("", *EXPERTS))
+    boundary: float = added_setting(0.0)
     # CFG scales scored on training prompts at export; the best becomes the recommended one. All above 1:
     # the teacher is a CFG teacher, as in the paper (CFG 1 would halve every speed-up).
     cfg_candidates: list = export_setting(default_factory=lambda: [2.0, 3.5, 5.0])

@@ -120,6 +120,7 @@ RANGES: dict[str, Range] = {
     "toy_teacher.sigma_shift": POSITIVE,
     "toy_teacher.ema_decay": between(0, 1, open_high=True),
     "toy_teacher.cfg_candidates": CFG_SCALES,
+    "toy_teacher.boundary": Range("a sigma in (0, 1) with toy_teacher.expert, else 0", between(0, 1, open_high=True).ok),
 }
 
 
@@ -146,6 +147,12 @@ def problems(cfg: Any) -> list[str]:
     if cfg.dist.world_size % cfg.dist.sequence_parallel:
         out.append(f"dist.sequence_parallel ({cfg.dist.sequence_parallel}) must divide dist.world_size "
                    f"({cfg.dist.world_size}): each group of that many ranks shares one sample")
+    if bool(cfg.toy_teacher.expert) != bool(cfg.toy_teacher.boundary):
+        out.append("toy_teacher.expert and toy_teacher.boundary go together (an expert's part of the schedule is "
+                   "split at the boundary): set both, e.g. --set toy_teacher.expert=high --set toy_teacher.boundary="
+                   "0.875, or neither")
+    if cfg.toy_teacher.expert and not cfg.toy_teacher.init:
+        out.append("toy_teacher.expert fine-tunes a trained teacher into one expert: set toy_teacher.init to its file")
     if cfg.stage2.target == "ema" and cfg.dist.deepspeed:
         out.append("stage2.target=ema needs the plain loop (ZeRO-3 partitions the weights to average): "
                    "--set stage2.target=frozen, or --set dist.deepspeed=false")

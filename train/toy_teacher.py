@@ -6,7 +6,10 @@ Recipe (the `toy_teacher` section, with data, run and dist): flow matching in th
 uniform, then the shift warp (research/README.md, "The toy teacher", says why). TI2V when model.ti2v
 (the first latent frame is given clean at sigma 0 and carries no loss) and T2V in data.first_frame_dropout of
 the batches, data.caption_dropout for CFG, AdamW with run.warmup (then toy_teacher.lr_decay; both restart every
-toy_teacher.lr_cycle steps when it is set), and an EMA of the weights that becomes the exported teacher. The
+toy_teacher.lr_cycle steps when it is set), and an EMA of the weights that becomes the exported teacher. With
+toy_teacher.expert (and toy_teacher.boundary) a copy of an exported teacher (toy_teacher.init) becomes one expert of
+a two-expert teacher: its sigmas are drawn by the same law on that expert's part of the schedule only, and the file
+names the expert and the boundary (issue #41; scripts/train_toy_experts.sh). The
 shared loop (train.loop.run) seeds every batch and noise draw by (run.seed, step), checkpoints the weights, AdamW and
 the EMA, resumes (--resume), logs and skips non-finite losses, as for every stage.
 Export, at the end or from the newest checkpoint (--export-only): the EMA in bf16, with the CFG scale whose
@@ -25,6 +28,7 @@ import torch
 from fastlightgen.adapters import adapt
 from fastlightgen.checkpoint import CheckpointMeta, load_wan, save_checkpoint
 from fastlightgen.distill import mse
+from fastlightgen.experts import sigma_range
 from fastlightgen.first_frame import given_frame, noised
 from fastlightgen.flow import sample_training_sigma, velocity_target
 from fastlightgen.sampling import Sampling
@@ -68,6 +72,12 @@ def initial_teacher(cfg: Config) -> torch.nn.Module:
     return model.float()
 
 
+def training_range(cfg: Config) -> tuple[float, float]:
+    """The part of the schedule the teacher is trained on: its expert's (toy_teacher.expert), or all of it."""
+    tt = cfg.toy_teacher
+    return sigma_range(tt.expert, tt.boundary) if tt.expert else (0.0, 1.0)
+
+
 def output_path(cfg: Config) -> Path:
     return Path(cfg.toy_teacher.out) if cfg.toy_teacher.out else Path(cfg.run.run_dir) / "toy_teacher.safetensors"
 
@@ -96,12 +106,24 @@ def select_cfg(cfg: Config, model: torch.nn.Module) -> tuple[float, dict[float, 
     return max(scores, key=scores.get), scores
 
 
+def recommended_cfg(cfg: Config, model: torch.nn.Module) -> tuple[float, dict[float, float]]:
+    """(CFG scale, `faithful` per candidate): select_cfg's, or for an expert its init's scale with no candidates
+    scored, since one expert alone samples the whole schedule with weights trained on part of it, and the pair
+    of experts is sampled at one scale."""
+    if not cfg.toy_teacher.expert:
+        return select_cfg(cfg, model)
+    _, meta = load_wan(cfg.toy_teacher.init)
+    return meta.recommended.cfg_scale, {}
+
+
 def export(cfg: Config, run: Run, model: torch.nn.Module, step: int) -> Path:
     model = model.cpu()  # the toy world's samplers draw their noise on the CPU
-    scale, scores = select_cfg(cfg, model)
+    scale, scores = recommended_cfg(cfg, model)
     blocks = model.config.num_layers
+    tt = cfg.toy_teacher
     meta = CheckpointMeta(original_num_blocks=blocks, kept_blocks=list(range(blocks)),
                           head_dim=model.config.attention_head_dim, recommended=Sampling(cfg_scale=scale),
+                          expert=tt.expert or None, boundary=tt.boundary if tt.expert else None,
                           provenance={"trainer": TRAINER, "config": cfg.to_dict(), "step": step,
                                       "final_loss": recent_loss(run), "weights": "EMA", "data": data_fingerprint(cfg),
                                       "cfg_selection": {f"{k:g}": round(v, 4) for k, v in scores.items()}})
@@ -143,7 +165,7 @@ def train_and_export(cfg: Config, model: torch.nn.Module, resume: bool, export_o
             g = training.generator(i, "batch")
             batch = draw_batch(g, cfg.data.batch_size)
             x0 = batch.x0
-            sigma = sample_training_sigma(x0.shape[0], g, tt.sigma_shift, tt.sigma_law)
+            sigma = sample_training_sigma(x0.shape[0], g, tt.sigma_shift, tt.sigma_law, within=training_range(cfg))
             x_t, sigma, noise = noised(x0, sigma, g, given_frame(x0, batch.ti2v))
             cond = batch.to(dist.device, torch.float32).cond
             x_t, sigma = x_t.to(dist.device), sigma.to(dist.device)
