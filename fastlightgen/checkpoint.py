@@ -79,7 +79,9 @@ class CheckpointMeta:
             check_boundary(self.boundary)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        # a one-expert file's metadata leaves the expert fields out: as written before they existed
+        d = {k: v for k, v in asdict(self).items() if v is not None or k not in ("expert", "boundary")}
+        return json.dumps(d, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "CheckpointMeta":
