@@ -193,3 +193,29 @@ def test_first_frame_rule_pins_the_frame_at_sigma_zero_and_out_of_the_loss():
     torch.testing.assert_close(x_t[:, :, 1:], add_noise(x0, noise, sigma)[:, :, 1:])
     assert torch.equal(pin(torch.zeros_like(x0), first)[:, :, :1], first) and pin(x0, None) is x0
     assert loss_frames(x0, ti2v=True).shape[2] == 2 and loss_frames(x0, ti2v=False) is x0
+
+
+def test_an_expert_pair_samples_as_its_experts_taking_their_own_steps():
+    """ExpertPair hands each call to the expert whose range holds its sigma (TI2V's given first frame, at 0, does not
+    choose): the few-step student at shift 5 equals its high expert for the first two steps and its low expert for
+    the last two, done by hand; a batch straddling the boundary is refused."""
+    from fastlightgen.experts import ExpertPair, split_sigmas
+
+    high, low = adapt(tiny_wan("ti2v", layers=2, seed=1)), adapt(tiny_wan("ti2v", layers=2, seed=2))
+    pair = ExpertPair(high, low, 0.875)
+    x, cond = wan_inputs(high.model, batch=1)
+    first = torch.randn(1, 48, 1, 8, 8)
+    got = sample_few_step(pair, x, cond, FEW_STEP, generator=torch.Generator().manual_seed(3), first_frame=first)
+    by_hand, g = pin(x, first), torch.Generator().manual_seed(3)
+    steps_high, steps_low = split_sigmas(FEW_STEP.sigmas, 0.875)
+    assert steps_high.tolist() == pytest.approx([1.0, 0.9375, 0.8333333]) and len(steps_low) == 3
+    sigmas = FEW_STEP.sigmas.tolist()
+    with torch.no_grad():
+        for i, (s, s_next) in enumerate(zip(sigmas, sigmas[1:])):
+            expert = high if i < 2 else low
+            sig = frame_sigma(s, by_hand, True)
+            x0 = pin(x0_from_velocity(by_hand, expert.forward(by_hand, sig, cond), sig), first)
+            by_hand = noised(x0, s_next, g, first)[0] if s_next > 0 else x0
+    assert torch.equal(got, by_hand)
+    with pytest.raises(ValueError, match="rows lie on both sides of the boundary 0.875"):
+        pair.forward(x.repeat(2, 1, 1, 1, 1), torch.tensor([0.9, 0.5]), cond.repeat(2))
