@@ -34,7 +34,7 @@ from train import export, stage1, stage2, stage3
 from train.config import Config, load_config
 from train.data.fingerprint import file_digest
 from train.loop.identity import identity_hash, run_identity
-from train.models.record import RUN_FILE
+from train.models.record import RUN_FILE, StageRecord
 
 from .demo import MODELS_DIR, MODES, TEACHER, Candidate, load_fp32
 from .draws import ROW_COLUMNS, Scored, difference, sanity_section, score
@@ -68,15 +68,23 @@ class Budget:
 
 # ---- training ------------------------------------------------------------------------------------
 
-def one_expert_student(root: Path, settings: list[str], config: str = CONFIG) -> Path:
-    """The one-expert arm's exported student: its stages through the report's cache, then the export."""
+@dataclass(frozen=True)
+class Arm:
+    """A trained arm: its exported student files (by expert; "" for one expert) and its timed stage runs."""
+    students: dict[str, Path]
+    runs: dict[str, Path]  # "Stage II high" etc. -> the run folder (its metrics.jsonl)
+
+
+def one_expert_student(root: Path, settings: list[str], config: str = CONFIG) -> Arm:
+    """The one-expert arm: its stages through the report's cache, then the export."""
     cache = StageCache(root / "one_expert", config, settings)
     folder = cache.stage3(cache.config())
     out = folder.parent / "student.safetensors"
     if not out.is_file():
         export.run(StageCache.config_with(cache.config(), {"export.run": str(folder), "export.out": str(out),
                                                            "run.run_dir": str(folder.parent)}))
-    return out
+    stage2_folder = Path(StageRecord.load(folder).config["stage3"]["init"]).parent
+    return Arm({"": out}, {"Stage II": stage2_folder, "Stage III": folder})
 
 
 def arm_key(cfg: Config) -> str:
@@ -86,9 +94,9 @@ def arm_key(cfg: Config) -> str:
     return identity_hash({**identity, "stage2": vars(cfg.stage2), "stage3": vars(cfg.stage3)})
 
 
-def two_expert_students(root: Path, settings: list[str], config: str = CONFIG) -> dict[str, Path]:
-    """The two-expert arm's exported students by expert: each stage run unless its output exists, all in one run
-    folder keyed by `arm_key` (Stage III reads both experts' Stage II runs from it)."""
+def two_expert_students(root: Path, settings: list[str], config: str = CONFIG) -> Arm:
+    """The two-expert arm: each stage run unless its output exists, all in one run folder keyed by `arm_key`
+    (Stage III reads both experts' Stage II runs from it), then one exported student per expert."""
     cfg = load_config(config, settings)
     folder = root / f"two_experts-{arm_key(cfg)}"
     cfg = StageCache.config_with(cfg, {"run.run_dir": str(folder), "export.out": str(folder / "student.safetensors")})
@@ -105,13 +113,15 @@ def two_expert_students(root: Path, settings: list[str], config: str = CONFIG) -
     outs = {e: folder / f"student_{e}.safetensors" for e in EXPERTS}
     if not all(p.is_file() for p in outs.values()):
         export.run(cfg)
-    return outs
+    return Arm(outs, {**{f"Stage II {e}": folder / f"stage2_{e}" for e in EXPERTS}, "Stage III": folder / "stage3"})
 
 
-def training_seconds(folder: Path) -> float:
-    """The steps' wall clock of a finished stage run, from its metrics log (toy.yaml logs every step)."""
-    lines = (folder / "metrics.jsonl").read_text().splitlines()
-    return sum(json.loads(line).get("s_per_step", 0.0) for line in lines)
+def logged_steps(folder: Path) -> tuple[int, float]:
+    """(steps, minutes of steps) of a finished stage run, from its metrics log: the logged seconds per step times
+    the steps (the log may hold every n-th step only)."""
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    seconds = [r["s_per_step"] for r in records if "s_per_step" in r]
+    return records[-1]["step"], sum(seconds) / len(seconds) * records[-1]["step"] / 60
 
 
 # ---- the models as the report samples them ---------------------------------------------------------
@@ -202,6 +212,28 @@ def mode_report(mode: str, models: dict[str, Model], cache: Path) -> tuple[str, 
     return text, numbers
 
 
+def training_table(arms: dict[str, Arm]) -> str:
+    lines = ["| arm | stage run | iterations | minutes of steps |", "|---|---|---|---|"]
+    for name, arm in arms.items():
+        for stage, folder in arm.runs.items():
+            steps, minutes = logged_steps(folder)
+            lines.append(f"| {name} | {stage} | {steps} | {minutes:.1f} |")
+    return "\n".join(lines)
+
+
+def header(budget: Budget, arms: dict[str, Arm], models: dict[str, Model]) -> str:
+    videos = len(PROMPT_SEEDS) * len(NOISE_SEEDS) * 12
+    return (f"# Two experts in the toy world (issue #41), {date.today().isoformat()}\n\n"
+            f"`python -m research.experts` (method and design: its docstring). Budget (fixed before the run, alike "
+            f"for both arms): Stage II {budget.stage2} iterations per expert, {2 * budget.stage2} for the one "
+            f"expert; Stage III {budget.stage3} iterations each; the rest of configs/toy.yaml's recipe as it is "
+            f"(its 2400 Stage II iterations do not fit one session here). Models: "
+            f"{'; '.join(m.candidate.name for m in models.values())}. Per mode {videos} paired videos per model: "
+            f"the 12 held-out combinations drawn at prompt seeds {', '.join(map(str, PROMPT_SEEDS))} x noise seeds "
+            f"{', '.join(map(str, NOISE_SEEDS))}; intervals 95% bootstrap over the combinations, then videos; "
+            f"margin ±{EQUIVALENCE_MARGIN} (research/stats.py).\n\n## Training\n\n{training_table(arms)}\n\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", type=Path, default=ROOT, help="the arms' cached stage runs")
@@ -210,17 +242,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path(f"reports/toy/experts_{date.today().isoformat()}.md"))
     args = p.parse_args(argv)
     budget = Budget()
-    students2 = two_expert_students(args.root, budget.two_experts())
-    student1 = one_expert_student(args.root, budget.one_expert())
+    arms = {"two experts": two_expert_students(args.root, budget.two_experts()),
+            "one expert": one_expert_student(args.root, budget.one_expert())}
     if args.train_only:
         return
-    models = {"teacher2": teacher_pair(EXPERT_TEACHERS), "student2": student_pair(students2),
-              "student1": one_model("one-expert student (4-step, same training cost)", student1, few_step=True),
+    models = {"teacher2": teacher_pair(EXPERT_TEACHERS), "student2": student_pair(arms["two experts"].students),
+              "student1": one_model("one-expert student (4-step, same training cost)",
+                                    arms["one expert"].students[""], few_step=True),
               "teacher1": one_model("committed one-expert teacher (50-step Euler, CFG)", TEACHER, few_step=False)}
-    sections, numbers = zip(*(mode_report(mode, models, args.cache) for mode in reversed(MODES)))
-    text = "\n".join(sections)
-    atomic_write_text(args.out.with_suffix(".json"), json.dumps(dict(zip(reversed(MODES), numbers)), indent=1))
-    atomic_write_text(args.out.with_suffix(".tables.md"), text)
+    modes = tuple(reversed(MODES))  # T2V, the evidence, first
+    sections, numbers = zip(*(mode_report(mode, models, args.cache) for mode in modes))
+    text = header(budget, arms, models) + "\n".join(sections)
+    atomic_write_text(args.out, text)
+    atomic_write_text(args.out.with_suffix(".json"), json.dumps(dict(zip(modes, numbers)), indent=1))
     print(text)
 
 

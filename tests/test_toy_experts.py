@@ -49,7 +49,7 @@ def test_two_expert_arm_runs_each_stage_once_in_one_keyed_folder(tmp_path, monke
     monkeypatch.setattr(experts.export, "run",
                         fake("export", lambda cfg: [folder(cfg) / f"student_{e}.safetensors" for e in EXPERTS]))
     settings = [f"model.teacher={TEACHER}", f"model.teacher_2={TEACHER}", "model.boundary=0.875"]
-    outs = experts.two_expert_students(tmp_path, settings, str(REPO / experts.CONFIG))
+    outs = experts.two_expert_students(tmp_path, settings, str(REPO / experts.CONFIG)).students
     assert calls == [("stage1", ""), ("stage2", "high"), ("stage2", "low"), ("stage3", ""), ("export", "")]
     assert set(outs) == set(EXPERTS) and all(p.is_file() for p in outs.values())
     assert outs["high"].parent.name.startswith("two_experts-")
@@ -57,6 +57,11 @@ def test_two_expert_arm_runs_each_stage_once_in_one_keyed_folder(tmp_path, monke
     assert len(calls) == 5  # all cached
     experts.two_expert_students(tmp_path, [*settings, "stage2.iterations=5"], str(REPO / experts.CONFIG))
     assert len(calls) == 10  # another budget: another folder
+
+
+def test_logged_steps_reads_a_log_of_every_nth_step(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 10, "s_per_step": 2.0}\n{"step": 20, "s_per_step": 4.0}\n')
+    assert experts.logged_steps(tmp_path) == (20, 1.0)
 
 
 def scored(values: list[float]) -> Scored:
