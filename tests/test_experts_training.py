@@ -587,3 +587,27 @@ def test_stage3_of_two_experts_under_zero3_two_processes_matches_the_single_proc
         plain = load_file(str(tmp_path / "single" / "stage3" / expert / "model.safetensors"))
         assert {k: v.shape for k, v in gathered.items()} == {k: v.shape for k, v in plain.items()}
         assert StageRecord.load(tmp_path / "zero3" / "stage3" / expert).expert == expert
+
+
+def test_stage3_of_the_i2v_experts_feeds_every_prediction_its_36_channels(folders, i2v_shards, tmp_path, monkeypatch):
+    """I2V-A14B through Stage III: each expert's student, real and fake score take the latents, the mask and the image
+    latents (36 channels) at every call."""
+    from train import stage3
+
+    out, _ = i2v_shards
+    settings = a14b_settings(folders["i2v"], out, tmp_path, **{**STAGE3, "stage3.iterations": 1})
+    two_expert_stage2(settings)
+    widths = []
+    real_build = stage3.build
+
+    def build(cfg):
+        m = real_build(cfg)
+        for unit in m.experts:
+            for model in (unit.generator.module.model, unit.lora_model):
+                model.patch_embedding.register_forward_pre_hook(lambda _, args: widths.append(args[0].shape[1]))
+        return m
+
+    monkeypatch.setattr(stage3, "build", build)
+    stage3.run(load_config(None, settings))
+    assert len(widths) > 4 and set(widths) == {36}
+    assert StageRecord.load(tmp_path / "stage3" / "low").sigma_range == (0.0, I2V_BOUNDARY)
