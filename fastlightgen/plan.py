@@ -180,8 +180,11 @@ class ExpertPlans:
         except (KeyError, AttributeError) as err:
             raise ValueError(f"two-expert plan lacks {err}; use a plan.json written by FastLightGen") from None
 
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
+
     def save(self, path: str | Path) -> None:
-        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2, allow_nan=False))
+        atomic_write_text(Path(path), self.to_json())
 
 
 def read_plan(path: str | Path, expert: str | None = None) -> PrunePlan:

@@ -2,9 +2,10 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .adapter import ApplyStudentAdapter, register_adapter_folder
+from .expert_importance import ExpertBlockImportance
 from .guidance import TeacherMixSweep, WellGuidedTeacher
 from .importance import BlockImportance
-from .loader import LoadCheckpoint, register_model_folder
+from .loader import LoadCheckpoint, LoadExpertPair, register_model_folder
 from .lora import StudentLoRA
 from .plan import ApplyPrunePlan, LoadPrunePlan, PrunePlanNode, SavePrunePlan, register_plan_folder
 from .preview import VideoGrid
@@ -18,7 +19,8 @@ class FastLightGenExtension(ComfyExtension):
         register_plan_folder()
         register_adapter_folder()
         return [
-            BlockImportance, PrunePlanNode, ApplyPrunePlan, LoadPrunePlan, SavePrunePlan, LoadCheckpoint,
+            BlockImportance, ExpertBlockImportance, PrunePlanNode, ApplyPrunePlan, LoadPrunePlan, SavePrunePlan,
+            LoadCheckpoint, LoadExpertPair,
             WellGuidedTeacher, TeacherMixSweep, VideoGrid, FewStepSigmas, FastLightGenSampler, StudentLoRA,
             ApplyStudentAdapter,
             ToyTextEncode, ToyFirstFrameLatent, ToyDatasetLatents, ToyDecode,

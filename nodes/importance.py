@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io, ui
+from PIL import Image
 
 from fastlightgen.importance import ImportanceResult, check_error, stage1_sigmas
 from fastlightgen.plan import PrunePlan, count_kept
@@ -116,10 +117,27 @@ def run_stage1(model: ModelPatcher, latent: dict, positive, num_timesteps: int, 
     return probe.result
 
 
-def importance_plot(result: ImportanceResult, plan: PrunePlan) -> torch.Tensor:
-    """The library's importance chart as an IMAGE (1, H, W, 3)."""
-    rgb = np.asarray(importance_chart(result, plan), dtype=np.float32) / 255.0
-    return torch.from_numpy(rgb)[None]
+def as_image(chart: Image.Image) -> torch.Tensor:
+    """One of the library's importance charts as an IMAGE (1, H, W, 3)."""
+    return torch.from_numpy(np.asarray(chart, dtype=np.float32) / 255.0)[None]
+
+
+def stage1_inputs() -> list[io.Input]:
+    """The prompts, noise levels, draws and seed of a Stage I run, as both Block Importance nodes take them."""
+    return [
+        io.Conditioning.Input("positive", tooltip="Their prompts (one per latent, or one for all)."),
+        io.Int.Input("num_timesteps", default=4, min=1, max=100,
+                     tooltip="Evenly spaced noise levels (k + 0.5) / T of the sigma range at which errors are "
+                             "averaged."),
+        io.Int.Input("num_samples", default=1, min=1, max=64, tooltip="Noise draws per noise level."),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of the noise draws."),
+    ]
+
+
+def prefix_reuse_input() -> io.Boolean.Input:
+    return io.Boolean.Input("prefix_reuse", default=True, tooltip="Replay the full pass's outputs of the blocks "
+                                                                  "before the skipped one (same scores, about half "
+                                                                  "the compute).")
 
 
 class BlockImportance(io.ComfyNode):
@@ -138,17 +156,11 @@ class BlockImportance(io.ComfyNode):
                 io.Latent.Input("latent", tooltip="Clean videos encoded by the model's VAE (VAE Encode of video "
                                                   "frames; not an empty latent); a noise_mask keeps TI2V first "
                                                   "frames clean, as at inference."),
-                io.Conditioning.Input("positive", tooltip="Their prompts (one per latent, or one for all)."),
-                io.Int.Input("num_timesteps", default=4, min=1, max=100,
-                             tooltip="Evenly spaced noise levels (k + 0.5) / T at which errors are averaged."),
-                io.Int.Input("num_samples", default=1, min=1, max=64, tooltip="Noise draws per noise level."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of the noise draws."),
+                *stage1_inputs(),
                 io.Float.Input("keep_ratio", default=0.7, min=0.01, max=1.0, step=0.01,
                                tooltip="Fraction of the blocks the model runs that the plan keeps (paper: 0.7, "
                                        "i.e. ~30% pruned)."),
-                io.Boolean.Input("prefix_reuse", default=True,
-                                 tooltip="Replay the full pass's outputs of the blocks before the skipped one "
-                                         "(same scores, about half the compute)."),
+                prefix_reuse_input(),
                 io.Float.Input("sigma_min", default=0.0, min=0.0, max=1.0, step=0.005, optional=True,
                                tooltip="The noise levels scored lie in [sigma_min, sigma_max]. One expert of Wan "
                                        "2.2 A14B is scored where it runs: the high-noise one on [0.875, 1] (T2V; "
@@ -168,15 +180,33 @@ class BlockImportance(io.ComfyNode):
     def execute(cls, model, latent: dict, positive, num_timesteps: int, num_samples: int, seed: int,
                 keep_ratio: float, prefix_reuse: bool, sigma_min: float = 0.0, sigma_max: float = 1.0) -> io.NodeOutput:
         check_finite(NAME, keep_ratio=keep_ratio, sigma_min=sigma_min, sigma_max=sigma_max)
-        fp, skipped = fingerprint(model), skipped_blocks(model)
-        count_kept(fp.num_blocks - len(skipped), keep_ratio)  # a bad ratio fails now, not after Stage I
-        stage1_sigmas(num_timesteps, sigma_min, sigma_max)  # so does a bad range
-        result = run_stage1(model, latent, positive, num_timesteps, num_samples, seed, prefix_reuse,
-                            (sigma_min, sigma_max))
-        plan = PrunePlan.from_scores(fp, result.scores, keep_ratio=keep_ratio, reference_error=result.reference_error,
-                                     already_dropped=skipped)
-        plot = importance_plot(result, plan)
-        table = result.table() + f"\nkept: {plan.kept}\ndropped: {plan.dropped}"
-        if skipped:
-            table += f" (already skipped by the MODEL: {skipped}; scored as the MODEL runs, never kept)"
-        return io.NodeOutput(plot, plan, table, ui=ui.PreviewImage(plot, cls=cls))
+        check_settings(model, keep_ratio, num_timesteps, (sigma_min, sigma_max))
+        result, plan = score_blocks(model, latent, positive, num_timesteps, num_samples, seed, keep_ratio,
+                                    prefix_reuse, (sigma_min, sigma_max))
+        plot = as_image(importance_chart(result, plan))
+        return io.NodeOutput(plot, plan, plan_table(result, plan), ui=ui.PreviewImage(plot, cls=cls))
+
+
+def check_settings(model: ModelPatcher, keep_ratio: float, num_timesteps: int,
+                   sigma_range: tuple[float, float]) -> None:
+    """A bad keep ratio or sigma range fails now, not after Stage I."""
+    count_kept(fingerprint(model).num_blocks - len(skipped_blocks(model)), keep_ratio)
+    stage1_sigmas(num_timesteps, *sigma_range)
+
+
+def score_blocks(model: ModelPatcher, latent: dict, positive, num_timesteps: int, num_samples: int, seed: int,
+                 keep_ratio: float, prefix_reuse: bool,
+                 sigma_range: tuple[float, float]) -> tuple[ImportanceResult, PrunePlan]:
+    """Stage I on `model` over `sigma_range`, and the plan keeping `keep_ratio` of the blocks it runs."""
+    result = run_stage1(model, latent, positive, num_timesteps, num_samples, seed, prefix_reuse, sigma_range)
+    plan = PrunePlan.from_scores(fingerprint(model), result.scores, keep_ratio=keep_ratio,
+                                 reference_error=result.reference_error, already_dropped=skipped_blocks(model))
+    return result, plan
+
+
+def plan_table(result: ImportanceResult, plan: PrunePlan) -> str:
+    table = result.table() + f"\nkept: {plan.kept}\ndropped: {plan.dropped}"
+    if plan.already_dropped:
+        table += (f" (already skipped by the MODEL: {plan.already_dropped}; scored as the MODEL runs, "
+                  "never kept)")
+    return table

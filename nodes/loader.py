@@ -17,13 +17,17 @@ import torch
 from comfy_api.latest import io
 
 from fastlightgen.checkpoint import LoadedCheckpoint, read_checkpoint
-from fastlightgen.sampling import FEW_STEP
+from fastlightgen.expert_pair import ExpertTag, file_tag, meta_tag, pair_boundary
+from fastlightgen.experts import T2V_BOUNDARY
+from fastlightgen.sampling import FEW_STEP, Sampling
 
+from .experts import tag_expert
 from .student import mark_student
-from .validate import file_choice
+from .validate import check_finite, file_choice
 
 FOLDER = "fastlightgen"
 SEARCHED = (FOLDER, "diffusion_models")
+PAIR = "Load FastLightGen Expert Pair"
 MISSING_CHECKPOINT = (f"put the .safetensors file in models/{FOLDER} or models/diffusion_models and press R to "
                       "refresh; a student of a real model is made with python -m train.export (README, 'For "
                       "creators')")
@@ -69,10 +73,28 @@ def describe(ckpt: LoadedCheckpoint) -> str:
         text = (f"{meta.family}: {len(meta.kept_blocks)} of {meta.original_num_blocks} blocks kept "
                 f"{meta.kept_blocks}; recommended {rec.steps} steps {steps} shift {rec.shift:g} "
                 f"cfg {rec.cfg_scale:g}")
+        if meta.expert is not None:
+            text += f"; the {meta.expert}-noise expert of two, boundary {meta.boundary:g}"
     text += f"; weights {ckpt.weight_format}"
     if ckpt.left_out:
         text += f"; {len(ckpt.left_out)} tensors of other components left out (e.g. {ckpt.left_out[0]})"
     return text
+
+
+def load_model(ckpt_name: str, weight_dtype: str):
+    """(ComfyUI MODEL with only the kept blocks, the checkpoint read) of a file of the model folders."""
+    ckpt = read_checkpoint(checkpoint_path(ckpt_name))
+    model = comfy.sd.load_diffusion_model_state_dict(ckpt.comfy_state_dict(), dict(WEIGHT_DTYPES[weight_dtype]),
+                                                     metadata=dict(ckpt.file_metadata))
+    if model is None:
+        raise ValueError(f"ComfyUI could not detect the model in {ckpt.path}; is it a Wan 2.x DiT?")
+    if ckpt.meta is not None:  # the kept blocks, for FastLightGen LoRA and the misapplied-LoRA guard
+        mark_student(model, ckpt.meta.kept_blocks, ckpt.meta.original_num_blocks)
+    return model, ckpt
+
+
+def recommended(ckpt: LoadedCheckpoint) -> Sampling:
+    return ckpt.meta.recommended if ckpt.meta is not None else FEW_STEP
 
 
 class LoadCheckpoint(io.ComfyNode):
@@ -107,12 +129,74 @@ class LoadCheckpoint(io.ComfyNode):
 
     @classmethod
     def execute(cls, ckpt_name: str, weight_dtype: str = "default") -> io.NodeOutput:
-        ckpt = read_checkpoint(checkpoint_path(ckpt_name))
-        model = comfy.sd.load_diffusion_model_state_dict(ckpt.comfy_state_dict(), dict(WEIGHT_DTYPES[weight_dtype]),
-                                                         metadata=dict(ckpt.file_metadata))
-        if model is None:
-            raise ValueError(f"ComfyUI could not detect the model in {ckpt.path}; is it a Wan 2.x DiT?")
-        if ckpt.meta is not None:  # the kept blocks, for FastLightGen LoRA and the misapplied-LoRA guard
-            mark_student(model, ckpt.meta.kept_blocks, ckpt.meta.original_num_blocks)
-        rec = ckpt.meta.recommended if ckpt.meta is not None else FEW_STEP
-        return io.NodeOutput(model, rec.sigmas, describe(ckpt))
+        model, ckpt = load_model(ckpt_name, weight_dtype)
+        tag_expert(model, meta_tag(ckpt.meta, ckpt_name))  # one expert of two: the samplers check the wiring
+        return io.NodeOutput(model, recommended(ckpt).sigmas, describe(ckpt))
+
+
+def pair_sampling(high: LoadedCheckpoint, low: LoadedCheckpoint) -> Sampling:
+    """The pair's recommended sampling: both experts' metadata must agree, as they were exported together."""
+    high_rec, low_rec = recommended(high), recommended(low)
+    if high.meta is not None and low.meta is not None and high_rec != low_rec:
+        raise ValueError(f"{high.path.name} recommends {high_rec} but {low.path.name} {low_rec}: the experts come "
+                         "from different exports; use the pair exported together")
+    return high_rec if high.meta is not None else low_rec
+
+
+class LoadExpertPair(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FastLightGenLoadExpertPair",
+            display_name="Load FastLightGen Expert Pair",
+            category="FastLightGen",
+            description="Loads both experts of a two-expert model (Wan 2.2 A14B: a FastLightGen student's two "
+                        "files, or the teacher's high- and low-noise files, fp8_scaled included) as two MODELs, "
+                        "with the recommended SIGMAS. The boundary comes from the students' metadata; a pair of "
+                        "one expert, a swapped pair or two boundaries are refused before anything loads. Connect "
+                        "both to FastLightGen Sampler (model, model_low_noise).",
+            inputs=[
+                io.Combo.Input("high_noise_name", options=checkpoint_names(),
+                               tooltip="The high-noise expert's file (e.g. ..._high_noise_14B_fp8_scaled, or the "
+                                       "student's high expert), in models/fastlightgen or models/diffusion_models."),
+                io.Combo.Input("low_noise_name", options=checkpoint_names(),
+                               tooltip="The low-noise expert's file (e.g. ..._low_noise_14B_fp8_scaled)."),
+                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
+                               tooltip="As in the stock Load Diffusion Model, for both experts."),
+                io.Float.Input("boundary", default=T2V_BOUNDARY, min=0.01, max=0.99, step=0.005,
+                               tooltip="The sigma where the low-noise expert takes over, used only when the files "
+                                       "name none (the A14B teacher files): 0.875 for T2V-A14B, 0.9 for I2V-A14B."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model_high_noise"),
+                io.Model.Output(display_name="model_low_noise"),
+                io.Sigmas.Output(tooltip="The recommended few-step schedule (defaults when the files name none)."),
+                io.String.Output(display_name="info", tooltip="Both experts' metadata, weight formats and the "
+                                                              "boundary."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, high_noise_name: str, low_noise_name: str) -> bool | str:
+        high = file_choice(high_noise_name, checkpoint_names(), "checkpoint", MISSING_CHECKPOINT)
+        return high if high is not True else file_choice(low_noise_name, checkpoint_names(), "checkpoint",
+                                                         MISSING_CHECKPOINT)
+
+    @classmethod
+    def execute(cls, high_noise_name: str, low_noise_name: str, weight_dtype: str, boundary: float) -> io.NodeOutput:
+        check_finite(PAIR, boundary=boundary)
+        try:  # from the headers, before gigabytes of weights are read
+            boundary = pair_boundary(file_tag(checkpoint_path(high_noise_name)),
+                                     file_tag(checkpoint_path(low_noise_name)), boundary)
+        except ValueError as err:
+            raise ValueError(f"{PAIR}: {err}") from None
+        models, lines = [], []
+        for expert, name in (("high", high_noise_name), ("low", low_noise_name)):
+            model, ckpt = load_model(name, weight_dtype)
+            tag_expert(model, ExpertTag(expert, boundary, name))
+            models.append((model, ckpt))
+            lines.append(f"{expert}-noise expert {name}: {describe(ckpt)}")
+        sampling = pair_sampling(models[0][1], models[1][1])
+        info = "\n".join([*lines, f"boundary {boundary:g}: steps from a sigma at or above it go to the high-noise "
+                                   "expert"])
+        return io.NodeOutput(models[0][0], models[1][0], sampling.sigmas, info)

@@ -13,10 +13,10 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import io, ui
 
-from fastlightgen.plan import PrunePlan
+from fastlightgen.plan import ExpertPlans, PrunePlan
 
 from .dit import check_plan, fingerprint, skip_patches, with_block_patches
-from .types import PrunePlanType
+from .types import ExpertPlansType, PrunePlanType
 from .validate import check_finite, file_choice
 
 DROP_LIST = "drop listed blocks"
@@ -215,7 +215,9 @@ class SavePrunePlan(io.ComfyNode):
                         "training reads (python -m train.stage2 --set stage2.plan=PATH) and Load Prune Plan lists. "
                         "The file is written whole or not at all.",
             inputs=[
-                PrunePlanType.Input("prune_plan", tooltip="The plan to save."),
+                io.MultiType.Input(PrunePlanType.Input("prune_plan", tooltip="The plan to save: one model's, or "
+                                                                             "both experts' of a two-expert model."),
+                                   types=[PrunePlanType, ExpertPlansType]),
                 io.String.Input("filename", default="prune_plan",
                                 tooltip=f"File name ('.json' is added) in models/{PLAN_FOLDER}, or in the plans "
                                         "folder extra_model_paths.yaml names first."),
@@ -228,11 +230,13 @@ class SavePrunePlan(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, prune_plan: PrunePlan, filename: str, overwrite: bool) -> io.NodeOutput:
+    def execute(cls, prune_plan: PrunePlan | ExpertPlans, filename: str, overwrite: bool) -> io.NodeOutput:
         path, text = plan_file(filename), prune_plan.to_json()
         if path.exists() and not overwrite and path.read_text() != text:
             raise ValueError(f"FastLightGen Save Prune Plan: {path} already holds another plan; choose another "
                              "filename or turn on overwrite")
         prune_plan.save(path)
         message = f"saved {path}\ntrain with: python -m train.stage2 --set stage2.plan={path}"
+        if isinstance(prune_plan, ExpertPlans):  # one Stage II run per expert
+            message += " stage2.expert=high (and again with stage2.expert=low)"
         return io.NodeOutput(str(path), ui=ui.PreviewText(message))

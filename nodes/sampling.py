@@ -4,7 +4,7 @@ The sampler is ComfyUI's own machinery (CFGGuider at scale 1, the `lcm` sampler,
 callback): `lcm` predicts x0 and re-noises it to the next sigma with fresh noise, which is exactly
 FastLightGen's few-step rule, so the node equals the stock SamplerCustom with lcm and the same sigmas.
 Given a second, low-noise model (Wan 2.2 A14B's two experts), each step goes to the expert whose range holds
-its sigma (`fastlightgen.experts`): the high-noise part, then the low-noise part continuing without new noise,
+its sigma (`fastlightgen.experts`; the boundary from the experts' files when the pack loaded them, see `experts`): the high-noise part, then the low-noise part continuing without new noise,
 as the stock graph of two samplers on split sigmas does.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ from fastlightgen.experts import T2V_BOUNDARY, split_sigmas
 from fastlightgen.flow import denoising_list_sigmas
 from fastlightgen.sampling import FEW_STEP
 
+from .experts import check_not_a_lone_expert, experts_boundary
 from .plan import parse_numbers
 from .validate import check_conditioning, check_finite, check_finite_result, check_latent
 
@@ -104,7 +105,8 @@ class FastLightGenSampler(io.ComfyNode):
                                        "sigma."),
                 io.Float.Input("boundary", default=T2V_BOUNDARY, min=0.01, max=0.99, step=0.005, optional=True,
                                tooltip="The sigma where the low-noise expert takes over: 0.875 for Wan 2.2 "
-                                       "T2V-A14B, 0.9 for I2V-A14B. Used only with model_low_noise."),
+                                       "T2V-A14B, 0.9 for I2V-A14B. Used only with model_low_noise, and only "
+                                       "when the experts' files name none (a student's metadata does)."),
             ],
             outputs=[io.Latent.Output()],
         )
@@ -113,6 +115,10 @@ class FastLightGenSampler(io.ComfyNode):
     def execute(cls, model, positive, latent_image: dict, seed: int, sigmas: torch.Tensor | None = None,
                 model_low_noise=None, boundary: float = T2V_BOUNDARY) -> io.NodeOutput:
         check_finite(SAMPLER, boundary=boundary)
+        if model_low_noise is None:
+            check_not_a_lone_expert(SAMPLER, model)
+        else:  # a wrongly wired pair fails here, before any step
+            boundary = experts_boundary(SAMPLER, model, model_low_noise, boundary)
         for expert in (model, model_low_noise):
             if expert is not None:
                 check_latent(latent_image, SAMPLER, expert)

@@ -34,7 +34,16 @@ TYPICAL = {
     "FastLightGenLoadPrunePlan": "Load Prune Plan -> Apply Prune Plan, Well-Guided Teacher or Teacher Mix Sweep; "
     "the same plan file that training reads.",
     "FastLightGenSavePrunePlan": "Block Importance (or Prune Plan) -> Save Prune Plan; then "
-    "`python -m train.stage2 --set stage2.plan=PATH` or Load Prune Plan in another graph.",
+    "`python -m train.stage2 --set stage2.plan=PATH` or Load Prune Plan in another graph. Block Importance "
+    "(two experts) -> Save Prune Plan (`expert_plans`) -> `train.stage2 ... stage2.expert=high` (and low).",
+    "FastLightGenExpertBlockImportance": "Load FastLightGen Expert Pair (the Wan 2.2 A14B teacher's two files) "
+    "and VAE Encode (Wan 2.1 VAE) of real video frames with their prompt -> Block Importance (two experts) -> Save "
+    "Prune Plan (`expert_plans`, for `train.stage2`) or Apply Prune Plan per expert; show `plot` with Save Image "
+    "and `table` with a text preview.",
+    "FastLightGenLoadExpertPair": "Load FastLightGen Expert Pair (`model_high_noise`, `model_low_noise`, the "
+    "recommended `SIGMAS`) -> FastLightGen Sampler (`model`, `model_low_noise`, `sigmas`), with CLIPLoader type "
+    "wan + CLIP Text Encode and EmptyHunyuanLatentVideo -> VAE Decode (Wan 2.1 VAE) -> Create Video -> Save Video; "
+    "or -> Block Importance (two experts).",
     "FastLightGenLoadCheckpoint": "Load FastLightGen Checkpoint -> FastLightGen Sampler (`MODEL` and the "
     "recommended `SIGMAS`), with a text encoder (CLIPLoader type wan + CLIP Text Encode) and "
     "Wan22ImageToVideoLatent for the start latent -> VAE Decode -> Create Video -> Save Video.",
@@ -52,7 +61,8 @@ TYPICAL = {
     "another denoising step list than the one the checkpoint recommends.",
     "FastLightGenSampler": "Load FastLightGen Checkpoint (`MODEL`, `SIGMAS`) + a prompt + a start latent "
     "(Wan22ImageToVideoLatent, or Toy First-Frame Latent) -> FastLightGen Sampler -> VAE Decode -> "
-    "Create Video -> Save Video.",
+    "Create Video -> Save Video. Wan 2.2 A14B: Load FastLightGen Expert Pair -> both experts into `model` and "
+    "`model_low_noise`.",
     "FastLightGenStudentLoRA": "Load FastLightGen Checkpoint (the student) -> FastLightGen LoRA (pruned "
     "student) with a LoRA made for the full model -> FastLightGen Sampler. The stock Load LoRA would put "
     "the LoRA's blocks on the wrong student blocks.",

@@ -29,6 +29,14 @@ STUDENT_ADAPTER = "toy_student_adapter.safetensors"
 DEMO_LORA = "toy_teacher_demo_lora.safetensors"  # scripts/make_toy_lora.py
 # the Wan 2.2 tiny decoder under the name ComfyUI's Load VAE takes from models/vae_approx (nodes.py, video_taes)
 WAN22_TINY_VAE = "lighttaew2_2.safetensors"
+# Wan 2.2 T2V-A14B: the files ComfyUI's own Wan 2.2 14B templates load, and the student's two files
+A14B_TEACHER = {"high": "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
+                "low": "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"}
+A14B_STUDENT = {"high": "wan2.2_t2v_high_noise_14B_fastlightgen.safetensors",
+                "low": "wan2.2_t2v_low_noise_14B_fastlightgen.safetensors"}
+UMT5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+WAN21_VAE = "wan_2.1_vae.safetensors"
+A14B_PROMPT = "a red fox running through fresh snow, morning light"
 COLUMN_WIDTH, ROW_GAP = 380, 40
 
 
@@ -79,6 +87,51 @@ def _prompts(first_frame: str = "latent") -> list[Node]:
     return [
         Node("positive", "FastLightGenToyTextEncode", links={"prompt": (first_frame, 1)}),
         Node("negative", "FastLightGenToyTextEncode", {"prompt": ""}, title="Null prompt (negative)"),
+    ]
+
+
+def _a14b_text() -> list[Node]:
+    """UMT5 (CLIPLoader type wan) and the prompt, as ComfyUI's Wan 2.2 templates load them."""
+    return [
+        Node("clip", "CLIPLoader", {"clip_name": UMT5, "type": "wan", "device": "default"}),
+        Node("positive", "CLIPTextEncode", {"text": A14B_PROMPT}, {"clip": ("clip", 0)}),
+    ]
+
+
+def _a14b_video(sampler: str) -> list[Node]:
+    """An empty 81-frame 720p latent in, the Wan 2.1 VAE's decode of `sampler`'s latent out, as a video."""
+    return [
+        Node("latent", "EmptyHunyuanLatentVideo", {"width": 1280, "height": 720, "length": 81, "batch_size": 1}),
+        Node("vae", "VAELoader", {"vae_name": WAN21_VAE}),
+        Node("decode", "VAEDecode", links={"samples": (sampler, 0), "vae": ("vae", 0)}),
+        Node("video", "CreateVideo", {"fps": 16.0}, {"images": ("decode", 0)}),
+        Node("save_video", "SaveVideo", {"filename_prefix": "fastlightgen/a14b_4step", "format": "auto",
+                                         "codec": "auto"}, {"video": ("video", 0)}),
+    ]
+
+
+def _a14b_pair(files: dict[str, str]) -> Node:
+    return Node("experts", "FastLightGenLoadExpertPair", {"high_noise_name": files["high"],
+                                                          "low_noise_name": files["low"], "weight_dtype": "default",
+                                                          "boundary": 0.875})
+
+
+def _a14b_stock_expert(expert: str, steps: tuple[int, int], first: bool) -> list[Node]:
+    """One expert in stock nodes: Load Diffusion Model, shift 5, KSamplerAdvanced on its steps of the 4 (lcm,
+    simple, CFG 1: the student's schedule [1, 0.9375, 0.833, 0.625]); the first adds the noise and hands its
+    noisy latent on, the second continues it."""
+    loader, shift, sampler = f"{expert}_model", f"{expert}_shift", f"{expert}_sampler"
+    return [
+        Node(loader, "UNETLoader", {"unet_name": A14B_STUDENT[expert], "weight_dtype": "default"},
+             title=f"Load Diffusion Model ({expert}-noise expert)"),
+        Node(shift, "ModelSamplingSD3", {"shift": 5.0}, {"model": (loader, 0)}),
+        Node(sampler, "KSamplerAdvanced",
+             {"add_noise": "enable" if first else "disable", "noise_seed": 0, "steps": 4, "cfg": 1.0,
+              "sampler_name": "lcm", "scheduler": "simple", "start_at_step": steps[0], "end_at_step": steps[1],
+              "return_with_leftover_noise": "enable" if first else "disable"},
+             {"model": (shift, 0), "positive": ("positive", 0), "negative": ("negative", 0),
+              "latent_image": ("latent", 0) if first else ("high_sampler", 0)},
+             title=f"KSampler (Advanced), {expert}-noise expert: steps {steps[0]}-{steps[1]}"),
     ]
 
 
@@ -233,6 +286,65 @@ WORKFLOWS = [
                       "madebyollin's original `taew2_2.safetensors` (GitHub `madebyollin/taehv`, folder "
                       "`safetensors/`) has the same architecture; Load VAE lists it from `models/vae/` under its "
                       "own name. Decode only: these files do not encode.", beside="tiny_vae"),
+             ]),
+    Workflow("fastlightgen_wan22_t2v_a14b_4step_stock",
+             "# FastLightGen: 4-step Wan 2.2 T2V-A14B student in stock nodes only (not run in tests)\nThe "
+             "student's two expert files in models/diffusion_models (python -m train.export), "
+             f"{UMT5} in models/text_encoders, {WAN21_VAE} in models/vae. Each expert: Load Diffusion Model + "
+             "ModelSamplingSD3 (shift 5) + KSampler (Advanced) with lcm, simple, CFG 1 over 4 steps: the "
+             "high-noise expert takes steps 0-2 (sigmas 1, 0.9375) and hands its noisy latent on, the low-noise "
+             "one steps 2-4 (0.833, 0.625). FastLightGen's template `fastlightgen_wan22_t2v_a14b_4step` does the "
+             "same in fewer nodes.", [
+                 *_a14b_text(),
+                 Node("negative", "CLIPTextEncode", {"text": ""}, {"clip": ("clip", 0)},
+                      title="CLIP Text Encode (negative: unused at CFG 1)"),
+                 *_a14b_stock_expert("high", (0, 2), first=True),
+                 *_a14b_stock_expert("low", (2, 4), first=False),
+                 *_a14b_video("low_sampler"),
+             ]),
+    Workflow("fastlightgen_wan22_t2v_a14b_4step",
+             "# FastLightGen: 4-step Wan 2.2 T2V-A14B student (not run in tests)\nThe student's two expert "
+             f"files in models/fastlightgen (python -m train.export), {UMT5} in models/text_encoders, "
+             f"{WAN21_VAE} in models/vae. Load FastLightGen Expert Pair reads both experts, the boundary and the "
+             "recommended 4 steps from their metadata (a swapped or mixed pair is refused); FastLightGen Sampler "
+             "gives each step to the expert whose range holds its sigma, as the stock template "
+             "`fastlightgen_wan22_t2v_a14b_4step_stock` does with two KSamplerAdvanced.", [
+                 _a14b_pair(A14B_STUDENT),
+                 *_a14b_text(),
+                 Node("sampler", "FastLightGenSampler", {"seed": 0, "boundary": 0.875},
+                      {"model": ("experts", 0), "model_low_noise": ("experts", 1), "positive": ("positive", 0),
+                       "latent_image": ("latent", 0), "sigmas": ("experts", 2)}),
+                 *_a14b_video("sampler"),
+             ]),
+    Workflow("fastlightgen_wan22_t2v_a14b_block_importance",
+             "# FastLightGen: Stage I of both Wan 2.2 T2V-A14B experts (not run in tests)\nThe A14B teacher "
+             f"as ComfyUI's own template loads it ({A14B_TEACHER['high']} and {A14B_TEACHER['low']} in "
+             f"models/diffusion_models), {UMT5}, {WAN21_VAE}, and a real video clip in input/ with its caption. "
+             "Each expert is scored on its part of the schedule (the high-noise one on sigmas above the boundary "
+             "0.875, the low-noise one below) at 480p, 17 frames; the expert plans are saved for "
+             "`python -m train.stage2 --set stage2.plan=PATH stage2.expert=high` (and low).", [
+                 _a14b_pair(A14B_TEACHER),
+                 Node("clip", "CLIPLoader", {"clip_name": UMT5, "type": "wan", "device": "default"}),
+                 Node("positive", "CLIPTextEncode", {"text": "a dog running on a beach at sunset"},
+                      {"clip": ("clip", 0)}, title="CLIP Text Encode (the clip's caption)"),
+                 Node("clip_video", "LoadVideo", {"file": "example.mp4"}),
+                 Node("frames", "GetVideoComponents", links={"video": ("clip_video", 0)}),
+                 Node("first_frames", "ImageFromBatch", {"batch_index": 0, "length": 17}, {"image": ("frames", 0)}),
+                 Node("resize", "ImageScale", {"upscale_method": "bilinear", "width": 832, "height": 480,
+                                               "crop": "center"}, {"image": ("first_frames", 0)}),
+                 Node("vae", "VAELoader", {"vae_name": WAN21_VAE}),
+                 Node("encode", "VAEEncode", links={"pixels": ("resize", 0), "vae": ("vae", 0)}),
+                 Node("importance", "FastLightGenExpertBlockImportance",
+                      {"num_timesteps": 4, "num_samples": 1, "seed": 0, "keep_ratio_high_noise": 0.7,
+                       "keep_ratio_low_noise": 0.7, "prefix_reuse": True, "boundary": 0.875},
+                      {"model_high_noise": ("experts", 0), "model_low_noise": ("experts", 1),
+                       "latent": ("encode", 0), "positive": ("positive", 0)}),
+                 Node("plot", "SaveImage", {"filename_prefix": "fastlightgen/a14b_importance"},
+                      {"images": ("importance", 0)}),
+                 Node("table", "PreviewAny", links={"source": ("importance", 4)}),
+                 Node("save_plans", "FastLightGenSavePrunePlan", {"filename": "wan2.2_t2v_a14b_plans",
+                                                                  "overwrite": False},
+                      {"prune_plan": ("importance", 1)}),
              ]),
 ]
 

@@ -422,7 +422,10 @@ def test_every_float_input_of_every_node_refuses_nan_first(pack):
             checked.append(f"{schema.node_id}.{name}")
     assert sorted(checked) == ["FastLightGenApplyStudentAdapter.strength",
                                "FastLightGenBlockImportance.keep_ratio", "FastLightGenBlockImportance.sigma_max",
-                               "FastLightGenBlockImportance.sigma_min", "FastLightGenFewStepSigmas.shift",
+                               "FastLightGenBlockImportance.sigma_min", "FastLightGenExpertBlockImportance.boundary",
+                               "FastLightGenExpertBlockImportance.keep_ratio_high_noise",
+                               "FastLightGenExpertBlockImportance.keep_ratio_low_noise",
+                               "FastLightGenFewStepSigmas.shift", "FastLightGenLoadExpertPair.boundary",
                                "FastLightGenPrunePlan.keep_ratio", "FastLightGenSampler.boundary",
                                "FastLightGenStudentLoRA.strength_model",
                                "FastLightGenWellGuidedTeacher.beta1", "FastLightGenWellGuidedTeacher.beta2"]

@@ -24,15 +24,19 @@ sys.path.insert(0, str(REPO / "scripts"))
 from workflow_to_prompt import workflow_to_prompt  # noqa: E402
 
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
-# run in test_workflow_wan22.py, with a random full-size Wan 2.2 VAE and the toy text encoder for UMT5
-NOT_RUN = {"fastlightgen_wan22_ti2v_5b_4step": "needs the real Wan 2.2 TI2V-5B, UMT5 and Wan VAE weights"}
+# run in test_workflow_wan22.py, with a random full-size Wan 2.2 VAE and the toy text encoder for UMT5, and in
+# test_workflow_a14b.py, on tiny experts and a tiny Wan 2.1 VAE under the real names
+NOT_RUN = {"fastlightgen_wan22_ti2v_5b_4step": "needs the real Wan 2.2 TI2V-5B, UMT5 and Wan VAE weights",
+           **{name: "needs the real Wan 2.2 T2V-A14B, UMT5 and Wan 2.1 VAE weights" for name in (
+               "fastlightgen_wan22_t2v_a14b_4step_stock", "fastlightgen_wan22_t2v_a14b_4step",
+               "fastlightgen_wan22_t2v_a14b_block_importance")}}
 NODE_IDS = {
     "FastLightGenBlockImportance", "FastLightGenPrunePlan", "FastLightGenApplyPrunePlan",
     "FastLightGenLoadCheckpoint", "FastLightGenWellGuidedTeacher", "FastLightGenTeacherMixSweep",
     "FastLightGenVideoGrid", "FastLightGenFewStepSigmas", "FastLightGenSampler", "FastLightGenToyTextEncode",
     "FastLightGenToyFirstFrameLatent", "FastLightGenToyDatasetLatents", "FastLightGenToyDecode",
     "FastLightGenStudentLoRA", "FastLightGenLoadPrunePlan", "FastLightGenSavePrunePlan",
-    "FastLightGenApplyStudentAdapter",
+    "FastLightGenApplyStudentAdapter", "FastLightGenLoadExpertPair", "FastLightGenExpertBlockImportance",
 }
 FRAMES, SIZE = 6, 32  # the toy world's videos
 

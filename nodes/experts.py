@@ -1,0 +1,42 @@
+"""Which expert of a two-expert model (Wan 2.2 A14B) a MODEL is, carried on the MODEL itself.
+
+The pack's loaders attach a `fastlightgen.expert_pair.ExpertTag` (the expert, the boundary, the file) to each
+expert's ModelPatcher (clones keep it), so the nodes taking both experts (FastLightGen Sampler, Block
+Importance (two experts)) check the wiring and take the boundary from the files before any model pass. A MODEL
+from the stock Load Diffusion Model carries no tag: there the node's own boundary input is used.
+"""
+from __future__ import annotations
+
+from comfy.model_patcher import ModelPatcher
+
+from fastlightgen.expert_pair import ExpertTag, pair_boundary
+
+TAG = "fastlightgen_expert"
+
+
+def expert_tag(model: ModelPatcher) -> ExpertTag | None:
+    return model.get_attachment(TAG)
+
+
+def tag_expert(model: ModelPatcher, tag: ExpertTag | None) -> None:
+    """Tag `model` (in place: call it on a fresh model or a clone)."""
+    if tag is not None:
+        model.set_attachments(TAG, tag)
+
+
+def experts_boundary(node: str, high: ModelPatcher, low: ModelPatcher, fallback: float) -> float:
+    """The boundary between the experts `high` and `low` as wired into `node`: the one their files name, else
+    `fallback`; a wrongly wired pair is an error naming the fix."""
+    try:
+        return pair_boundary(expert_tag(high), expert_tag(low), fallback)
+    except ValueError as err:
+        raise ValueError(f"{node}: {err}") from None
+
+
+def check_not_a_lone_expert(node: str, model: ModelPatcher) -> None:
+    """One expert alone runs the whole schedule wrongly: the other expert's input must be connected."""
+    tag = expert_tag(model)
+    if tag is not None:
+        raise ValueError(f"{node}: {tag.source} is the {tag.expert}-noise expert of a two-expert model (Wan 2.2 "
+                         "A14B); connect the high-noise expert to 'model' and the low-noise expert to "
+                         "'model_low_noise' (Load FastLightGen Expert Pair loads both)")

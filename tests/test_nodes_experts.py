@@ -1,0 +1,268 @@
+"""Two-expert models (Wan 2.2 A14B) in the pack, in process (CPU): the pair loader, the boundary routing, the
+checks of a pair before sampling, Block Importance of both experts, and a LoRA pair on two pruned experts.
+
+The experts are tiny random Wan 2.1 T2V-shaped models (ComfyUI detects A14B's experts as that), in the files a
+two-expert export writes (students with expert metadata) and as ComfyUI distributes the A14B teacher
+(fp8_scaled, no metadata, the expert in the name): tests/tiny_models.py.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from tiny_models import save_a14b_pair, save_a14b_teacher_files
+
+SEED = 3
+LAYERS = 4
+KEPT = {"high": [0, 2, 3], "low": [0, 1, 3]}  # each expert keeps other blocks
+
+
+@pytest.fixture(scope="module")
+def pack(pack_package):
+    extension = asyncio.run(pack_package.comfy_entrypoint())
+    asyncio.run(extension.get_node_list())
+    from FastLightGen.nodes import expert_importance, importance, loader, lora, sampling, toy
+
+    return {"expert_importance": expert_importance, "importance": importance, "loader": loader, "lora": lora,
+            "sampling": sampling, "toy": toy}
+
+
+@pytest.fixture(scope="module")
+def folder(pack, tmp_path_factory):
+    import folder_paths
+
+    folder = tmp_path_factory.mktemp("a14b")
+    save_a14b_pair(folder, KEPT)
+    save_a14b_pair(folder, KEPT, boundary=0.95, prefix="late")  # a pair whose metadata names another boundary
+    save_a14b_pair(folder, KEPT, boundary=0.9, prefix="i2v")
+    save_a14b_teacher_files(folder)
+    folder_paths.add_model_folder_path("fastlightgen", str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def inputs(pack):
+    g = torch.Generator().manual_seed(0)
+    positive = pack["toy"].ToyTextEncode.execute("a red circle moving right on a plain background").args[0]
+    return {"latent": {"samples": torch.zeros(1, 16, 2, 8, 8)}, "videos": {"samples": torch.randn(2, 16, 2, 8, 8,
+                                                                                                   generator=g)},
+            "positive": positive}
+
+
+def _pair(pack, high="student_high.safetensors", low="student_low.safetensors", boundary=0.875, dtype="default"):
+    return pack["loader"].LoadExpertPair.execute(high, low, dtype, boundary).args
+
+
+def _sample(pack, inputs, high, low, sigmas, boundary=0.875):
+    return pack["sampling"].FastLightGenSampler.execute(high, inputs["positive"], inputs["latent"], SEED, sigmas,
+                                                        low, boundary).args[0]["samples"]
+
+
+def _recording(model, calls: list, name: str):
+    """A clone of `model` that records the sigma of each of its model calls under `name`."""
+    clone = model.clone()
+
+    def wrapper(apply_model, args):
+        calls.append((name, round(float(args["timestep"][0]), 4)))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    clone.set_model_unet_function_wrapper(wrapper)
+    return clone
+
+
+# ---------------------------------------------------------------- routing and the boundary
+
+
+@pytest.mark.parametrize("prefix, routed", [
+    ("student", [("high", 1.0), ("high", 0.9375), ("low", 0.8333), ("low", 0.625)]),  # T2V boundary 0.875
+    ("i2v", [("high", 1.0), ("high", 0.9375), ("low", 0.8333), ("low", 0.625)]),  # I2V 0.9: the same split
+    ("late", [("high", 1.0), ("low", 0.9375), ("low", 0.8333), ("low", 0.625)]),  # 0.95: 0.9375 is below it
+])
+def test_each_step_reaches_the_expert_whose_range_holds_its_sigma(pack, folder, inputs, prefix, routed):
+    """The boundary comes from the students' metadata (the sampler's own boundary input, 0.5 here, is unused)."""
+    high, low, sigmas, info = _pair(pack, f"{prefix}_high.safetensors", f"{prefix}_low.safetensors", boundary=0.5)
+    assert torch.allclose(sigmas, torch.tensor([1.0, 0.9375, 0.833333, 0.625, 0.0]), atol=1e-6)
+    calls: list = []
+    out = _sample(pack, inputs, _recording(high, calls, "high"), _recording(low, calls, "low"), sigmas, boundary=0.5)
+    assert calls == routed
+    assert torch.isfinite(out).all()
+    assert "high-noise expert of two" in info and "low-noise expert of two" in info
+
+
+def test_teacher_files_take_the_boundary_set_on_the_loader(pack, folder, inputs):
+    high, low, sigmas, info = _pair(pack, "toy_t2v_high_noise_14B_fp8_scaled.safetensors",
+                                    "toy_t2v_low_noise_14B_fp8_scaled.safetensors", boundary=0.95)
+    calls: list = []
+    _sample(pack, inputs, _recording(high, calls, "high"), _recording(low, calls, "low"), sigmas, boundary=0.5)
+    assert [name for name, _ in calls] == ["high", "low", "low", "low"]
+    assert "fp8_scaled (fp8_e4m3fn)" in info and "boundary 0.95" in info
+
+
+def test_fp8_scaled_pairs_load_as_the_stock_loader_loads_them(pack, folder, tmp_path):
+    """The A14B teacher files as ComfyUI ships them, and a student pair exported as fp8_scaled: each expert is the
+    stock Load Diffusion Model's MODEL (the pack's loader keeps only the blocks it holds)."""
+    import comfy.sd
+
+    save_a14b_pair(folder, KEPT, prefix="fp8", dtype="fp8_scaled")
+    for high_name, low_name in (("toy_t2v_high_noise_14B_fp8_scaled.safetensors",
+                                 "toy_t2v_low_noise_14B_fp8_scaled.safetensors"),
+                                ("fp8_high.safetensors", "fp8_low.safetensors")):
+        pair = _pair(pack, high_name, low_name)
+        for model, name in zip(pair[:2], (high_name, low_name)):
+            stock = comfy.sd.load_diffusion_model(str(folder / name)).model.state_dict()
+            ours = model.model.state_dict()
+            assert sorted(ours) == sorted(stock)
+            assert all(ours[k].dtype == stock[k].dtype and torch.equal(ours[k].float(), stock[k].float())
+                       for k in ours)
+        assert pair[0].model.diffusion_model.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn
+
+
+# ---------------------------------------------------------------- bad pairs, refused before sampling
+
+
+@pytest.mark.parametrize("high, low, message", [
+    ("student_high.safetensors", "late_high.safetensors", "are the high-noise expert; connect the low-noise "
+                                                         "expert's file to the low-noise input"),
+    ("student_low.safetensors", "student_high.safetensors", "the experts are swapped"),
+    ("toy_t2v_low_noise_14B_fp8_scaled.safetensors", "toy_t2v_high_noise_14B_fp8_scaled.safetensors",
+     "the experts are swapped"),
+    ("student_high.safetensors", "late_low.safetensors", "names the boundary 0.875 but late_low.safetensors names "
+                                                        "0.95"),
+])
+def test_bad_pairs_are_refused_by_the_loader_and_the_sampler(pack, folder, inputs, monkeypatch, high, low, message):
+    with pytest.raises(ValueError, match="Load FastLightGen Expert Pair: .*" + message):
+        _pair(pack, high, low)
+    # the same pair loaded one file at a time reaches the sampler, which refuses it before its first step
+    load = pack["loader"].LoadCheckpoint.execute
+    models = load(high).args[0], load(low).args[0]
+    monkeypatch.setattr(pack["sampling"], "sample_lcm", lambda *a, **k: pytest.fail("sampled a bad pair"))
+    with pytest.raises(ValueError, match="FastLightGen Sampler: .*" + message):
+        _sample(pack, inputs, *models, torch.tensor([1.0, 0.9375, 0.8333, 0.625, 0.0]))
+
+
+def test_one_expert_alone_is_refused(pack, folder, inputs, monkeypatch):
+    model = pack["loader"].LoadCheckpoint.execute("student_low.safetensors").args[0]
+    monkeypatch.setattr(pack["sampling"], "sample_lcm", lambda *a, **k: pytest.fail("sampled one expert"))
+    with pytest.raises(ValueError, match="the low-noise expert of a two-expert model .* connect the high-noise "
+                                         "expert to 'model'"):
+        pack["sampling"].FastLightGenSampler.execute(model, inputs["positive"], inputs["latent"], SEED)
+
+
+def test_experts_exported_with_other_schedules_are_refused(pack, folder):
+    from fastlightgen.adapters import adapt
+    from fastlightgen.checkpoint import CheckpointMeta, save_checkpoint
+    from fastlightgen.sampling import Sampling
+    from tiny_models import tiny_a14b_expert
+
+    meta = CheckpointMeta(LAYERS, list(range(LAYERS)), recommended=Sampling.few_step((1000, 500)), expert="low",
+                          boundary=0.875)
+    save_checkpoint(folder / "two_step_low.safetensors", adapt(tiny_a14b_expert(1)).pruned_model(meta.kept_blocks),
+                    meta)
+    with pytest.raises(ValueError, match="the experts come from different exports"):
+        _pair(pack, "student_high.safetensors", "two_step_low.safetensors")
+
+
+# ---------------------------------------------------------------- Block Importance of both experts
+
+
+def test_block_importance_scores_each_expert_on_its_part_of_the_schedule(pack, folder, inputs):
+    from fastlightgen.plan import ExpertPlans
+
+    high, low, _, _ = _pair(pack, "toy_t2v_high_noise_14B_fp8_scaled.safetensors",
+                            "toy_t2v_low_noise_14B_fp8_scaled.safetensors", boundary=0.9)
+    node = pack["expert_importance"].ExpertBlockImportance
+    plot, plans, plan_high, plan_low, table = node.execute(high, low, inputs["videos"], inputs["positive"], 2, 1,
+                                                           SEED, 0.5, 0.75, True, 0.5).args
+    single = pack["importance"].BlockImportance.execute
+    for model, ratio, plan, (low_sigma, high_sigma) in ((high, 0.5, plan_high, (0.9, 1.0)),
+                                                        (low, 0.75, plan_low, (0.0, 0.9))):
+        alone = single(model, inputs["videos"], inputs["positive"], 2, 1, SEED, ratio, True, low_sigma,
+                       high_sigma).args[1]
+        assert plan.scores == alone.scores and plan.kept == alone.kept
+    assert (len(plan_high.kept), len(plan_low.kept)) == (2, 3)  # a keep ratio per expert
+    assert plans.boundary == 0.9 and plans.plans == {"high": plan_high, "low": plan_low}
+    assert ExpertPlans.from_dict(plans.to_dict()).plans["low"].kept == plan_low.kept
+    assert plot.shape[1] == 2 * 360 and plot.shape[-1] == 3  # one chart per expert
+    assert "high-noise expert, sigma in [0.9, 1.0]" in table and "low-noise expert, sigma in [0.0, 0.9]" in table
+
+
+def test_block_importance_refuses_a_swapped_pair_before_stage1(pack, folder, inputs, monkeypatch):
+    high, low, _, _ = _pair(pack)
+    monkeypatch.setattr(pack["expert_importance"], "score_blocks", lambda *a, **k: pytest.fail("ran Stage I"))
+    with pytest.raises(ValueError, match="Block Importance \\(two experts\\): the experts are swapped"):
+        pack["expert_importance"].ExpertBlockImportance.execute(low, high, inputs["videos"], inputs["positive"], 2,
+                                                                1, SEED, 0.7, 0.7, True, 0.875)
+    with pytest.raises(ValueError, match="keep_ratio must be in"):
+        pack["expert_importance"].ExpertBlockImportance.execute(high, low, inputs["videos"], inputs["positive"], 2,
+                                                                1, SEED, 0.7, 0.0, True, 0.875)
+
+
+# ---------------------------------------------------------------- a LoRA pair on two pruned experts
+
+
+def _lora_pair(folder) -> dict[str, dict[str, torch.Tensor]]:
+    """One LoRA per expert, made for the full 4-block expert (ComfyUI keys, ORIGINAL block numbers), rank 2."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    loras = {}
+    for expert in ("high", "low"):
+        lora = {}
+        for block in range(LAYERS):
+            for module, (out_dim, in_dim) in (("self_attn.q", (256, 256)), ("ffn.0", (768, 256))):
+                key = f"diffusion_model.blocks.{block}.{module}"
+                lora[f"{key}.lora_down.weight"] = torch.randn(2, in_dim, generator=g)
+                lora[f"{key}.lora_up.weight"] = torch.randn(out_dim, 2, generator=g)
+                lora[f"{key}.alpha"] = torch.tensor(1.0)
+        save_file(lora, str(folder / f"pair_{expert}.safetensors"))
+        loras[expert] = lora
+    return loras
+
+
+def test_a_lora_pair_lands_on_each_pruned_experts_own_blocks(pack, folder, tmp_path):
+    """W + strength * alpha / rank * up @ down on each expert's renumbered block, computed here by hand."""
+    import folder_paths
+
+    loras = _lora_pair(tmp_path)
+    folder_paths.add_model_folder_path("loras", str(tmp_path))
+    high, low, _, _ = _pair(pack)
+    strength = 0.8
+    for expert, model in (("high", high), ("low", low)):
+        before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+        patched, report = pack["lora"].StudentLoRA.execute(model, f"pair_{expert}.safetensors", strength,
+                                                           "full model", "(from the model)").args
+        (dropped,) = set(range(LAYERS)) - set(KEPT[expert])
+        assert f"blocks the student dropped): {dropped}: 25.0% of the LoRA's parameters" in report
+        patched.patch_model()
+        try:
+            weights = patched.model.diffusion_model.state_dict()
+            for student_block, original in enumerate(KEPT[expert]):
+                for module in ("self_attn.q", "ffn.0"):
+                    key = f"diffusion_model.blocks.{original}.{module}"
+                    delta = strength * 1.0 / 2 * loras[expert][f"{key}.lora_up.weight"] @ \
+                        loras[expert][f"{key}.lora_down.weight"]
+                    name = f"blocks.{student_block}.{module}.weight"
+                    torch.testing.assert_close(weights[name].float(), before[name].float() + delta, rtol=1e-4,
+                                               atol=1e-4)
+        finally:
+            patched.unpatch_model()
+        assert all(torch.equal(v, before[k]) for k, v in model.model.diffusion_model.state_dict().items())
+
+
+# ---------------------------------------------------------------- cached MODELs
+
+
+def test_no_node_changes_the_experts_it_received_and_a_rerun_equals_a_fresh_run(pack, folder, inputs):
+    high, low, sigmas, _ = _pair(pack)
+    snapshot = [({k: v.clone() for k, v in m.model.diffusion_model.state_dict().items()}, dict(m.patches),
+                 repr(m.model_options), m.attachments.copy()) for m in (high, low)]
+    first = _sample(pack, inputs, high, low, sigmas)
+    pack["expert_importance"].ExpertBlockImportance.execute(high, low, inputs["videos"], inputs["positive"], 1, 1,
+                                                            SEED, 0.5, 0.5, True, 0.875)
+    assert torch.equal(_sample(pack, inputs, high, low, sigmas), first)
+    fresh_high, fresh_low, _, _ = _pair(pack)
+    assert torch.equal(_sample(pack, inputs, fresh_high, fresh_low, sigmas), first)
+    for model, (weights, patches, options, attachments) in zip((high, low), snapshot):
+        assert all(torch.equal(v, weights[k]) for k, v in model.model.diffusion_model.state_dict().items())
+        assert (dict(model.patches), repr(model.model_options), model.attachments) == (patches, options, attachments)
