@@ -4,8 +4,9 @@ The sampler is ComfyUI's own machinery (CFGGuider at scale 1, the `lcm` sampler,
 callback): `lcm` predicts x0 and re-noises it to the next sigma with fresh noise, which is exactly
 FastLightGen's few-step rule, so the node equals the stock SamplerCustom with lcm and the same sigmas.
 Given a second, low-noise model (Wan 2.2 A14B's two experts), each step goes to the expert whose range holds
-its sigma (`fastlightgen.experts`; the boundary from the experts' files when the pack loaded them, see `experts`): the high-noise part, then the low-noise part continuing without new noise,
-as the stock graph of two samplers on split sigmas does.
+its sigma (`fastlightgen.experts`; the boundary is the experts' files' when the pack loaded them, see
+`experts`): the high-noise part, then the low-noise part continuing without new noise, as the stock graph of
+two samplers on split sigmas does.
 """
 from __future__ import annotations
 

@@ -304,9 +304,9 @@ WORKFLOWS = [
              ]),
     Workflow("fastlightgen_wan22_t2v_a14b_4step",
              "# FastLightGen: 4-step Wan 2.2 T2V-A14B student (not run in tests)\nThe student's two expert "
-             f"files in models/fastlightgen (python -m train.export), {UMT5} in models/text_encoders, "
-             f"{WAN21_VAE} in models/vae. Load FastLightGen Expert Pair reads both experts, the boundary and the "
-             "recommended 4 steps from their metadata (a swapped or mixed pair is refused); FastLightGen Sampler "
+             "files in models/diffusion_models or models/fastlightgen (python -m train.export), "
+             f"{UMT5} in models/text_encoders, {WAN21_VAE} in models/vae. Load FastLightGen Expert Pair reads both "
+             "experts, the boundary and the recommended 4 steps from their metadata (a swapped or mixed pair is refused); FastLightGen Sampler "
              "gives each step to the expert whose range holds its sigma, as the stock template "
              "`fastlightgen_wan22_t2v_a14b_4step_stock` does with two KSamplerAdvanced.", [
                  _a14b_pair(A14B_STUDENT),
