@@ -183,6 +183,13 @@ def read_checkpoint(path: str | Path, plan: PrunePlan | None = None) -> LoadedCh
     return LoadedCheckpoint(path, state_dict, meta, config, scales, marker, file_metadata, left_out)
 
 
+def read_meta(path: str | Path) -> CheckpointMeta | None:
+    """A file's FastLightGen metadata (None for a file without) from its header alone, checked as
+    `read_checkpoint` checks it: what a loader decides before gigabytes of weights are read."""
+    path = Path(path)
+    return _parse_meta(path, dict(read_safetensors_header(path).get("__metadata__") or {}))
+
+
 def checkpoint_tensors(path: str | Path) -> dict[str, StoredTensor]:
     """Every weight of a Wan DiT file by its diffusers name, located but not read (the fp8 scales are): each
     reads as `read_checkpoint(path).weights()` gives it. The file is checked as `read_checkpoint` checks it."""

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import METADATA_KEY, CheckpointMeta, read_safetensors_header
+from .checkpoint import CheckpointMeta, read_meta
 from .experts import EXPERTS, check_boundary
 
 # ComfyUI's and Wan-AI's names for the A14B experts' files: ..._high_noise_14B_..., ..._low_noise_14B_...
@@ -49,9 +49,7 @@ def meta_tag(meta: CheckpointMeta | None, source: str) -> ExpertTag | None:
 
 def file_tag(path: str | Path) -> ExpertTag | None:
     """`meta_tag` of a file, from its header alone (before gigabytes of weights are read)."""
-    path = Path(path)
-    text = (read_safetensors_header(path).get("__metadata__") or {}).get(METADATA_KEY)
-    return meta_tag(CheckpointMeta.from_json(text) if text else None, path.name)
+    return meta_tag(read_meta(path), Path(path).name)
 
 
 def pair_boundary(high: ExpertTag | None, low: ExpertTag | None, fallback: float) -> float:

@@ -141,6 +141,14 @@ def test_bad_pairs_are_refused_by_the_loader_and_the_sampler(pack, folder, input
         _sample(pack, inputs, *models, torch.tensor([1.0, 0.9375, 0.8333, 0.625, 0.0]))
 
 
+def test_a_file_with_unreadable_metadata_is_refused_from_its_header(pack, folder):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(folder / "broken_low.safetensors"), metadata={"fastlightgen": "{expert: low"})
+    with pytest.raises(ValueError, match="Expert Pair: .*broken_low.safetensors: FastLightGen metadata is unreadable"):
+        _pair(pack, "student_high.safetensors", "broken_low.safetensors")
+
+
 def test_one_expert_alone_is_refused(pack, folder, inputs, monkeypatch):
     model = pack["loader"].LoadCheckpoint.execute("student_low.safetensors").args[0]
     monkeypatch.setattr(pack["sampling"], "sample_lcm", lambda *a, **k: pytest.fail("sampled one expert"))
