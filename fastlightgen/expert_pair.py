@@ -4,7 +4,8 @@ A FastLightGen student names its expert and the boundary in its metadata (`Check
 A14B teacher files ComfyUI distributes carry no metadata, only names (wan2.2_t2v_high_noise_14B_fp8_scaled...),
 so their expert is read from the name and the boundary is the user's. `pair_boundary` checks a pair before
 anything samples it: two files of one expert, a pair wired the wrong way round, or two boundaries that differ
-are errors naming the fix; it returns the sigma where the low-noise expert takes over.
+are errors naming the fix; it returns the sigma where the low-noise expert takes over. `pair_sampling` gives the
+pair's recommended schedule (two that differ: an error).
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import CheckpointMeta, read_meta
+from .checkpoint import CheckpointMeta
 from .experts import EXPERTS, check_boundary
+from .sampling import FEW_STEP, Sampling
 
 # ComfyUI's and Wan-AI's names for the A14B experts' files: ..._high_noise_14B_..., ..._low_noise_14B_...
 _NAMED_EXPERT = re.compile(r"(high|low)[_-]noise", re.IGNORECASE)
@@ -47,9 +49,14 @@ def meta_tag(meta: CheckpointMeta | None, source: str) -> ExpertTag | None:
     return ExpertTag(expert, None, source) if expert else None
 
 
-def file_tag(path: str | Path) -> ExpertTag | None:
-    """`meta_tag` of a file, from its header alone (before gigabytes of weights are read)."""
-    return meta_tag(read_meta(path), Path(path).name)
+def pair_sampling(high: CheckpointMeta | None, low: CheckpointMeta | None, sources: tuple[str, str]) -> Sampling:
+    """The pair's recommended sampling (the default few steps when neither file names one): two experts exported
+    together recommend the same."""
+    named = [(meta.recommended, source) for meta, source in zip((high, low), sources) if meta is not None]
+    if len(named) == 2 and named[0][0] != named[1][0]:
+        raise ValueError(f"{named[0][1]} recommends {named[0][0]} but {named[1][1]} {named[1][0]}: the experts come "
+                         "from different exports; use the pair exported together")
+    return named[0][0] if named else FEW_STEP
 
 
 def pair_boundary(high: ExpertTag | None, low: ExpertTag | None, fallback: float) -> float:

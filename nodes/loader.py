@@ -16,10 +16,10 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from fastlightgen.checkpoint import LoadedCheckpoint, read_checkpoint
-from fastlightgen.expert_pair import ExpertTag, file_tag, meta_tag, pair_boundary
+from fastlightgen.checkpoint import LoadedCheckpoint, read_checkpoint, read_meta
+from fastlightgen.expert_pair import ExpertTag, meta_tag, pair_boundary, pair_sampling
 from fastlightgen.experts import T2V_BOUNDARY
-from fastlightgen.sampling import FEW_STEP, Sampling
+from fastlightgen.sampling import FEW_STEP
 
 from .experts import tag_expert
 from .student import mark_student
@@ -93,10 +93,6 @@ def load_model(ckpt_name: str, weight_dtype: str):
     return model, ckpt
 
 
-def recommended(ckpt: LoadedCheckpoint) -> Sampling:
-    return ckpt.meta.recommended if ckpt.meta is not None else FEW_STEP
-
-
 class LoadCheckpoint(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -131,16 +127,8 @@ class LoadCheckpoint(io.ComfyNode):
     def execute(cls, ckpt_name: str, weight_dtype: str = "default") -> io.NodeOutput:
         model, ckpt = load_model(ckpt_name, weight_dtype)
         tag_expert(model, meta_tag(ckpt.meta, ckpt_name))  # one expert of two: the samplers check the wiring
-        return io.NodeOutput(model, recommended(ckpt).sigmas, describe(ckpt))
-
-
-def pair_sampling(high: LoadedCheckpoint, low: LoadedCheckpoint) -> Sampling:
-    """The pair's recommended sampling: both experts' metadata must agree, as they were exported together."""
-    high_rec, low_rec = recommended(high), recommended(low)
-    if high.meta is not None and low.meta is not None and high_rec != low_rec:
-        raise ValueError(f"{high.path.name} recommends {high_rec} but {low.path.name} {low_rec}: the experts come "
-                         "from different exports; use the pair exported together")
-    return high_rec if high.meta is not None else low_rec
+        rec = ckpt.meta.recommended if ckpt.meta is not None else FEW_STEP
+        return io.NodeOutput(model, rec.sigmas, describe(ckpt))
 
 
 class LoadExpertPair(io.ComfyNode):
@@ -185,18 +173,18 @@ class LoadExpertPair(io.ComfyNode):
     @classmethod
     def execute(cls, high_noise_name: str, low_noise_name: str, weight_dtype: str, boundary: float) -> io.NodeOutput:
         check_finite(PAIR, boundary=boundary)
+        names = (high_noise_name, low_noise_name)
         try:  # from the headers, before gigabytes of weights are read
-            boundary = pair_boundary(file_tag(checkpoint_path(high_noise_name)),
-                                     file_tag(checkpoint_path(low_noise_name)), boundary)
+            metas = [read_meta(checkpoint_path(name)) for name in names]
+            boundary = pair_boundary(*(meta_tag(meta, name) for meta, name in zip(metas, names)), boundary)
+            sampling = pair_sampling(*metas, names)
         except ValueError as err:
             raise ValueError(f"{PAIR}: {err}") from None
         models, lines = [], []
-        for expert, name in (("high", high_noise_name), ("low", low_noise_name)):
+        for expert, name in zip(("high", "low"), names):
             model, ckpt = load_model(name, weight_dtype)
             tag_expert(model, ExpertTag(expert, boundary, name))
-            models.append((model, ckpt))
+            models.append(model)
             lines.append(f"{expert}-noise expert {name}: {describe(ckpt)}")
-        sampling = pair_sampling(models[0][1], models[1][1])
-        info = "\n".join([*lines, f"boundary {boundary:g}: steps from a sigma at or above it go to the high-noise "
-                                   "expert"])
-        return io.NodeOutput(models[0][0], models[1][0], sampling.sigmas, info)
+        lines.append(f"boundary {boundary:g}: steps from a sigma at or above it go to the high-noise expert")
+        return io.NodeOutput(*models, sampling.sigmas, "\n".join(lines))
