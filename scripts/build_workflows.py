@@ -123,7 +123,7 @@ def _a14b_stock_expert(expert: str, steps: tuple[int, int], first: bool) -> list
     loader, shift, sampler = f"{expert}_model", f"{expert}_shift", f"{expert}_sampler"
     return [
         Node(loader, "UNETLoader", {"unet_name": A14B_STUDENT[expert], "weight_dtype": "default"},
-             title=f"Load Diffusion Model ({expert}-noise expert)"),
+             title=f"Load Diffusion Model ({expert}-noise)"),
         Node(shift, "ModelSamplingSD3", {"shift": 5.0}, {"model": (loader, 0)}),
         Node(sampler, "KSamplerAdvanced",
              {"add_noise": "enable" if first else "disable", "noise_seed": 0, "steps": 4, "cfg": 1.0,
@@ -131,7 +131,7 @@ def _a14b_stock_expert(expert: str, steps: tuple[int, int], first: bool) -> list
               "return_with_leftover_noise": "enable" if first else "disable"},
              {"model": (shift, 0), "positive": ("positive", 0), "negative": ("negative", 0),
               "latent_image": ("latent", 0) if first else ("high_sampler", 0)},
-             title=f"KSampler (Advanced), {expert}-noise expert: steps {steps[0]}-{steps[1]}"),
+             title=f"KSampler (Advanced) {expert}: {steps[0]}-{steps[1]}"),
     ]
 
 
@@ -297,7 +297,7 @@ WORKFLOWS = [
              "same in fewer nodes.", [
                  *_a14b_text(),
                  Node("negative", "CLIPTextEncode", {"text": ""}, {"clip": ("clip", 0)},
-                      title="CLIP Text Encode (negative: unused at CFG 1)"),
+                      title="Negative (unused at CFG 1)"),
                  *_a14b_stock_expert("high", (0, 2), first=True),
                  *_a14b_stock_expert("low", (2, 4), first=False),
                  *_a14b_video("low_sampler"),
