@@ -30,6 +30,7 @@ from comfy_api.latest import io, ui
 from fastlightgen.student_adapter import Adapter, AdapterError, check_base, read_adapter
 
 from .dit import fingerprint
+from .experts import expert_tag, tag_expert
 from .student import approve_patches, mark_student
 from .validate import check_finite, file_choice
 
@@ -110,6 +111,7 @@ def apply_student_adapter(model: ModelPatcher, adapter: Adapter, strength: float
     err = check_base(meta, fingerprint(model), lambda k: base_weight(dit, k), where)
     patcher = pruned_patcher(model, meta.kept_blocks)
     mark_student(patcher, meta.kept_blocks, meta.original_num_blocks)
+    tag_expert(patcher, expert_tag(model))  # one expert of two stays that expert: the samplers check the wiring
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
     tensors = adapter.student_tensors()
     missing = sorted({k.rsplit(".", 2 if k.endswith(".weight") else 1)[0] for k in tensors} - set(key_map))

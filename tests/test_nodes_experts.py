@@ -22,10 +22,10 @@ KEPT = {"high": [0, 2, 3], "low": [0, 1, 3]}  # each expert keeps other blocks
 def pack(pack_package):
     extension = asyncio.run(pack_package.comfy_entrypoint())
     asyncio.run(extension.get_node_list())
-    from FastLightGen.nodes import expert_importance, importance, loader, lora, sampling, toy
+    from FastLightGen.nodes import adapter, expert_importance, importance, loader, lora, sampling, toy
 
-    return {"expert_importance": expert_importance, "importance": importance, "loader": loader, "lora": lora,
-            "sampling": sampling, "toy": toy}
+    return {"adapter": adapter, "expert_importance": expert_importance, "importance": importance, "loader": loader,
+            "lora": lora, "sampling": sampling, "toy": toy}
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +55,9 @@ def _pair(pack, high="student_high.safetensors", low="student_low.safetensors", 
 
 
 def _sample(pack, inputs, high, low, sigmas, boundary=0.875):
-    return pack["sampling"].FastLightGenSampler.execute(high, inputs["positive"], inputs["latent"], SEED, sigmas,
-                                                        low, boundary).args[0]["samples"]
+    with torch.inference_mode():  # as ComfyUI runs a prompt
+        return pack["sampling"].FastLightGenSampler.execute(high, inputs["positive"], inputs["latent"], SEED, sigmas,
+                                                            low, boundary).args[0]["samples"]
 
 
 def _recording(model, calls: list, name: str):
@@ -256,6 +257,40 @@ def test_a_lora_pair_lands_on_each_pruned_experts_own_blocks(pack, folder, tmp_p
         finally:
             patched.unpatch_model()
         assert all(torch.equal(v, before[k]) for k, v in model.model.diffusion_model.state_dict().items())
+
+
+def test_an_adapter_pair_turns_the_teacher_pair_into_the_student_pair(pack, folder, inputs, tmp_path):
+    """One adapter per expert (train.export_adapter per expert file) on the fp8_scaled teacher pair: each expert
+    keeps its own blocks, and the students stay the experts they were (routing and wiring checks still apply)."""
+    import folder_paths
+
+    from fastlightgen.adapters import adapt
+    from fastlightgen.student_adapter import make_adapter, save_adapter
+    from tiny_models import tiny_a14b_expert
+
+    for seed, expert in enumerate(("high", "low")):
+        teacher = tiny_a14b_expert(seed)
+        student = adapt(teacher).pruned_model(KEPT[expert])
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(0.001 * torch.randn_like(p))
+        save_adapter(tmp_path / f"adapter_{expert}.safetensors", make_adapter(teacher, student, KEPT[expert], rank=8))
+    folder_paths.add_model_folder_path(pack["adapter"].ADAPTER_FOLDER, str(tmp_path))
+    high, low, _, _ = _pair(pack, "toy_t2v_high_noise_14B_fp8_scaled.safetensors",
+                            "toy_t2v_low_noise_14B_fp8_scaled.safetensors", boundary=0.95)
+    apply = pack["adapter"].ApplyStudentAdapter.execute
+    students = {name: apply(model, f"adapter_{name}.safetensors").args for name, model in (("high", high),
+                                                                                           ("low", low))}
+    assert [len(students[name][0].model.diffusion_model.blocks) for name in ("high", "low")] == [3, 3]
+    assert "WARNING" not in students["high"][2] + students["low"][2]
+    calls: list = []
+    _sample(pack, inputs, _recording(students["high"][0], calls, "high"), _recording(students["low"][0], calls, "low"),
+            students["high"][1], boundary=0.5)
+    assert [name for name, _ in calls] == ["high", "low", "low", "low"]  # the teacher pair's boundary, 0.95
+    with pytest.raises(ValueError, match="the experts are swapped"):
+        _sample(pack, inputs, students["low"][0], students["high"][0], students["high"][1])
+    # an expert's adapter on the other expert's teacher: its sampled weights differ, and the node says so
+    assert "WARNING" in apply(low, "adapter_high.safetensors").args[2]
 
 
 # ---------------------------------------------------------------- cached MODELs
