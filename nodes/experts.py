@@ -10,6 +10,7 @@ from __future__ import annotations
 from comfy.model_patcher import ModelPatcher
 
 from fastlightgen.expert_pair import ExpertTag, pair_boundary
+from fastlightgen.experts import I2V_BOUNDARY, T2V_BOUNDARY, sigma_range
 
 TAG = "fastlightgen_expert"
 
@@ -40,3 +41,20 @@ def check_not_a_lone_expert(node: str, model: ModelPatcher) -> None:
         raise ValueError(f"{node}: {tag.source} is the {tag.expert}-noise expert of a two-expert model (Wan 2.2 "
                          "A14B); connect the high-noise expert to 'model' and the low-noise expert to "
                          "'model_low_noise' (Load FastLightGen Expert Pair loads both)")
+
+
+def check_expert_range(node: str, model: ModelPatcher, scored: tuple[float, float]) -> None:
+    """An expert scored outside its own part of the schedule measures blocks where it never runs: an error naming
+    its range."""
+    tag = expert_tag(model)
+    if tag is None:
+        return
+    if tag.boundary is not None:
+        low, high = sigma_range(tag.expert, tag.boundary)
+    else:  # a file without metadata may be T2V-A14B's (0.875) or I2V-A14B's (0.9): the wider part of either
+        low, high = (T2V_BOUNDARY, 1.0) if tag.expert == "high" else (0.0, I2V_BOUNDARY)
+    if not low <= scored[0] < scored[1] <= high:
+        raise ValueError(f"{node}: {tag.source} is the {tag.expert}-noise expert of a two-expert model, which runs "
+                         f"on sigmas in [{low:g}, {high:g}] only, but sigma_min / sigma_max are {scored[0]:g} / "
+                         f"{scored[1]:g}: set them to {low:g} / {high:g} (I2V-A14B: boundary 0.9), or score both "
+                         "experts with Block Importance (two experts)")

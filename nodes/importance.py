@@ -29,6 +29,7 @@ from fastlightgen.plot import importance_chart
 
 from .dit import (BlockPatch, Slot, block_patches, block_slots, fingerprint, skip_block, skipped_blocks,
                   with_block_patches)
+from .experts import check_expert_range
 from .types import PrunePlanType
 from .validate import check_clean_videos, check_conditioning, check_finite, check_latent
 
@@ -181,6 +182,7 @@ class BlockImportance(io.ComfyNode):
                 keep_ratio: float, prefix_reuse: bool, sigma_min: float = 0.0, sigma_max: float = 1.0) -> io.NodeOutput:
         check_finite(NAME, keep_ratio=keep_ratio, sigma_min=sigma_min, sigma_max=sigma_max)
         check_settings(model, keep_ratio, num_timesteps, (sigma_min, sigma_max))
+        check_expert_range(NAME, model, (sigma_min, sigma_max))
         result, plan = score_blocks(model, latent, positive, num_timesteps, num_samples, seed, keep_ratio,
                                     prefix_reuse, (sigma_min, sigma_max))
         plot = as_image(importance_chart(result, plan))

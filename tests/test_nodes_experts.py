@@ -196,6 +196,23 @@ def test_block_importance_scores_each_expert_on_its_part_of_the_schedule(pack, f
     assert "high-noise expert, sigma in [0.9, 1.0]" in table and "low-noise expert, sigma in [0.0, 0.9]" in table
 
 
+def test_one_expert_is_scored_only_on_its_part_of_the_schedule(pack, folder, inputs, monkeypatch):
+    """Block Importance on one expert: its range, from its file's boundary (a teacher file without metadata: the
+    wider part of T2V's and I2V's); anything else is refused before Stage I."""
+    load = pack["loader"].LoadCheckpoint.execute
+    high, late_low = load("student_high.safetensors").args[0], load("late_low.safetensors").args[0]
+    teacher_low = load("toy_t2v_low_noise_14B_fp8_scaled.safetensors").args[0]
+    monkeypatch.setattr(pack["importance"], "run_stage1", lambda *a, **k: pytest.fail("ran Stage I"))
+    node = pack["importance"].BlockImportance.execute
+    for model, (low, high_sigma), fix in ((high, (0.0, 1.0), "0.875 / 1"), (high, (0.8, 1.0), "0.875 / 1"),
+                                          (late_low, (0.0, 1.0), "0 / 0.95"), (teacher_low, (0.0, 0.95), "0 / 0.9")):
+        with pytest.raises(ValueError, match=f"is the .*-noise expert .* set them to {fix}"):
+            node(model, inputs["videos"], inputs["positive"], 1, 1, SEED, 0.5, True, low, high_sigma)
+    monkeypatch.undo()
+    for model, sigma_range in ((high, (0.875, 1.0)), (late_low, (0.0, 0.95)), (teacher_low, (0.0, 0.9))):
+        assert node(model, inputs["videos"], inputs["positive"], 1, 1, SEED, 0.5, True, *sigma_range).args[1].scores
+
+
 def test_block_importance_refuses_a_swapped_pair_before_stage1(pack, folder, inputs, monkeypatch):
     high, low, _, _ = _pair(pack)
     monkeypatch.setattr(pack["expert_importance"], "score_blocks", lambda *a, **k: pytest.fail("ran Stage I"))
