@@ -1,9 +1,10 @@
 """Which expert of a two-expert model (Wan 2.2 A14B) a MODEL is, carried on the MODEL itself.
 
 The pack's loaders attach a `fastlightgen.expert_pair.ExpertTag` (the expert, the boundary, the file) to each
-expert's ModelPatcher (clones keep it), so the nodes taking both experts (FastLightGen Sampler, Block
-Importance (two experts)) check the wiring and take the boundary from the files before any model pass. A MODEL
-from the stock Load Diffusion Model carries no tag: there the node's own boundary input is used.
+expert's ModelPatcher (clones keep it; Apply Student Adapter passes it on), so the nodes taking both experts
+(FastLightGen Sampler, Block Importance (two experts)) check the wiring and take the boundary from the files, and
+Block Importance scores one expert only on its part of the schedule, before any model pass. A MODEL from the
+stock Load Diffusion Model carries no tag: there the node's own boundary input is used.
 """
 from __future__ import annotations
 
