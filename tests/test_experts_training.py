@@ -611,3 +611,28 @@ def test_stage3_of_the_i2v_experts_feeds_every_prediction_its_36_channels(folder
     stage3.run(load_config(None, settings))
     assert len(widths) > 4 and set(widths) == {36}
     assert StageRecord.load(tmp_path / "stage3" / "low").sigma_range == (0.0, I2V_BOUNDARY)
+
+
+def test_stage3_of_two_experts_resumes_bit_identically(folders, shards, tmp_path):
+    """A two-expert Stage III stopped after its first iteration and resumed ends with the same students, bit for bit,
+    as one run straight through: both experts' generators, fake scores and optimizers are in its checkpoints."""
+    import shutil
+
+    from train import stage3
+
+    straight = a14b_settings(folders["t2v"], shards, tmp_path / "straight", **STAGE3)
+    two_expert_stage2(straight)
+    stage3.run(load_config(None, straight))
+    for stage in ("stage1", "stage2_high", "stage2_low"):
+        shutil.copytree(tmp_path / "straight" / stage, tmp_path / "resumed" / stage)
+    resumed = a14b_settings(folders["t2v"], shards, tmp_path / "resumed", **STAGE3)
+    stage3.run(load_config(None, [*resumed, "stage3.iterations=1"]))
+    students = {e: tmp_path / "resumed" / "stage3" / e / "model.safetensors" for e in ("high", "low")}
+    after_one = {e: load_file(str(path)) for e, path in students.items()}
+    stage3.run(load_config(None, resumed), resume=True)
+    for expert in ("high", "low"):
+        a = load_file(str(tmp_path / "straight" / "stage3" / expert / "model.safetensors"))
+        b = load_file(str(students[expert]))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), expert
+    assert any(not torch.equal(after_one[e][k], load_file(str(students[e]))[k]) for e in students
+               for k in after_one[e])  # the second iteration changed a student
