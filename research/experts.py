@@ -56,9 +56,10 @@ VIDEO_CACHE = Path("runs/draws")  # research.draws' cache: the committed teacher
 class Budget:
     """Training iterations per arm: each expert's Stage II and the pair's Stage III; the one-expert arm takes
     twice stage2 in its Stage II and as many Stage III iterations. Below toy.yaml's 2400 Stage II iterations (what
-    fits one session on 2 CPU threads), alike for both arms."""
+    fits one session on 2 CPU threads), alike for both arms; Stage III 50, half toy.yaml's 100, for the same reason
+    (set before any Stage III ran, when the shared machine ran the stages at about a quarter of their idle speed)."""
     stage2: int = 400
-    stage3: int = 100
+    stage3: int = 50
 
     def two_experts(self) -> list[str]:
         return [f"model.teacher={EXPERT_TEACHERS['high']}", f"model.teacher_2={EXPERT_TEACHERS['low']}",
