@@ -25,6 +25,7 @@ from workflow_to_prompt import widget_names  # noqa: E402
 OUT_DIR = REPO / "workflows"
 STUDENT = "toy_student.safetensors"
 TEACHER = "toy_teacher.safetensors"
+TOY_EXPERTS = {"high": "toy_teacher_high.safetensors", "low": "toy_teacher_low.safetensors"}  # scripts/train_toy_experts.sh
 STUDENT_ADAPTER = "toy_student_adapter.safetensors"
 DEMO_LORA = "toy_teacher_demo_lora.safetensors"  # scripts/make_toy_lora.py
 # the Wan 2.2 tiny decoder under the name ComfyUI's Load VAE takes from models/vae_approx (nodes.py, video_taes)
@@ -110,7 +111,7 @@ def _a14b_video(sampler: str) -> list[Node]:
     ]
 
 
-def _a14b_pair(files: dict[str, str]) -> Node:
+def _expert_pair(files: dict[str, str]) -> Node:
     return Node("experts", "FastLightGenLoadExpertPair", {"high_noise_name": files["high"],
                                                           "low_noise_name": files["low"], "weight_dtype": "default",
                                                           "boundary": 0.875})
@@ -160,6 +161,24 @@ WORKFLOWS = [
                  Node("plot", "SaveImage", {"filename_prefix": "fastlightgen/importance"},
                       {"images": ("importance", 0)}),
                  Node("table", "PreviewAny", links={"source": ("importance", 2)}),
+             ]),
+    Workflow("fastlightgen_toy_two_experts_block_importance",
+             "# FastLightGen: Stage I of a two-expert model (the toy teacher's two experts)\nLoad FastLightGen "
+             "Expert Pair reads both experts and the boundary (0.875) from their metadata; each expert is scored on "
+             "its own part of the schedule (the high-noise one on sigmas above the boundary, the low-noise one "
+             "below), both charts in one plot, a 70% plan per expert: what Save Prune Plan would save for "
+             "train.stage2. The same graph as `fastlightgen_wan22_t2v_a14b_block_importance`, on the toy world.", [
+                 _expert_pair(TOY_EXPERTS),
+                 Node("data", "FastLightGenToyDatasetLatents", {"split": "train", "count": 4, "seed": 0}),
+                 Node("data_text", "FastLightGenToyTextEncode", links={"prompt": ("data", 1)}),
+                 Node("importance", "FastLightGenExpertBlockImportance",
+                      {"num_timesteps": 2, "num_samples": 1, "seed": 0, "keep_ratio_high_noise": 0.7,
+                       "keep_ratio_low_noise": 0.7, "prefix_reuse": True, "boundary": 0.875},
+                      {"model_high_noise": ("experts", 0), "model_low_noise": ("experts", 1), "latent": ("data", 0),
+                       "positive": ("data_text", 0)}),
+                 Node("plot", "SaveImage", {"filename_prefix": "fastlightgen/two_experts_importance"},
+                      {"images": ("importance", 0)}),
+                 Node("table", "PreviewAny", links={"source": ("importance", 4)}),
              ]),
     Workflow("fastlightgen_teacher_mix",
              "# FastLightGen: well-guided teacher preview and (beta1, beta2) sweep\nEq. 9 on the toy teacher "
@@ -309,7 +328,7 @@ WORKFLOWS = [
              "experts, the boundary and the recommended 4 steps from their metadata (a swapped or mixed pair is refused); FastLightGen Sampler "
              "gives each step to the expert whose range holds its sigma, as the stock template "
              "`fastlightgen_wan22_t2v_a14b_4step_stock` does with two KSamplerAdvanced.", [
-                 _a14b_pair(A14B_STUDENT),
+                 _expert_pair(A14B_STUDENT),
                  *_a14b_text(),
                  Node("sampler", "FastLightGenSampler", {"seed": 0, "boundary": 0.875},
                       {"model": ("experts", 0), "model_low_noise": ("experts", 1), "positive": ("positive", 0),
@@ -323,7 +342,7 @@ WORKFLOWS = [
              "Each expert is scored on its part of the schedule (the high-noise one on sigmas above the boundary "
              "0.875, the low-noise one below) at 480p, 17 frames; the expert plans are saved for "
              "`python -m train.stage2 --set stage2.plan=PATH stage2.expert=high` (and low).", [
-                 _a14b_pair(A14B_TEACHER),
+                 _expert_pair(A14B_TEACHER),
                  Node("clip", "CLIPLoader", {"clip_name": UMT5, "type": "wan", "device": "default"}),
                  Node("positive", "CLIPTextEncode", {"text": "a dog running on a beach at sunset"},
                       {"clip": ("clip", 0)}, title="CLIP Text Encode (the clip's caption)"),

@@ -163,11 +163,13 @@ def test_shipped_workflow_runs(server, object_info, name):
     assert frames, "no images saved"
     for image in frames:
         assert np.isfinite(image).all() and image.std() > 0  # something was drawn
-    if name == "fastlightgen_block_importance":
+    if name in ("fastlightgen_block_importance", "fastlightgen_toy_two_experts_block_importance"):
         (plot,) = frames
         assert plot.shape[0] > 200 and plot.shape[1] > 400
         table = next(v for v in entry["outputs"].values() if "text" in v)["text"][0]
         assert "full model" in table and "dropped:" in table
+        if name == "fastlightgen_toy_two_experts_block_importance":  # a chart and a table per expert
+            assert plot.shape[0] == 2 * 360 and "high-noise expert, sigma in [0.875, 1.0]" in table
     elif name == "fastlightgen_teacher_mix":
         grids = [f for f in frames if f.shape[:2] == (3 * SIZE * 4, 3 * SIZE * 4)]
         assert len(grids) == 1 and len(frames) == FRAMES + 1
