@@ -113,7 +113,7 @@ def two_expert_students(root: Path, settings: list[str], config: str = CONFIG) -
             stage2.run(one, resume=True)
     if not all((folder / "stage3" / e / RUN_FILE).is_file() for e in EXPERTS):
         stage3.run(cfg, resume=True)
-    outs = {e: folder / f"student_{e}.safetensors" for e in EXPERTS}
+    outs = {e: export.expert_out(folder / "student.safetensors", e) for e in EXPERTS}
     if not all(p.is_file() for p in outs.values()):
         export.run(cfg)
     return Arm(outs, {**{f"Stage II {e}": folder / f"stage2_{e}" for e in EXPERTS}, "Stage III": folder / "stage3"})

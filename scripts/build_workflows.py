@@ -30,11 +30,12 @@ STUDENT_ADAPTER = "toy_student_adapter.safetensors"
 DEMO_LORA = "toy_teacher_demo_lora.safetensors"  # scripts/make_toy_lora.py
 # the Wan 2.2 tiny decoder under the name ComfyUI's Load VAE takes from models/vae_approx (nodes.py, video_taes)
 WAN22_TINY_VAE = "lighttaew2_2.safetensors"
-# Wan 2.2 T2V-A14B: the files ComfyUI's own Wan 2.2 14B templates load, and the student's two files
+# Wan 2.2 T2V-A14B: the files ComfyUI's own Wan 2.2 14B templates load, and the student's two files,
 A14B_TEACHER = {"high": "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
                 "low": "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"}
-A14B_STUDENT = {"high": "wan2.2_t2v_high_noise_14B_fastlightgen.safetensors",
-                "low": "wan2.2_t2v_low_noise_14B_fastlightgen.safetensors"}
+# what `python -m train.export -c configs/wan2.2-t2v-a14b.yaml` writes (train.export.expert_out)
+A14B_STUDENT = {"high": "wan2.2-t2v-a14b-fastlightgen_high_noise.safetensors",
+                "low": "wan2.2-t2v-a14b-fastlightgen_low_noise.safetensors"}
 UMT5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 WAN21_VAE = "wan_2.1_vae.safetensors"
 A14B_PROMPT = "a red fox running through fresh snow, morning light"

@@ -492,7 +492,7 @@ def test_stage3_takes_each_step_and_each_draw_with_the_expert_of_its_sigma_and_e
 
 
 def export_the_pair(cfg, plans) -> None:
-    """train.export writes one checkpoint per expert, named after export.out, each naming its expert, the boundary and
+    """train.export writes one checkpoint per expert, named after export.out and the expert, each naming its expert, the boundary and
     its kept blocks, renumbered for ComfyUI's loader; --convert keeps them in fp8_scaled."""
     from dataclasses import replace
 
@@ -501,7 +501,7 @@ def export_the_pair(cfg, plans) -> None:
 
     root = Path(cfg.run.run_dir)
     written = export.run(cfg)
-    assert written == [root / "student_high.safetensors", root / "student_low.safetensors"]
+    assert written == [root / "student_high_noise.safetensors", root / "student_low_noise.safetensors"]
     for path, expert in zip(written, ("high", "low")):
         model, meta = load_wan(path)
         assert (meta.expert, meta.boundary, meta.kept_blocks) == (expert, T2V_BOUNDARY, plans.plans[expert].kept)

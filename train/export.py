@@ -3,7 +3,8 @@
 From run_dir/stage3 (default): the few-step student, already physically pruned. From run_dir/stage2: the
 pruned path of the dynamically pruned model, physically pruned here (a multi-step model: recommended
 Euler with CFG). A two-expert Stage III run (run_dir/stage3/high and low) exports one file per expert, the name of
-export.out followed by _high and _low (default run_dir/student_high.safetensors, student_low.safetensors), each
+export.out followed by _high_noise and _low_noise (default run_dir/student_high_noise.safetensors and
+student_low_noise.safetensors), each
 with its expert and the boundary in its metadata: ComfyUI's two Load Diffusion Model nodes read them as they read
 Wan 2.2 A14B's own pair; a Stage II run of one expert exports that expert. The file is `fastlightgen.checkpoint` format: original/ComfyUI Wan key layout, kept blocks
 renumbered 0..K-1, metadata with the kept original indices, the recommended denoising list and shift,
@@ -54,7 +55,7 @@ def expert_boundary(record: StageRecord) -> float | None:
 
 def run(cfg: Config) -> list[Path]:
     """Exports the run export.run (default run_dir/stage3); returns the checkpoints written (one per expert of a
-    two-expert Stage III run: export.out's name + _<expert>), or the diffusers folder when the family has no
+    two-expert Stage III run: `expert_out`), or the diffusers folder when the family has no
     checkpoint format."""
     ex = checked(cfg)
     folder = Path(ex.run) if ex.run else cfg.stage_dir("stage3")
@@ -64,9 +65,15 @@ def run(cfg: Config) -> list[Path]:
     if not experts:
         return [export_run(cfg, folder, out, diffusers_out)]
     # a diffusers pipeline holds the experts as transformer/ and transformer_2/
-    return [export_run(cfg, folder / e, out.with_name(f"{out.stem}_{e}{out.suffix}"),
+    return [export_run(cfg, folder / e, expert_out(out, e),
                        diffusers_out / ("transformer" if e == EXPERTS[0] else "transformer_2") if diffusers_out else None)
             for e in experts]
+
+
+def expert_out(out: Path, expert: str) -> Path:
+    """Where `expert`'s file of a two-expert export goes: export.out's name + _high_noise / _low_noise, the words
+    Wan 2.2 A14B's own files (and the pack's loader) name their experts by."""
+    return out.with_name(f"{out.stem}_{expert}_noise{out.suffix}")
 
 
 def export_run(cfg: Config, folder: Path, out: Path, diffusers_out: Path | None) -> Path:
