@@ -15,7 +15,7 @@ from fastlightgen.plot import expert_charts
 from .experts import experts_boundary
 from .importance import as_image, check_settings, plan_table, prefix_reuse_input, score_blocks, stage1_inputs
 from .types import ExpertPlansType, PrunePlanType
-from .validate import check_finite
+from .validate import check_conditioning, check_finite
 
 NAME = "FastLightGen Block Importance (two experts)"
 
@@ -74,6 +74,7 @@ class ExpertBlockImportance(io.ComfyNode):
         experts = {"high": (model_high_noise, keep_ratio_high_noise), "low": (model_low_noise, keep_ratio_low_noise)}
         for name, (model, ratio) in experts.items():  # every setting of both experts, before the first pass
             check_settings(model, ratio, num_timesteps, sigma_range(name, boundary))
+            check_conditioning(positive, NAME, model)
         scored = {name: score_blocks(model, latent, positive, num_timesteps, num_samples, seed, ratio, prefix_reuse,
                                      sigma_range(name, boundary))
                   for name, (model, ratio) in experts.items()}

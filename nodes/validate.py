@@ -113,15 +113,31 @@ def check_fits(samples: torch.Tensor, node: str, model: ModelPatcher) -> None:
 
 
 def check_conditioning(conditioning: list, node: str, model: ModelPatcher, name: str = "positive") -> None:
-    """Each entry's token width must be the model's text width (e.g. 4096 for Wan's UMT5)."""
+    """Each entry's token width must be the model's text width (e.g. 4096 for Wan's UMT5), and an image-to-video
+    model's conditioning must carry its start image."""
     width = text_width(model)
     kind, sources = TEXT_SOURCES[family(model)]
-    for tensor, _ in conditioning:
+    extra = image_channels(model)
+    for tensor, options in conditioning:
         if tensor.shape[-1] != width:
             raise ValueError(f"{node}: the {name} conditioning is {tensor.shape[-1]} wide, but this model takes "
                              f"{kind} ({width} wide): use {sources}")
         if not torch.isfinite(tensor).all():
             raise ValueError(f"{node}: the {name} conditioning holds NaN or inf values; re-encode the prompt")
+        # ComfyUI fills a missing image with zeros and samples from a blank start image without a word
+        if extra and options.get("concat_latent_image") is None:
+            raise ValueError(f"{node}: this is an image-to-video model ({extra} of its input channels are the "
+                             f"start image: a mask and the image's latents), but the {name} conditioning carries "
+                             "no start image; connect the prompts through WanImageToVideo with a start_image and "
+                             "the Wan 2.1 VAE, and use its positive, negative and latent")
+
+
+def image_channels(model: ModelPatcher) -> int:
+    """How many input channels of a Wan model are an image condition beside the latent (I2V: 4 mask + 16 image
+    latents, fastlightgen.image_condition); 0 for T2V, TI2V and HunyuanVideo, whose input is the latent alone."""
+    if family(model) != "wan":
+        return 0
+    return int(model.model.diffusion_model.in_dim) - model.get_model_object("latent_format").latent_channels
 
 
 def text_width(model: ModelPatcher) -> int:

@@ -1,9 +1,10 @@
 """Two-expert models (Wan 2.2 A14B) in the pack, in process (CPU): the pair loader, the boundary routing, the
 checks of a pair before sampling, Block Importance of both experts, and a LoRA pair on two pruned experts.
 
-The experts are tiny random Wan 2.1 T2V-shaped models (ComfyUI detects A14B's experts as that), in the files a
-two-expert export writes (students with expert metadata) and as ComfyUI distributes the A14B teacher
-(fp8_scaled, no metadata, the expert in the name): tests/tiny_models.py.
+The experts are tiny random Wan 2.1 T2V-shaped models (ComfyUI detects A14B's experts as that; I2V-A14B's with
+36 input channels), in the files a two-expert export writes (students with expert metadata) and as ComfyUI
+distributes the A14B teacher (fp8_scaled, no metadata, the expert in the name): tests/tiny_models.py. I2V's
+conditioning is the stock WanImageToVideo's, made with a tiny random Wan 2.1 VAE.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import asyncio
 
 import pytest
 import torch
-from tiny_models import save_a14b_pair, save_a14b_teacher_files
+from tiny_models import save_a14b_pair, save_a14b_teacher_files, save_random_wan21_vae
 
 SEED = 3
 LAYERS = 4
@@ -37,6 +38,8 @@ def folder(pack, tmp_path_factory):
     save_a14b_pair(folder, KEPT, boundary=0.95, prefix="late")  # a pair whose metadata names another boundary
     save_a14b_pair(folder, KEPT, boundary=0.9, prefix="i2v")
     save_a14b_teacher_files(folder)
+    save_a14b_pair(folder, KEPT, boundary=0.9, prefix="i2v_a14b", variant="i2v")  # 36 input channels
+    save_a14b_teacher_files(folder, variant="i2v")
     folder_paths.add_model_folder_path("fastlightgen", str(folder))
     return folder
 
@@ -48,6 +51,24 @@ def inputs(pack):
     return {"latent": {"samples": torch.zeros(1, 16, 2, 8, 8)}, "videos": {"samples": torch.randn(2, 16, 2, 8, 8,
                                                                                                    generator=g)},
             "positive": positive}
+
+
+@pytest.fixture(scope="module")
+def start_image(pack, inputs, tmp_path_factory):
+    """What WanImageToVideo makes of the prompt and a start image: {start image colour: (positive, latent)}."""
+    import comfy.sd
+    import comfy.utils
+    from comfy_extras.nodes_wan import WanImageToVideo
+
+    path = tmp_path_factory.mktemp("vae") / "wan21_vae.safetensors"
+    save_random_wan21_vae(path)
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path)))
+    positive, made = inputs["positive"], {}
+    for colour, value in (("red", (0.9, 0.1, 0.1)), ("blue", (0.1, 0.1, 0.9))):
+        image = torch.tensor(value).expand(1, 64, 64, 3).clone()
+        conditioned, _, latent = WanImageToVideo.execute(positive, positive, vae, 64, 64, 5, 1, start_image=image).args
+        made[colour] = conditioned, latent
+    return made
 
 
 def _pair(pack, high="student_high.safetensors", low="student_low.safetensors", boundary=0.875, dtype="default"):
@@ -175,25 +196,32 @@ def test_experts_exported_with_other_schedules_are_refused(pack, folder):
 # ---------------------------------------------------------------- Block Importance of both experts
 
 
-def test_block_importance_scores_each_expert_on_its_part_of_the_schedule(pack, folder, inputs):
+@pytest.mark.parametrize("variant", ["t2v", "i2v"])
+def test_block_importance_scores_each_expert_on_its_part_of_the_schedule(pack, folder, inputs, start_image, variant):
+    """I2V-A14B's experts (36 input channels) take WanImageToVideo's conditioning, and its start image reaches
+    both of them: another start image gives other scores."""
     from fastlightgen.plan import ExpertPlans
 
-    high, low, _, _ = _pair(pack, "toy_t2v_high_noise_14B_fp8_scaled.safetensors",
-                            "toy_t2v_low_noise_14B_fp8_scaled.safetensors", boundary=0.9)
+    positive = inputs["positive"] if variant == "t2v" else start_image["red"][0]
+    high, low, _, _ = _pair(pack, f"toy_{variant}_high_noise_14B_fp8_scaled.safetensors",
+                            f"toy_{variant}_low_noise_14B_fp8_scaled.safetensors", boundary=0.9)
     node = pack["expert_importance"].ExpertBlockImportance
-    plot, plans, plan_high, plan_low, table = node.execute(high, low, inputs["videos"], inputs["positive"], 2, 1,
+    plot, plans, plan_high, plan_low, table = node.execute(high, low, inputs["videos"], positive, 2, 1,
                                                            SEED, 0.5, 0.75, True, 0.5).args
     single = pack["importance"].BlockImportance.execute
     for model, ratio, plan, (low_sigma, high_sigma) in ((high, 0.5, plan_high, (0.9, 1.0)),
                                                         (low, 0.75, plan_low, (0.0, 0.9))):
-        alone = single(model, inputs["videos"], inputs["positive"], 2, 1, SEED, ratio, True, low_sigma,
-                       high_sigma).args[1]
+        alone = single(model, inputs["videos"], positive, 2, 1, SEED, ratio, True, low_sigma, high_sigma).args[1]
         assert plan.scores == alone.scores and plan.kept == alone.kept
     assert (len(plan_high.kept), len(plan_low.kept)) == (2, 3)  # a keep ratio per expert
     assert plans.boundary == 0.9 and plans.plans == {"high": plan_high, "low": plan_low}
     assert ExpertPlans.from_dict(plans.to_dict()).plans["low"].kept == plan_low.kept
     assert plot.shape[1] == 2 * 360 and plot.shape[-1] == 3  # one chart per expert
     assert "high-noise expert, sigma in [0.9, 1.0]" in table and "low-noise expert, sigma in [0.0, 0.9]" in table
+    if variant == "i2v":
+        other = node.execute(high, low, inputs["videos"], start_image["blue"][0], 2, 1, SEED, 0.5, 0.75, True,
+                             0.5).args[1]
+        assert all(other.plans[name].scores != plans.plans[name].scores for name in ("high", "low"))
 
 
 def test_one_expert_is_scored_only_on_its_part_of_the_schedule(pack, folder, inputs, monkeypatch):
@@ -222,6 +250,36 @@ def test_block_importance_refuses_a_swapped_pair_before_stage1(pack, folder, inp
     with pytest.raises(ValueError, match="keep_ratio must be in"):
         pack["expert_importance"].ExpertBlockImportance.execute(high, low, inputs["videos"], inputs["positive"], 2,
                                                                 1, SEED, 0.7, 0.0, True, 0.875)
+
+
+# ---------------------------------------------------------------- I2V-A14B: the start image
+
+
+def test_an_i2v_pair_samples_from_the_start_image_wan_image_to_video_gives_it(pack, folder, start_image):
+    high, low, sigmas, info = _pair(pack, "i2v_a14b_high.safetensors", "i2v_a14b_low.safetensors")
+    assert "boundary 0.9" in info
+    latents = {colour: _sample(pack, {"positive": positive, "latent": latent}, high, low, sigmas)
+               for colour, (positive, latent) in start_image.items()}
+    assert latents["red"].shape == (1, 16, 2, 8, 8) and torch.isfinite(latents["red"]).all()
+    assert not torch.equal(latents["red"], latents["blue"])
+
+
+def test_an_i2v_model_without_a_start_image_is_refused_before_any_pass(pack, folder, inputs, monkeypatch):
+    """A prompt not passed through WanImageToVideo would make ComfyUI sample from a blank (all-zero) image."""
+    high, low, sigmas, _ = _pair(pack, "i2v_a14b_high.safetensors", "i2v_a14b_low.safetensors")
+    monkeypatch.setattr(pack["sampling"], "sample_lcm", lambda *a, **k: pytest.fail("sampled"))
+    monkeypatch.setattr(pack["expert_importance"], "score_blocks", lambda *a, **k: pytest.fail("ran Stage I"))
+    monkeypatch.setattr(pack["importance"].ImportanceProbe, "sample", lambda *a, **k: pytest.fail("ran Stage I"))
+    message = ("image-to-video model \\(20 of its input channels are the start image.* the positive conditioning "
+               "carries no start image; connect the prompts through WanImageToVideo with a start_image")
+    with pytest.raises(ValueError, match="FastLightGen Sampler: this is an " + message):
+        _sample(pack, inputs, high, low, sigmas)
+    with pytest.raises(ValueError, match="Block Importance \\(two experts\\): this is an " + message):
+        pack["expert_importance"].ExpertBlockImportance.execute(high, low, inputs["videos"], inputs["positive"], 1,
+                                                                1, SEED, 0.5, 0.5, True, 0.9)
+    with pytest.raises(ValueError, match="Block Importance: this is an " + message):
+        pack["importance"].BlockImportance.execute(low, inputs["videos"], inputs["positive"], 1, 1, SEED, 0.5,
+                                                   True, 0.0, 0.9)
 
 
 # ---------------------------------------------------------------- a LoRA pair on two pruned experts

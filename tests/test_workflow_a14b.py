@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import save_a14b_pair, save_a14b_teacher_files
+from tiny_models import save_a14b_pair, save_a14b_teacher_files, save_random_wan21_vae
 
 from research import comfyui_harness
 
@@ -37,21 +37,6 @@ STOCK, PACK, IMPORTANCE = ("fastlightgen_wan22_t2v_a14b_4step_stock", "fastlight
                            "fastlightgen_wan22_t2v_a14b_block_importance")
 KEPT = {"high": [0, 2, 3], "low": [0, 1, 3]}
 SIZE, LENGTH = 64, 5  # pixels, frames: an 8x8 latent of 2 frames
-
-
-def _random_wan21_vae(path: Path) -> None:
-    """comfy's Wan 2.1 VAE at width 8, its convolutions initialised as torch does (ComfyUI's ops leave them empty)."""
-    import comfy.ldm.wan.vae
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    vae = comfy.ldm.wan.vae.WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-                                   temperal_downsample=[False, True, True])
-    for module in vae.modules():
-        for kind in (torch.nn.Conv3d, torch.nn.Conv2d, torch.nn.Linear):
-            if isinstance(module, kind):
-                kind.reset_parameters(module)
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))
 
 
 def _clip(path: Path) -> None:
@@ -76,7 +61,7 @@ def server(comfy_in_process, tmp_path_factory):
         for expert, path in paths.items():
             path.rename(models / names[expert])
     (models / "vae").mkdir()
-    _random_wan21_vae(models / "vae" / WAN21_VAE)
+    save_random_wan21_vae(models / "vae" / WAN21_VAE)
     config = models / "extra_model_paths.yaml"
     config.write_text(f"fastlightgen_a14b_tests:\n  base_path: /\n  diffusion_models: {models}\n"
                       f"  vae: {models / 'vae'}\n  fastlightgen_plans: {models / 'plans'}\n")

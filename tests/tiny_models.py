@@ -237,41 +237,60 @@ def tiny_hunyuan_folder(root, layers: tuple[int, int] = (2, 2), seed: int = 0):
     return pipe
 
 
-def tiny_a14b_expert(seed: int, layers: int = 4) -> WanTransformer3DModel:
+def tiny_a14b_expert(seed: int, layers: int = 4, variant: str = "t2v") -> WanTransformer3DModel:
     """One expert of Wan 2.2 T2V-A14B as ComfyUI detects it (a Wan 2.1 T2V: 16 latent channels, UMT5's 4096-wide
-    text, heads of 128) at the toy teacher's width and `layers` blocks, random."""
+    text, heads of 128) at the toy teacher's width and `layers` blocks, random; `variant` "i2v": an expert of
+    I2V-A14B, the same with 36 input channels (latents + mask + image latents, fastlightgen.image_condition)."""
     from fastlightgen.toy.teacher import ToyTeacherShape
 
     torch.manual_seed(seed)
-    config = {**ToyTeacherShape(num_layers=layers).diffusers_config(), "in_channels": 16, "out_channels": 16}
+    in_channels = {"t2v": 16, "i2v": 36}[variant]
+    config = {**ToyTeacherShape(num_layers=layers).diffusers_config(), "in_channels": in_channels, "out_channels": 16}
     return WanTransformer3DModel(**config).eval()
 
 
 def save_a14b_pair(folder, kept: dict[str, list[int]] | None = None, boundary: float = 0.875, layers: int = 4,
-                   prefix: str = "student", dtype=None) -> dict[str, Path]:
-    """Two different random experts (seeds 0, 1) in the files a two-expert export writes: `prefix`_high/_low
-    .safetensors, FastLightGen checkpoints with the expert, the boundary, and each expert's kept blocks
-    (physically pruned, renumbered); `kept` None keeps every block. {expert: path}."""
+                   prefix: str = "student", dtype=None, variant: str = "t2v") -> dict[str, Path]:
+    """Two different random experts (seeds 0, 1) of `variant` (`tiny_a14b_expert`) in the files a two-expert
+    export writes: `prefix`_high/_low.safetensors, FastLightGen checkpoints with the expert, the boundary, and
+    each expert's kept blocks (physically pruned, renumbered); `kept` None keeps every block. {expert: path}."""
     from fastlightgen.adapters import adapt
     from fastlightgen.checkpoint import CheckpointMeta, save_checkpoint
 
     paths = {}
     for seed, expert in enumerate(("high", "low")):
         blocks = (kept or {}).get(expert, list(range(layers)))
-        model = adapt(tiny_a14b_expert(seed, layers)).pruned_model(blocks)
+        model = adapt(tiny_a14b_expert(seed, layers, variant)).pruned_model(blocks)
         meta = CheckpointMeta(layers, blocks, expert=expert, boundary=boundary)
         paths[expert] = save_checkpoint(Path(folder) / f"{prefix}_{expert}.safetensors", model, meta, dtype)
     return paths
 
 
-def save_a14b_teacher_files(folder, layers: int = 4, fmt: str = "fp8_scaled") -> dict[str, Path]:
-    """The two experts (seeds 0, 1) as ComfyUI distributes Wan 2.2 A14B: no FastLightGen metadata, the expert
-    in the name (toy_t2v_high_noise_14B_<fmt>.safetensors), `fmt` one of `comfy_weight_files`'. {expert: path}."""
+def save_a14b_teacher_files(folder, layers: int = 4, fmt: str = "fp8_scaled", variant: str = "t2v") -> dict[str, Path]:
+    """The two experts (seeds 0, 1) of `variant` as ComfyUI distributes Wan 2.2 A14B: no FastLightGen metadata,
+    the expert in the name (toy_<variant>_high_noise_14B_<fmt>.safetensors), `fmt` one of
+    `comfy_weight_files`'. {expert: path}."""
     from safetensors.torch import save_file
 
     paths = {}
     for seed, expert in enumerate(("high", "low")):
-        tensors, metadata = comfy_weight_files(tiny_a14b_expert(seed, layers))[fmt]
-        paths[expert] = Path(folder) / f"toy_t2v_{expert}_noise_14B_{fmt}.safetensors"
+        tensors, metadata = comfy_weight_files(tiny_a14b_expert(seed, layers, variant))[fmt]
+        paths[expert] = Path(folder) / f"toy_{variant}_{expert}_noise_14B_{fmt}.safetensors"
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(paths[expert]), metadata=metadata or None)
     return paths
+
+
+def save_random_wan21_vae(path: Path) -> None:
+    """comfy's Wan 2.1 VAE at width 8 (sd.py reads the width from `decoder.head.0.gamma`), random, its convolutions
+    initialised as torch does (ComfyUI's ops leave them empty); needs ComfyUI importable."""
+    import comfy.ldm.wan.vae
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    vae = comfy.ldm.wan.vae.WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                   temperal_downsample=[False, True, True])
+    for module in vae.modules():
+        for kind in (torch.nn.Conv3d, torch.nn.Conv2d, torch.nn.Linear):
+            if isinstance(module, kind):
+                kind.reset_parameters(module)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))
