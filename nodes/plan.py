@@ -13,7 +13,7 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import io, ui
 
-from fastlightgen.plan import ExpertPlans, PrunePlan
+from fastlightgen.plan import EXPERT_PLANS_FORMAT, ExpertPlans, PrunePlan
 
 from .dit import check_plan, fingerprint, skip_patches, with_block_patches
 from .types import ExpertPlansType, PrunePlanType
@@ -23,6 +23,7 @@ DROP_LIST = "drop listed blocks"
 KEEP_RATIO = "keep ratio over scores"
 PLAN_FOLDER = "fastlightgen_plans"
 PASTED = "(pasted JSON below)"
+EXPERT_CHOICES = ["high_noise", "low_noise"]  # Load Prune Plan's choice of one expert's plan of a two-expert file
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_. -]*")
 
 
@@ -51,8 +52,9 @@ def plan_names() -> list[str]:
     return sorted(folder_paths.get_filename_list(PLAN_FOLDER))
 
 
-def read_plan(text: str, source: str) -> PrunePlan:
-    """A plan from plan.json text, or from a stage's run.json (which holds it under "plan")."""
+def read_plan(text: str, source: str, expert: str = EXPERT_CHOICES[0]) -> tuple[PrunePlan, str]:
+    """A plan from plan.json text, or from a stage's run.json (which holds it under "plan"); from the expert plans
+    of a two-expert model (Block Importance (two experts), train.stage1), `expert`'s plan and a line saying so."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -63,9 +65,13 @@ def read_plan(text: str, source: str) -> PrunePlan:
     if not isinstance(data, dict):
         raise ValueError(f"{source} is a JSON {type(data).__name__}, not a prune plan object")
     try:
-        return PrunePlan.from_dict(data)
+        if data.get("format") != EXPERT_PLANS_FORMAT:
+            return PrunePlan.from_dict(data), ""
+        plans = ExpertPlans.from_dict(data)
     except ValueError as err:
         raise ValueError(f"{source}: {err}") from None
+    name = expert.removesuffix("_noise")
+    return plans.plans[name], f"the {name}-noise expert's plan of two (boundary {plans.boundary:g}): "
 
 
 def plan_file(filename: str) -> Path:
@@ -165,12 +171,17 @@ class LoadPrunePlan(io.ComfyNode):
             category="FastLightGen",
             description="Loads a prune plan: a plan.json from models/fastlightgen_plans (written by train.stage1 "
                         "or Save Prune Plan, or a stage's run.json), or JSON pasted into the node, so a plan found "
-                        "on a cluster can be shared in a workflow. Apply Prune Plan refuses it on another model.",
+                        "on a cluster can be shared in a workflow; of a two-expert model's plans (Wan 2.2 A14B), "
+                        "the chosen expert's. Apply Prune Plan refuses it on another model.",
             inputs=[
                 io.Combo.Input("plan_name", options=[PASTED, *plan_names()],
                                tooltip=f"A .json plan in models/{PLAN_FOLDER}, or '{PASTED}' to use plan_json."),
                 io.String.Input("plan_json", multiline=True, default="",
                                 tooltip=f"The plan's JSON, used when plan_name is '{PASTED}'."),
+                io.Combo.Input("expert", options=EXPERT_CHOICES, default=EXPERT_CHOICES[0],
+                               tooltip="For the plans of a two-expert model (Block Importance (two experts), "
+                                       "train.stage1 on Wan 2.2 A14B): which expert's plan to load, for that "
+                                       "expert's MODEL. A one-model plan has no experts and ignores it."),
             ],
             outputs=[
                 PrunePlanType.Output(display_name="prune_plan"),
@@ -191,16 +202,16 @@ class LoadPrunePlan(io.ComfyNode):
                            f"models/{PLAN_FOLDER} and press R to refresh, or paste it with '{PASTED}'")
 
     @classmethod
-    def execute(cls, plan_name: str, plan_json: str) -> io.NodeOutput:
+    def execute(cls, plan_name: str, plan_json: str, expert: str = EXPERT_CHOICES[0]) -> io.NodeOutput:
         if plan_name == PASTED:
             if not plan_json.strip():
                 raise ValueError(f"FastLightGen Load Prune Plan: plan_name is '{PASTED}' but plan_json is empty; "
                                  f"paste a plan's JSON or pick a file of models/{PLAN_FOLDER}")
-            plan = read_plan(plan_json, "plan_json")
+            plan, what = read_plan(plan_json, "plan_json", expert)
         else:
             path = folder_paths.get_full_path_or_raise(PLAN_FOLDER, plan_name)
-            plan = read_plan(Path(path).read_text(errors="replace"), plan_name)
-        info = f"{plan.fingerprint}: keeps {len(plan.kept)} blocks {plan.kept}, drops {plan.dropped}"
+            plan, what = read_plan(Path(path).read_text(errors="replace"), plan_name, expert)
+        info = f"{what}{plan.fingerprint}: keeps {len(plan.kept)} blocks {plan.kept}, drops {plan.dropped}"
         return io.NodeOutput(plan, info)
 
 

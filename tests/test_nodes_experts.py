@@ -23,10 +23,10 @@ KEPT = {"high": [0, 2, 3], "low": [0, 1, 3]}  # each expert keeps other blocks
 def pack(pack_package):
     extension = asyncio.run(pack_package.comfy_entrypoint())
     asyncio.run(extension.get_node_list())
-    from FastLightGen.nodes import adapter, expert_importance, importance, loader, lora, sampling, toy
+    from FastLightGen.nodes import adapter, expert_importance, importance, loader, lora, plan, sampling, toy
 
     return {"adapter": adapter, "expert_importance": expert_importance, "importance": importance, "loader": loader,
-            "lora": lora, "sampling": sampling, "toy": toy}
+            "lora": lora, "plan": plan, "sampling": sampling, "toy": toy}
 
 
 @pytest.fixture(scope="module")
@@ -280,6 +280,34 @@ def test_an_i2v_model_without_a_start_image_is_refused_before_any_pass(pack, fol
     with pytest.raises(ValueError, match="Block Importance: this is an " + message):
         pack["importance"].BlockImportance.execute(low, inputs["videos"], inputs["positive"], 1, 1, SEED, 0.5,
                                                    True, 0.0, 0.9)
+
+
+def test_load_prune_plan_gives_the_chosen_experts_plan_of_a_two_expert_file(pack, folder, tmp_path):
+    """The file Save Prune Plan writes from Block Importance (two experts) (and train.stage1 of A14B): one
+    expert's plan, for Apply Prune Plan on that expert."""
+    import folder_paths
+    from FastLightGen.nodes.dit import skipped_blocks
+
+    from fastlightgen.plan import ExpertPlans, PrunePlan
+
+    high, low, _, _ = _pair(pack, "toy_t2v_high_noise_14B_fp8_scaled.safetensors",
+                            "toy_t2v_low_noise_14B_fp8_scaled.safetensors", boundary=0.9)
+    fingerprint = pack["plan"].fingerprint(high)
+    plans = ExpertPlans(0.9, {"high": PrunePlan.from_blocks(fingerprint, [1]),
+                              "low": PrunePlan.from_blocks(fingerprint, [2, 3])})
+    folder_paths.add_model_folder_path(pack["plan"].PLAN_FOLDER, str(tmp_path), is_default=True)
+    try:
+        pack["plan"].SavePrunePlan.execute(plans, "a14b_plans", False)
+        load = pack["plan"].LoadPrunePlan.execute
+        for expert, model in (("high", high), ("low", low)):
+            plan, info = load("a14b_plans.json", "", f"{expert}_noise").args
+            assert plan == plans.plans[expert] == load(pack["plan"].PASTED, plans.to_json(), f"{expert}_noise").args[0]
+            assert info.startswith(f"the {expert}-noise expert's plan of two (boundary 0.9): ")
+            assert f"drops {plan.dropped}" in info
+            pruned = pack["plan"].ApplyPrunePlan.execute(model, plan).args[0]
+            assert pruned is not model and skipped_blocks(pruned) == plans.plans[expert].dropped
+    finally:
+        folder_paths.folder_names_and_paths[pack["plan"].PLAN_FOLDER][0].remove(str(tmp_path))
 
 
 # ---------------------------------------------------------------- a LoRA pair on two pruned experts
