@@ -178,7 +178,8 @@ class LoadPrunePlan(io.ComfyNode):
                                tooltip=f"A .json plan in models/{PLAN_FOLDER}, or '{PASTED}' to use plan_json."),
                 io.String.Input("plan_json", multiline=True, default="",
                                 tooltip=f"The plan's JSON, used when plan_name is '{PASTED}'."),
-                io.Combo.Input("expert", options=EXPERT_CHOICES, default=EXPERT_CHOICES[0],
+                # optional: a prompt saved before this input existed still validates
+                io.Combo.Input("expert", options=EXPERT_CHOICES, default=EXPERT_CHOICES[0], optional=True,
                                tooltip="For the plans of a two-expert model (Block Importance (two experts), "
                                        "train.stage1 on Wan 2.2 A14B): which expert's plan to load, for that "
                                        "expert's MODEL. A one-model plan has no experts and ignores it."),

@@ -30,12 +30,16 @@ STUDENT_ADAPTER = "toy_student_adapter.safetensors"
 DEMO_LORA = "toy_teacher_demo_lora.safetensors"  # scripts/make_toy_lora.py
 # the Wan 2.2 tiny decoder under the name ComfyUI's Load VAE takes from models/vae_approx (nodes.py, video_taes)
 WAN22_TINY_VAE = "lighttaew2_2.safetensors"
-# Wan 2.2 T2V-A14B: the files ComfyUI's own Wan 2.2 14B templates load, and the student's two files,
-A14B_TEACHER = {"high": "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
-                "low": "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"}
-# what `python -m train.export -c configs/wan2.2-t2v-a14b.yaml` writes (train.export.expert_out)
-A14B_STUDENT = {"high": "wan2.2-t2v-a14b-fastlightgen_high_noise.safetensors",
-                "low": "wan2.2-t2v-a14b-fastlightgen_low_noise.safetensors"}
+# Wan 2.2 A14B, T2V and I2V, with their boundaries: the files ComfyUI's own Wan 2.2 14B templates load, and the
+# student's two files as `python -m train.export -c configs/wan2.2-<variant>-a14b.yaml` writes them
+# (train.export.expert_out)
+A14B_BOUNDARY = {"t2v": 0.875, "i2v": 0.9}
+A14B_TEACHER = {variant: {expert: f"wan2.2_{variant}_{expert}_noise_14B_fp8_scaled.safetensors"
+                          for expert in ("high", "low")} for variant in A14B_BOUNDARY}
+A14B_STUDENT = {variant: {expert: f"wan2.2-{variant}-a14b-fastlightgen_{expert}_noise.safetensors"
+                          for expert in ("high", "low")} for variant in A14B_BOUNDARY}
+A14B_SIZE = {"width": 1280, "height": 720, "length": 81, "batch_size": 1}  # 81 frames at 720p, as the configs
+A14B_START_IMAGE = "example.png"
 UMT5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 WAN21_VAE = "wan_2.1_vae.safetensors"
 A14B_PROMPT = "a red fox running through fresh snow, morning light"
@@ -100,10 +104,23 @@ def _a14b_text() -> list[Node]:
     ]
 
 
-def _a14b_video(sampler: str) -> list[Node]:
-    """An empty 81-frame 720p latent in, the Wan 2.1 VAE's decode of `sampler`'s latent out, as a video."""
+def _a14b_start(variant: str) -> tuple[list[Node], dict[str, tuple[str, int]]]:
+    """The 81-frame 720p start latent of an A14B workflow, and where its samplers take positive, negative and
+    latent_image: for T2V an empty latent and the prompts; for I2V WanImageToVideo's, which encodes the start image
+    with the Wan 2.1 VAE into both prompts (what fills I2V-A14B's 36 input channels beside the latent)."""
+    if variant == "t2v":
+        return [Node("latent", "EmptyHunyuanLatentVideo", A14B_SIZE)], {
+            "positive": ("positive", 0), "negative": ("negative", 0), "latent_image": ("latent", 0)}
+    return [Node("image", "LoadImage", {"image": A14B_START_IMAGE}, title="Load Image (the first frame)"),
+            Node("latent", "WanImageToVideo", A14B_SIZE, {"positive": ("positive", 0), "negative": ("negative", 0),
+                                                          "vae": ("vae", 0), "start_image": ("image", 0)})], {
+        "positive": ("latent", 0), "negative": ("latent", 1), "latent_image": ("latent", 2)}
+
+
+def _a14b_video(sampler: str, start: list[Node]) -> list[Node]:
+    """The `start` latent's nodes in, the Wan 2.1 VAE's decode of `sampler`'s latent out, as a video."""
     return [
-        Node("latent", "EmptyHunyuanLatentVideo", {"width": 1280, "height": 720, "length": 81, "batch_size": 1}),
+        *start,
         Node("vae", "VAELoader", {"vae_name": WAN21_VAE}),
         Node("decode", "VAEDecode", links={"samples": (sampler, 0), "vae": ("vae", 0)}),
         Node("video", "CreateVideo", {"fps": 16.0}, {"images": ("decode", 0)}),
@@ -112,29 +129,80 @@ def _a14b_video(sampler: str) -> list[Node]:
     ]
 
 
-def _expert_pair(files: dict[str, str]) -> Node:
+def _expert_pair(files: dict[str, str], boundary: float = 0.875) -> Node:
     return Node("experts", "FastLightGenLoadExpertPair", {"high_noise_name": files["high"],
                                                           "low_noise_name": files["low"], "weight_dtype": "default",
-                                                          "boundary": 0.875})
+                                                          "boundary": boundary})
 
 
-def _a14b_stock_expert(expert: str, steps: tuple[int, int], first: bool) -> list[Node]:
+def _a14b_stock_expert(variant: str, expert: str, steps: tuple[int, int], first: bool) -> list[Node]:
     """One expert in stock nodes: Load Diffusion Model, shift 5, KSamplerAdvanced on its steps of the 4 (lcm,
     simple, CFG 1: the student's schedule [1, 0.9375, 0.833, 0.625]); the first adds the noise and hands its
     noisy latent on, the second continues it."""
     loader, shift, sampler = f"{expert}_model", f"{expert}_shift", f"{expert}_sampler"
+    inputs = _a14b_start(variant)[1]
     return [
-        Node(loader, "UNETLoader", {"unet_name": A14B_STUDENT[expert], "weight_dtype": "default"},
+        Node(loader, "UNETLoader", {"unet_name": A14B_STUDENT[variant][expert], "weight_dtype": "default"},
              title=f"Load Diffusion Model ({expert}-noise)"),
         Node(shift, "ModelSamplingSD3", {"shift": 5.0}, {"model": (loader, 0)}),
         Node(sampler, "KSamplerAdvanced",
              {"add_noise": "enable" if first else "disable", "noise_seed": 0, "steps": 4, "cfg": 1.0,
               "sampler_name": "lcm", "scheduler": "simple", "start_at_step": steps[0], "end_at_step": steps[1],
               "return_with_leftover_noise": "enable" if first else "disable"},
-             {"model": (shift, 0), "positive": ("positive", 0), "negative": ("negative", 0),
-              "latent_image": ("latent", 0) if first else ("high_sampler", 0)},
+             {"model": (shift, 0), **inputs, **({} if first else {"latent_image": ("high_sampler", 0)})},
              title=f"KSampler (Advanced) {expert}: {steps[0]}-{steps[1]}"),
     ]
+
+
+def _a14b_files(variant: str, folders: str) -> str:
+    """Where an A14B student workflow's files go, for its note."""
+    files = (f"The student's two expert files in {folders} (python -m train.export), {UMT5} in "
+             f"models/text_encoders, {WAN21_VAE} in models/vae")
+    return files + (f", the start image in input/ ({A14B_START_IMAGE})." if variant == "i2v" else ".")
+
+
+def _a14b_stock(variant: str) -> Workflow:
+    """The 4-step student of `variant` in stock nodes only: ComfyUI's own two-expert graph."""
+    model = f"{variant.upper()}-A14B"
+    start, _ = _a14b_start(variant)
+    return Workflow(
+        f"fastlightgen_wan22_{variant}_a14b_4step_stock",
+        f"# FastLightGen: 4-step Wan 2.2 {model} student in stock nodes only (not run in tests)\n"
+        f"{_a14b_files(variant, 'models/diffusion_models')} Each expert: Load Diffusion Model + "
+        "ModelSamplingSD3 (shift 5) + KSampler (Advanced) with lcm, simple, CFG 1 over 4 steps: the "
+        "high-noise expert takes steps 0-2 (sigmas 1, 0.9375) and hands its noisy latent on, the low-noise "
+        f"one steps 2-4 (0.833, 0.625). FastLightGen's template `fastlightgen_wan22_{variant}_a14b_4step` does the "
+        "same in fewer nodes.", [
+            *_a14b_text(),
+            Node("negative", "CLIPTextEncode", {"text": ""}, {"clip": ("clip", 0)},
+                 title="Negative (unused at CFG 1)"),
+            *_a14b_stock_expert(variant, "high", (0, 2), first=True),
+            *_a14b_stock_expert(variant, "low", (2, 4), first=False),
+            *_a14b_video("low_sampler", start),
+        ])
+
+
+def _a14b_pack(variant: str) -> Workflow:
+    """The 4-step student of `variant` in the pack's nodes: Load FastLightGen Expert Pair -> FastLightGen Sampler."""
+    model, boundary = f"{variant.upper()}-A14B", A14B_BOUNDARY[variant]
+    start, inputs = _a14b_start(variant)
+    negative = [Node("negative", "CLIPTextEncode", {"text": ""}, {"clip": ("clip", 0)},
+                     title="Negative (WanImageToVideo takes one; unused at CFG 1)")] if variant == "i2v" else []
+    return Workflow(
+        f"fastlightgen_wan22_{variant}_a14b_4step",
+        f"# FastLightGen: 4-step Wan 2.2 {model} student (not run in tests)\n"
+        f"{_a14b_files(variant, 'models/diffusion_models or models/fastlightgen')} Load FastLightGen Expert Pair "
+        "reads both experts, the boundary and the recommended 4 steps from their metadata (a swapped or mixed pair "
+        "is refused); FastLightGen Sampler gives each step to the expert whose range holds its sigma, as the stock "
+        f"template `fastlightgen_wan22_{variant}_a14b_4step_stock` does with two KSamplerAdvanced.", [
+            _expert_pair(A14B_STUDENT[variant], boundary),
+            *_a14b_text(),
+            *negative,
+            Node("sampler", "FastLightGenSampler", {"seed": 0, "boundary": boundary},
+                 {"model": ("experts", 0), "model_low_noise": ("experts", 1), "positive": inputs["positive"],
+                  "latent_image": inputs["latent_image"], "sigmas": ("experts", 2)}),
+            *_a14b_video("sampler", start),
+        ])
 
 
 WORKFLOWS = [
@@ -307,43 +375,15 @@ WORKFLOWS = [
                       "`safetensors/`) has the same architecture; Load VAE lists it from `models/vae/` under its "
                       "own name. Decode only: these files do not encode.", beside="tiny_vae"),
              ]),
-    Workflow("fastlightgen_wan22_t2v_a14b_4step_stock",
-             "# FastLightGen: 4-step Wan 2.2 T2V-A14B student in stock nodes only (not run in tests)\nThe "
-             "student's two expert files in models/diffusion_models (python -m train.export), "
-             f"{UMT5} in models/text_encoders, {WAN21_VAE} in models/vae. Each expert: Load Diffusion Model + "
-             "ModelSamplingSD3 (shift 5) + KSampler (Advanced) with lcm, simple, CFG 1 over 4 steps: the "
-             "high-noise expert takes steps 0-2 (sigmas 1, 0.9375) and hands its noisy latent on, the low-noise "
-             "one steps 2-4 (0.833, 0.625). FastLightGen's template `fastlightgen_wan22_t2v_a14b_4step` does the "
-             "same in fewer nodes.", [
-                 *_a14b_text(),
-                 Node("negative", "CLIPTextEncode", {"text": ""}, {"clip": ("clip", 0)},
-                      title="Negative (unused at CFG 1)"),
-                 *_a14b_stock_expert("high", (0, 2), first=True),
-                 *_a14b_stock_expert("low", (2, 4), first=False),
-                 *_a14b_video("low_sampler"),
-             ]),
-    Workflow("fastlightgen_wan22_t2v_a14b_4step",
-             "# FastLightGen: 4-step Wan 2.2 T2V-A14B student (not run in tests)\nThe student's two expert "
-             "files in models/diffusion_models or models/fastlightgen (python -m train.export), "
-             f"{UMT5} in models/text_encoders, {WAN21_VAE} in models/vae. Load FastLightGen Expert Pair reads both "
-             "experts, the boundary and the recommended 4 steps from their metadata (a swapped or mixed pair is refused); FastLightGen Sampler "
-             "gives each step to the expert whose range holds its sigma, as the stock template "
-             "`fastlightgen_wan22_t2v_a14b_4step_stock` does with two KSamplerAdvanced.", [
-                 _expert_pair(A14B_STUDENT),
-                 *_a14b_text(),
-                 Node("sampler", "FastLightGenSampler", {"seed": 0, "boundary": 0.875},
-                      {"model": ("experts", 0), "model_low_noise": ("experts", 1), "positive": ("positive", 0),
-                       "latent_image": ("latent", 0), "sigmas": ("experts", 2)}),
-                 *_a14b_video("sampler"),
-             ]),
+    *(workflow for variant in A14B_BOUNDARY for workflow in (_a14b_stock(variant), _a14b_pack(variant))),
     Workflow("fastlightgen_wan22_t2v_a14b_block_importance",
              "# FastLightGen: Stage I of both Wan 2.2 T2V-A14B experts (not run in tests)\nThe A14B teacher "
-             f"as ComfyUI's own template loads it ({A14B_TEACHER['high']} and {A14B_TEACHER['low']} in "
+             f"as ComfyUI's own template loads it ({A14B_TEACHER['t2v']['high']} and {A14B_TEACHER['t2v']['low']} in "
              f"models/diffusion_models), {UMT5}, {WAN21_VAE}, and a real video clip in input/ with its caption. "
              "Each expert is scored on its part of the schedule (the high-noise one on sigmas above the boundary "
              "0.875, the low-noise one below) at 480p, 17 frames; the expert plans are saved for "
              "`python -m train.stage2 --set stage2.plan=PATH stage2.expert=high` (and low).", [
-                 _expert_pair(A14B_TEACHER),
+                 _expert_pair(A14B_TEACHER["t2v"]),
                  Node("clip", "CLIPLoader", {"clip_name": UMT5, "type": "wan", "device": "default"}),
                  Node("positive", "CLIPTextEncode", {"text": "a dog running on a beach at sunset"},
                       {"clip": ("clip", 0)}, title="CLIP Text Encode (the clip's caption)"),

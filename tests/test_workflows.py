@@ -27,9 +27,10 @@ WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 # run in test_workflow_wan22.py, with a random full-size Wan 2.2 VAE and the toy text encoder for UMT5, and in
 # test_workflow_a14b.py, on tiny experts and a tiny Wan 2.1 VAE under the real names
 NOT_RUN = {"fastlightgen_wan22_ti2v_5b_4step": "needs the real Wan 2.2 TI2V-5B, UMT5 and Wan VAE weights",
-           **{name: "needs the real Wan 2.2 T2V-A14B, UMT5 and Wan 2.1 VAE weights" for name in (
-               "fastlightgen_wan22_t2v_a14b_4step_stock", "fastlightgen_wan22_t2v_a14b_4step",
-               "fastlightgen_wan22_t2v_a14b_block_importance")}}
+           **{f"fastlightgen_wan22_{variant}_a14b_{kind}": f"needs the real Wan 2.2 {variant.upper()}-A14B, UMT5 and "
+              "Wan 2.1 VAE weights" for variant, kind in (("t2v", "4step_stock"), ("t2v", "4step"),
+                                                          ("t2v", "block_importance"), ("i2v", "4step_stock"),
+                                                          ("i2v", "4step"))}}
 NODE_IDS = {
     "FastLightGenBlockImportance", "FastLightGenPrunePlan", "FastLightGenApplyPrunePlan",
     "FastLightGenLoadCheckpoint", "FastLightGenWellGuidedTeacher", "FastLightGenTeacherMixSweep",
