@@ -32,7 +32,8 @@ TYPICAL = {
     "FastLightGenApplyPrunePlan": "Load FastLightGen Checkpoint -> Apply Prune Plan (plan from Block Importance, "
     "Prune Plan or Load Prune Plan) -> the stock KSampler -> VAE Decode (Toy Decode for the toy world).",
     "FastLightGenLoadPrunePlan": "Load Prune Plan -> Apply Prune Plan, Well-Guided Teacher or Teacher Mix Sweep; "
-    "the same plan file that training reads.",
+    "the same plan file that training reads. A two-expert plan file (Wan 2.2 A14B): one Load Prune Plan per "
+    "expert (`expert` high_noise / low_noise) -> Apply Prune Plan on that expert's MODEL.",
     "FastLightGenSavePrunePlan": "Block Importance (or Prune Plan) -> Save Prune Plan; then "
     "`python -m train.stage2 --set stage2.plan=PATH` or Load Prune Plan in another graph. Block Importance "
     "(two experts) -> Save Prune Plan (`expert_plans`) -> `train.stage2 ... stage2.expert=high` (and low).",
@@ -42,8 +43,8 @@ TYPICAL = {
     "and `table` with a text preview.",
     "FastLightGenLoadExpertPair": "Load FastLightGen Expert Pair (`model_high_noise`, `model_low_noise`, the "
     "recommended `SIGMAS`) -> FastLightGen Sampler (`model`, `model_low_noise`, `sigmas`), with CLIPLoader type "
-    "wan + CLIP Text Encode and EmptyHunyuanLatentVideo -> VAE Decode (Wan 2.1 VAE) -> Create Video -> Save Video; "
-    "or -> Block Importance (two experts).",
+    "wan + CLIP Text Encode and EmptyHunyuanLatentVideo (I2V-A14B: WanImageToVideo with Load Image, its positive "
+    "and latent) -> VAE Decode (Wan 2.1 VAE) -> Create Video -> Save Video; or -> Block Importance (two experts).",
     "FastLightGenLoadCheckpoint": "Load FastLightGen Checkpoint -> FastLightGen Sampler (`MODEL` and the "
     "recommended `SIGMAS`), with a text encoder (CLIPLoader type wan + CLIP Text Encode) and "
     "Wan22ImageToVideoLatent for the start latent -> VAE Decode -> Create Video -> Save Video.",
@@ -62,7 +63,7 @@ TYPICAL = {
     "FastLightGenSampler": "Load FastLightGen Checkpoint (`MODEL`, `SIGMAS`) + a prompt + a start latent "
     "(Wan22ImageToVideoLatent, or Toy First-Frame Latent) -> FastLightGen Sampler -> VAE Decode -> "
     "Create Video -> Save Video. Wan 2.2 A14B: Load FastLightGen Expert Pair -> both experts into `model` and "
-    "`model_low_noise`.",
+    "`model_low_noise`; I2V-A14B takes WanImageToVideo's `positive` and `latent` (the start image).",
     "FastLightGenStudentLoRA": "Load FastLightGen Checkpoint (the student) -> FastLightGen LoRA (pruned "
     "student) with a LoRA made for the full model -> FastLightGen Sampler. The stock Load LoRA would put "
     "the LoRA's blocks on the wrong student blocks.",
