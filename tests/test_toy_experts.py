@@ -47,7 +47,8 @@ def test_two_expert_arm_runs_each_stage_once_in_one_keyed_folder(tmp_path, monke
     monkeypatch.setattr(experts.stage3, "run",
                         fake("stage3", lambda cfg: [folder(cfg) / "stage3" / e / RUN_FILE for e in EXPERTS]))
     monkeypatch.setattr(experts.export, "run",
-                        fake("export", lambda cfg: [folder(cfg) / f"student_{e}.safetensors" for e in EXPERTS]))
+                        fake("export", lambda cfg: [experts.export.expert_out(folder(cfg) / "student.safetensors", e)
+                                                    for e in EXPERTS]))
     settings = [f"model.teacher={TEACHER}", f"model.teacher_2={TEACHER}", "model.boundary=0.875"]
     outs = experts.two_expert_students(tmp_path, settings, str(REPO / experts.CONFIG)).students
     assert calls == [("stage1", ""), ("stage2", "high"), ("stage2", "low"), ("stage3", ""), ("export", "")]
