@@ -1,6 +1,6 @@
 """Which expert of a two-expert model (Wan 2.2 A14B) a MODEL is, carried on the MODEL itself.
 
-The pack's loaders attach a `fastlightgen.expert_pair.ExpertTag` (the expert, the boundary, the file) to each
+The pack's loaders attach a `fastlightgen.expert_files.ExpertTag` (the expert, the boundary, the file) to each
 expert's ModelPatcher (clones keep it; Apply Student Adapter passes it on), so the nodes taking both experts
 (FastLightGen Sampler, Block Importance (two experts)) check the wiring and take the boundary from the files, and
 Block Importance scores one expert only on its part of the schedule, before any model pass. A MODEL from the
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from comfy.model_patcher import ModelPatcher
 
-from fastlightgen.expert_pair import ExpertTag, pair_boundary
+from fastlightgen.expert_files import ExpertTag, pair_boundary
 from fastlightgen.experts import I2V_BOUNDARY, T2V_BOUNDARY, sigma_range
 
 TAG = "fastlightgen_expert"

@@ -17,7 +17,7 @@ import torch
 from comfy_api.latest import io
 
 from fastlightgen.checkpoint import LoadedCheckpoint, read_checkpoint, read_meta
-from fastlightgen.expert_pair import ExpertTag, meta_tag, pair_boundary, pair_sampling
+from fastlightgen.expert_files import ExpertTag, meta_tag, pair_boundary, pair_sampling
 from fastlightgen.experts import T2V_BOUNDARY
 from fastlightgen.sampling import FEW_STEP
 

@@ -1,10 +1,10 @@
-"""fastlightgen.expert_pair: which file of a two-expert pair is which expert, and the pair's boundary and schedule."""
+"""fastlightgen.expert_files: which file of a two-expert pair is which expert, and the pair's boundary and schedule."""
 from __future__ import annotations
 
 import pytest
 
 from fastlightgen.checkpoint import CheckpointMeta
-from fastlightgen.expert_pair import ExpertTag, meta_tag, named_expert, pair_boundary, pair_sampling
+from fastlightgen.expert_files import ExpertTag, meta_tag, named_expert, pair_boundary, pair_sampling
 from fastlightgen.sampling import FEW_STEP, Sampling
 
 
