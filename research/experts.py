@@ -90,19 +90,21 @@ def one_expert_student(root: Path, settings: list[str], config: str = CONFIG) ->
     return Arm({"": out}, {"Stage II": stage2_folder, "Stage III": folder})
 
 
-def arm_key(cfg: Config) -> str:
-    """Everything the two-expert arm's result depends on: Stage I's identity (both experts' contents, the boundary,
-    data, seed) and the Stage II and III settings."""
+def stages_key(cfg: Config, *stages: str) -> str:
+    """Everything the runs of `stages` depend on: Stage I's identity (both experts' contents, the boundary, data,
+    seed) and the later stages' settings."""
     identity = run_identity(cfg, "stage1", cfg.dist.world_size, whole_run=True)
-    return identity_hash({**identity, "stage2": vars(cfg.stage2), "stage3": vars(cfg.stage3)})
+    return identity_hash({**identity, **{stage: vars(getattr(cfg, stage)) for stage in stages}})
 
 
 def two_expert_students(root: Path, settings: list[str], config: str = CONFIG) -> Arm:
-    """The two-expert arm: each stage run unless its output exists, all in one run folder keyed by `arm_key`
-    (Stage III reads both experts' Stage II runs from it), then one exported student per expert."""
+    """The two-expert arm: each stage run unless its output exists, then one exported student per expert. Stage I
+    and both experts' Stage II runs share a folder keyed by their settings (`stages_key`); Stage III runs in a
+    folder of its own inside it, keyed by its settings too, starting from them (stage3.init), so another Stage III
+    budget reuses Stages I and II."""
     cfg = load_config(config, settings)
-    folder = root / f"two_experts-{arm_key(cfg)}"
-    cfg = StageCache.config_with(cfg, {"run.run_dir": str(folder), "export.out": str(folder / "student.safetensors")})
+    folder = root / f"two_experts-{stages_key(cfg, 'stage2')}"
+    cfg = StageCache.config_with(cfg, {"run.run_dir": str(folder)})
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     if not (folder / "stage1" / "plan.json").is_file():
@@ -111,12 +113,16 @@ def two_expert_students(root: Path, settings: list[str], config: str = CONFIG) -
         one = StageCache.config_with(cfg, {"stage2.expert": expert})
         if not (one.stage_dir("stage2") / RUN_FILE).is_file():
             stage2.run(one, resume=True)
-    if not all((folder / "stage3" / e / RUN_FILE).is_file() for e in EXPERTS):
+    last = folder / f"stage3-{stages_key(cfg, 'stage2', 'stage3')}"
+    cfg = StageCache.config_with(cfg, {"run.run_dir": str(last), "stage3.init": str(folder),
+                                       "stage3.plan": str(folder / "stage1" / "plan.json"),
+                                       "export.out": str(last / "student.safetensors")})
+    if not all((last / "stage3" / e / RUN_FILE).is_file() for e in EXPERTS):
         stage3.run(cfg, resume=True)
-    outs = {e: export.expert_out(folder / "student.safetensors", e) for e in EXPERTS}
+    outs = {e: export.expert_out(last / "student.safetensors", e) for e in EXPERTS}
     if not all(p.is_file() for p in outs.values()):
         export.run(cfg)
-    return Arm(outs, {**{f"Stage II {e}": folder / f"stage2_{e}" for e in EXPERTS}, "Stage III": folder / "stage3"})
+    return Arm(outs, {**{f"Stage II {e}": folder / f"stage2_{e}" for e in EXPERTS}, "Stage III": last / "stage3"})
 
 
 def logged_steps(folder: Path) -> tuple[int, float]:

@@ -543,15 +543,15 @@ def test_stage3_draws_each_expert_with_its_share_of_the_dmd_law(folders, shards,
                                            cfg.stage3.shift), rtol=0, atol=0)
 
 
-def test_stage3_of_two_experts_refuses_one_stage2_run_and_names_a_missing_expert(folders, shards, tmp_path):
-    from train import stage3
+def test_stage3_of_two_experts_refuses_one_stage2_file_and_names_a_missing_expert(folders, shards, tmp_path):
+    from train import stage1, stage2, stage3
 
     settings = a14b_settings(folders["t2v"], shards, tmp_path)
-    with pytest.raises(ValueError, match=r"stage3.init=x.safetensors names one Stage II run.*stage2_high and "
-                                         r"stage2_low\): leave stage3.init empty"):
-        stage3.run(load_config(None, [*settings, "stage3.init=x.safetensors"]))
-    from train import stage1, stage2
-
+    one_file = tmp_path / "x.safetensors"
+    one_file.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"stage3.init=.*x.safetensors is one Stage II run's file.*set stage3.init to "
+                                         r"the run folder holding stage2_high/ and stage2_low/"):
+        stage3.run(load_config(None, [*settings, f"stage3.init={one_file}"]))
     stage1.run(load_config(None, [*settings, "stage2.iterations=1"]))
     stage2.run(load_config(None, [*settings, "stage2.iterations=1", "stage2.expert=high"]))
     with pytest.raises(FileNotFoundError, match=r"stage3.init\[low\] .*stage2_low/model.safetensors does not exist: "
@@ -569,15 +569,12 @@ def test_stage3_of_two_experts_under_zero3_two_processes_matches_the_single_proc
 
     from train import stage3
 
-    import shutil
-
     run = {**STAGE3, "stage3.fake_updates": 1}
     single = a14b_settings(folders["t2v"], shards, tmp_path / "single", **run)
     two_expert_stage2(single)
     stage3.run(load_config(None, [*single, "stage3.iterations=1"]))
-    for stage in ("stage1", "stage2_high", "stage2_low"):  # the same Stage I and II runs in the sharded run's folder
-        shutil.copytree(tmp_path / "single" / stage, tmp_path / "zero3" / stage)
-    zero3 = a14b_settings(folders["t2v"], shards, tmp_path / "zero3", **ZERO3, **run)
+    zero3 = a14b_settings(folders["t2v"], shards, tmp_path / "zero3", **ZERO3, **run, **{  # the same Stage I and II runs
+        "stage3.init": tmp_path / "single", "stage3.plan": tmp_path / "single" / "stage1" / "plan.json"})
     torchrun("train.stage3", [arg for setting in zero3 for arg in ("--set", setting)])
     first, sharded = metrics(tmp_path / "single" / "stage3")[0], metrics(tmp_path / "zero3" / "stage3")
     assert [r["step"] for r in sharded] == [1, 2]
@@ -616,16 +613,13 @@ def test_stage3_of_the_i2v_experts_feeds_every_prediction_its_36_channels(folder
 def test_stage3_of_two_experts_resumes_bit_identically(folders, shards, tmp_path):
     """A two-expert Stage III stopped after its first iteration and resumed ends with the same students, bit for bit,
     as one run straight through: both experts' generators, fake scores and optimizers are in its checkpoints."""
-    import shutil
-
     from train import stage3
 
     straight = a14b_settings(folders["t2v"], shards, tmp_path / "straight", **STAGE3)
     two_expert_stage2(straight)
     stage3.run(load_config(None, straight))
-    for stage in ("stage1", "stage2_high", "stage2_low"):
-        shutil.copytree(tmp_path / "straight" / stage, tmp_path / "resumed" / stage)
-    resumed = a14b_settings(folders["t2v"], shards, tmp_path / "resumed", **STAGE3)
+    resumed = a14b_settings(folders["t2v"], shards, tmp_path / "resumed", **STAGE3, **{  # the same Stage I and II runs
+        "stage3.init": tmp_path / "straight", "stage3.plan": tmp_path / "straight" / "stage1" / "plan.json"})
     stage3.run(load_config(None, [*resumed, "stage3.iterations=1"]))
     students = {e: tmp_path / "resumed" / "stage3" / e / "model.safetensors" for e in ("high", "low")}
     after_one = {e: load_file(str(path)) for e, path in students.items()}

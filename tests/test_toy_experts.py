@@ -53,11 +53,13 @@ def test_two_expert_arm_runs_each_stage_once_in_one_keyed_folder(tmp_path, monke
     outs = experts.two_expert_students(tmp_path, settings, str(REPO / experts.CONFIG)).students
     assert calls == [("stage1", ""), ("stage2", "high"), ("stage2", "low"), ("stage3", ""), ("export", "")]
     assert set(outs) == set(EXPERTS) and all(p.is_file() for p in outs.values())
-    assert outs["high"].parent.name.startswith("two_experts-")
+    assert outs["high"].parent.name.startswith("stage3-") and outs["high"].parent.parent.name.startswith("two_experts-")
     experts.two_expert_students(tmp_path, settings, str(REPO / experts.CONFIG))
     assert len(calls) == 5  # all cached
+    experts.two_expert_students(tmp_path, [*settings, "stage3.iterations=5"], str(REPO / experts.CONFIG))
+    assert calls[5:] == [("stage3", ""), ("export", "")]  # another Stage III budget reuses Stages I and II
     experts.two_expert_students(tmp_path, [*settings, "stage2.iterations=5"], str(REPO / experts.CONFIG))
-    assert len(calls) == 10  # another budget: another folder
+    assert len(calls) == 12  # another Stage II budget: another folder
 
 
 def test_logged_steps_reads_a_log_of_every_nth_step(tmp_path):

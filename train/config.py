@@ -166,7 +166,9 @@ class Stage2Config:
 
 @dataclass
 class Stage3Config:
-    init: str = ""  # Stage II weights; default run_dir/stage2/model.safetensors; "teacher": no Stage II
+    # Stage II weights; default run_dir/stage2/model.safetensors; "teacher": no Stage II. Two experts: the run folder
+    # holding stage2_high/ and stage2_low/ (default run_dir)
+    init: str = ""
     plan_teacher: str = one_of("pruned", "unpruned")  # real and fake score on the pruned path (eq. 9) or all blocks
     plan: str = ""  # default run_dir/stage1/plan.json
     lr: float = 5e-7  # generator

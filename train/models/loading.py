@@ -118,10 +118,10 @@ def stage_expert(cfg: Config, stage: str) -> str | None:
                          f"{' or '.join(EXPERTS)} (Stage II trains one per run)" if two else
                          f"stage2.expert={expert} needs a two-expert model (model.path holding transformer_2/, or "
                          f"model.teacher_2); clear it for this one-expert model")
-    if stage == "stage3" and two and cfg.stage3.init not in ("", "teacher"):
-        raise ValueError(f"stage3.init={cfg.stage3.init} names one Stage II run, but a two-expert model starts each "
-                         "expert from its own (run_dir/stage2_high and stage2_low): leave stage3.init empty, or set "
-                         "it to teacher")
+    if stage == "stage3" and two and Path(cfg.stage3.init).is_file():
+        raise ValueError(f"stage3.init={cfg.stage3.init} is one Stage II run's file, but a two-expert model starts each "
+                         "expert from its own: set stage3.init to the run folder holding stage2_high/ and stage2_low/ "
+                         "(empty: this run's run_dir), or to teacher")
     return expert
 
 
@@ -316,12 +316,15 @@ def stage_inputs(cfg: Config, stage: str) -> dict[str, tuple[Path, str]]:
 
 def stage3_start(cfg: Config, expert: str | None) -> Path | None:
     """The Stage II weights Stage III starts from (None: the teacher's, stage3.init=teacher): stage3.init, else
-    run_dir/stage2's; for one expert of two, that expert's Stage II run's."""
+    run_dir/stage2's; for one expert of two, that expert's Stage II run's in the folder stage3.init (a run_dir
+    holding stage2_high/ and stage2_low/), else in run_dir."""
     if cfg.stage3.init == "teacher":
         return None
     if expert is None:
         return Path(cfg.stage3.init) if cfg.stage3.init else cfg.stage_dir("stage2") / MODEL_FILE
-    return replace(cfg, stage2=replace(cfg.stage2, expert=expert)).stage_dir("stage2") / MODEL_FILE
+    runs = replace(cfg, stage2=replace(cfg.stage2, expert=expert),
+                   run=replace(cfg.run, run_dir=cfg.stage3.init or cfg.run.run_dir))
+    return runs.stage_dir("stage2") / MODEL_FILE
 
 
 def check_stage_inputs(cfg: Config, stage: str) -> None:
