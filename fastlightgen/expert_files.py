@@ -2,10 +2,11 @@
 
 A FastLightGen student names its expert and the boundary in its metadata (`CheckpointMeta.expert/boundary`); the
 A14B teacher files ComfyUI distributes carry no metadata, only names (wan2.2_t2v_high_noise_14B_fp8_scaled...),
-so their expert is read from the name and the boundary is the user's. `pair_boundary` checks a pair before
-anything samples it: two files of one expert, a pair wired the wrong way round, or two boundaries that differ
-are errors naming the fix; it returns the sigma where the low-noise expert takes over. `pair_sampling` gives the
-pair's recommended schedule (two that differ: an error).
+so their expert is read from the name and the boundary is the one a node asks for (`experts.requested_boundary`:
+by default the one of the model's kind, I2V's for image-conditioned experts, else T2V's). `pair_boundary` checks
+a pair before anything samples it: two files of one expert, a pair wired the wrong way round, or two boundaries
+that differ are errors naming the fix; it returns the sigma where the low-noise expert takes over.
+`pair_sampling` gives the pair's recommended schedule (two that differ: an error).
 """
 from __future__ import annotations
 

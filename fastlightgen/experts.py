@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Iterable
 
 import torch
 
+from .image_condition import condition_channels
+
 if TYPE_CHECKING:
     from .adapters.base import Conditioning, DiTAdapter
 
@@ -18,6 +20,8 @@ T2V_BOUNDARY = 0.875  # Wan2.2-T2V-A14B's boundary_ratio
 I2V_BOUNDARY = 0.9  # Wan2.2-I2V-A14B's
 # the experts by name, as the settings and plans call them: diffusers' `transformer` and `transformer_2`
 EXPERTS = ("high", "low")
+# A node's boundary input at this value: the boundary the files name, else the one of the model's kind
+AUTO_BOUNDARY = 0.0
 
 
 def takes_high_noise(sigma: float, boundary: float) -> bool:
@@ -27,6 +31,23 @@ def takes_high_noise(sigma: float, boundary: float) -> bool:
 def check_boundary(boundary: float) -> float:
     if not 0.0 < boundary < 1.0:
         raise ValueError(f"the expert boundary must be a sigma in (0, 1), got {boundary}")
+    return boundary
+
+
+def default_boundary(in_channels: int, out_channels: int) -> float:
+    """The boundary of an A14B expert whose file names none, from the model's kind: I2V-A14B's experts take the
+    start image's channels beside the latent (36 in, `image_condition`), T2V-A14B's the latent alone."""
+    return I2V_BOUNDARY if condition_channels(in_channels, out_channels) else T2V_BOUNDARY
+
+
+def requested_boundary(boundary: float, in_channels: int, out_channels: int) -> float:
+    """What a node's boundary input asks for, for experts whose files name none: AUTO_BOUNDARY -> the boundary of
+    the model's kind (of `in_channels` / `out_channels`), else the sigma given."""
+    if boundary == AUTO_BOUNDARY:
+        return default_boundary(in_channels, out_channels)
+    if not 0.0 < boundary < 1.0:
+        raise ValueError(f"the boundary is {boundary}: set 0 to take it from the files or the model (0.875 for "
+                         "T2V-A14B, 0.9 for I2V-A14B), or a sigma in (0, 1)")
     return boundary
 
 

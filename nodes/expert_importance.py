@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from fastlightgen.experts import T2V_BOUNDARY, sigma_range
+from fastlightgen.experts import sigma_range
 from fastlightgen.plan import ExpertPlans
 from fastlightgen.plot import expert_charts
 
-from .experts import experts_boundary
+from .experts import boundary_input, experts_boundary
 from .importance import as_image, check_settings, plan_table, prefix_reuse_input, score_blocks, stage1_inputs
 from .types import ExpertPlansType, PrunePlanType
 from .validate import check_conditioning, check_finite
@@ -49,9 +49,7 @@ class ExpertBlockImportance(io.ComfyNode):
                 ratio_input("high"),
                 ratio_input("low"),
                 prefix_reuse_input(),
-                io.Float.Input("boundary", default=T2V_BOUNDARY, min=0.01, max=0.99, step=0.005,
-                               tooltip="The sigma where the low-noise expert takes over, used only when the "
-                                       "experts' files name none: 0.875 for T2V-A14B, 0.9 for I2V-A14B."),
+                boundary_input(),
             ],
             outputs=[
                 io.Image.Output(display_name="plot", tooltip="One chart per expert, each on its sigma range."),

@@ -10,18 +10,19 @@ metadata and the stock weight_dtype options, so the MODEL is the stock loader's,
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import comfy.sd
 import folder_paths
 import torch
 from comfy_api.latest import io
 
-from fastlightgen.checkpoint import LoadedCheckpoint, read_checkpoint, read_meta
+from fastlightgen.checkpoint import LoadedCheckpoint, header_config, read_checkpoint, read_meta, read_safetensors_header
 from fastlightgen.expert_files import ExpertTag, meta_tag, pair_boundary, pair_sampling
-from fastlightgen.experts import T2V_BOUNDARY
+from fastlightgen.experts import requested_boundary
 from fastlightgen.sampling import FEW_STEP
 
-from .experts import tag_expert
+from .experts import boundary_input, tag_expert
 from .student import mark_student
 from .validate import check_finite, file_choice
 
@@ -61,6 +62,13 @@ def checkpoint_path(name: str) -> str:
         if path is not None:
             return path
     raise ValueError(f"checkpoint {name!r} is in neither models/{FOLDER} nor models/diffusion_models")
+
+
+def file_channels(name: str) -> tuple[int, int]:
+    """(input, output) channels of a file's DiT, from its header: an I2V-A14B expert's 36 tell its boundary."""
+    path = Path(checkpoint_path(name))
+    config = header_config(path, read_safetensors_header(path))
+    return config["in_channels"], config["out_channels"]
 
 
 def describe(ckpt: LoadedCheckpoint) -> str:
@@ -140,7 +148,8 @@ class LoadExpertPair(io.ComfyNode):
             category="FastLightGen",
             description="Loads both experts of a two-expert model (Wan 2.2 A14B: a FastLightGen student's two "
                         "files, or the teacher's high- and low-noise files, fp8_scaled included) as two MODELs, "
-                        "with the recommended SIGMAS. The boundary comes from the students' metadata; a pair of "
+                        "with the recommended SIGMAS. The boundary comes from the students' metadata, else from "
+                        "the model (0.9 for I2V-A14B's image-conditioned experts, 0.875 for T2V-A14B's); a pair of "
                         "one expert, a swapped pair or two boundaries are refused before anything loads. Connect "
                         "both to FastLightGen Sampler (model, model_low_noise).",
             inputs=[
@@ -151,9 +160,7 @@ class LoadExpertPair(io.ComfyNode):
                                tooltip="The low-noise expert's file (e.g. ..._low_noise_14B_fp8_scaled)."),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                                tooltip="As in the stock Load Diffusion Model, for both experts."),
-                io.Float.Input("boundary", default=T2V_BOUNDARY, min=0.01, max=0.99, step=0.005,
-                               tooltip="The sigma where the low-noise expert takes over, used only when the files "
-                                       "name none (the A14B teacher files): 0.875 for T2V-A14B, 0.9 for I2V-A14B."),
+                boundary_input(),
             ],
             outputs=[
                 io.Model.Output(display_name="model_high_noise"),
@@ -176,7 +183,8 @@ class LoadExpertPair(io.ComfyNode):
         names = (high_noise_name, low_noise_name)
         try:  # from the headers, before gigabytes of weights are read
             metas = [read_meta(checkpoint_path(name)) for name in names]
-            boundary = pair_boundary(*(meta_tag(meta, name) for meta, name in zip(metas, names)), boundary)
+            boundary = pair_boundary(*(meta_tag(meta, name) for meta, name in zip(metas, names)),
+                                     requested_boundary(boundary, *file_channels(high_noise_name)))
             sampling = pair_sampling(*metas, names)
         except ValueError as err:
             raise ValueError(f"{PAIR}: {err}") from None

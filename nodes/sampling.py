@@ -20,11 +20,11 @@ import latent_preview
 import torch
 from comfy_api.latest import io, ui
 
-from fastlightgen.experts import T2V_BOUNDARY, split_sigmas
+from fastlightgen.experts import AUTO_BOUNDARY, split_sigmas
 from fastlightgen.flow import denoising_list_sigmas
 from fastlightgen.sampling import FEW_STEP
 
-from .experts import check_not_a_lone_expert, experts_boundary
+from .experts import boundary_input, check_not_a_lone_expert, experts_boundary
 from .plan import parse_numbers
 from .validate import check_conditioning, check_finite, check_finite_result, check_latent
 
@@ -104,17 +104,14 @@ class FastLightGenSampler(io.ComfyNode):
                                tooltip="A two-expert model (Wan 2.2 A14B): the low-noise expert; 'model' is then "
                                        "the high-noise one. Each step goes to the expert whose range holds its "
                                        "sigma."),
-                io.Float.Input("boundary", default=T2V_BOUNDARY, min=0.01, max=0.99, step=0.005, optional=True,
-                               tooltip="The sigma where the low-noise expert takes over: 0.875 for Wan 2.2 "
-                                       "T2V-A14B, 0.9 for I2V-A14B. Used only with model_low_noise, and only "
-                                       "when the experts' files name none (a student's metadata does)."),
+                boundary_input(optional=True),
             ],
             outputs=[io.Latent.Output()],
         )
 
     @classmethod
     def execute(cls, model, positive, latent_image: dict, seed: int, sigmas: torch.Tensor | None = None,
-                model_low_noise=None, boundary: float = T2V_BOUNDARY) -> io.NodeOutput:
+                model_low_noise=None, boundary: float = AUTO_BOUNDARY) -> io.NodeOutput:
         check_finite(SAMPLER, boundary=boundary)
         if model_low_noise is None:
             check_not_a_lone_expert(SAMPLER, model)

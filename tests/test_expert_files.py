@@ -5,6 +5,7 @@ import pytest
 
 from fastlightgen.checkpoint import CheckpointMeta
 from fastlightgen.expert_files import ExpertTag, meta_tag, named_expert, pair_boundary, pair_sampling
+from fastlightgen.experts import AUTO_BOUNDARY, requested_boundary
 from fastlightgen.sampling import FEW_STEP, Sampling
 
 
@@ -32,6 +33,20 @@ def test_the_boundary_is_the_metadatas_else_the_fallback():
     assert pair_boundary(None, None, 0.875) == 0.875
     with pytest.raises(ValueError, match="boundary must be a sigma in"):
         pair_boundary(None, None, 1.5)
+
+
+def test_files_without_a_boundary_take_the_one_of_their_kind_unless_a_node_asks_for_another():
+    assert requested_boundary(AUTO_BOUNDARY, 36, 16) == 0.9  # I2V-A14B: the latent, a mask and the start image
+    assert requested_boundary(AUTO_BOUNDARY, 16, 16) == 0.875  # T2V-A14B: the latent alone
+    assert requested_boundary(0.95, 36, 16) == 0.95
+    for asked in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="set 0 to take it from the files or the model"):
+            requested_boundary(asked, 16, 16)
+    with pytest.raises(ValueError, match="neither T2V/TI2V .* nor I2V"):
+        requested_boundary(AUTO_BOUNDARY, 20, 16)
+    untagged = (ExpertTag("high", None, "h"), ExpertTag("low", None, "l"))
+    assert pair_boundary(*untagged, requested_boundary(AUTO_BOUNDARY, 36, 16)) == 0.9
+    assert pair_boundary(ExpertTag("high", 0.95, "h"), None, requested_boundary(AUTO_BOUNDARY, 36, 16)) == 0.95
 
 
 @pytest.mark.parametrize("high, low, message", [

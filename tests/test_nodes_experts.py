@@ -121,6 +121,53 @@ def test_teacher_files_take_the_boundary_set_on_the_loader(pack, folder, inputs)
     assert "fp8_scaled (fp8_e4m3fn)" in info and "boundary 0.95" in info
 
 
+def _stock(folder, variant: str):
+    """The teacher pair of `variant` from the stock Load Diffusion Model: MODELs without a FastLightGen tag."""
+    import comfy.sd
+
+    return [comfy.sd.load_diffusion_model(str(folder / f"toy_{variant}_{e}_noise_14B_fp8_scaled.safetensors"))
+            for e in ("high", "low")]
+
+
+@pytest.mark.parametrize("variant, boundary", [("t2v", 0.875), ("i2v", 0.9)])
+def test_teacher_files_without_a_boundary_take_the_one_of_their_kind(pack, folder, variant, boundary):
+    """The default boundary input (0) is automatic: I2V-A14B's teacher (36 input channels) gets 0.9, T2V's
+    0.875, from the headers in the loader; an explicit value still wins for files that name none."""
+    names = (f"toy_{variant}_high_noise_14B_fp8_scaled.safetensors",
+             f"toy_{variant}_low_noise_14B_fp8_scaled.safetensors")
+    assert f"boundary {boundary:g}:" in _pair(pack, *names, boundary=0)[3]
+    assert "boundary 0.95:" in _pair(pack, *names, boundary=0.95)[3]
+
+
+@pytest.mark.parametrize("variant, boundary, routed", [
+    ("i2v", 0, ["high", "high", "low", "low"]),  # I2V-A14B's 0.9
+    ("t2v", 0, ["high", "high", "high", "low"]),  # T2V-A14B's 0.875
+    ("i2v", 0.875, ["high", "high", "high", "low"]),  # an explicit boundary wins
+])
+def test_a_stock_loaded_pair_hands_over_at_the_boundary_of_its_kind(pack, folder, inputs, start_image, variant,
+                                                                    boundary, routed):
+    """A step at sigma 0.88 (in [0.875, 0.9)) belongs to I2V-A14B's low-noise expert and to T2V-A14B's high-noise
+    one: T2V's 0.875 for both, the old default, gave it to I2V's high-noise expert."""
+    positive, latent = start_image["red"] if variant == "i2v" else (inputs["positive"], inputs["latent"])
+    high, low = _stock(folder, variant)
+    calls: list = []
+    with torch.inference_mode():
+        pack["sampling"].FastLightGenSampler.execute(_recording(high, calls, "high"), positive, latent, SEED,
+                                                     torch.tensor([1.0, 0.95, 0.88, 0.5, 0.0]),
+                                                     _recording(low, calls, "low"), boundary)
+    assert [name for name, _ in calls] == routed
+
+
+@pytest.mark.parametrize("variant, boundary", [("t2v", 0.875), ("i2v", 0.9)])
+def test_block_importance_of_a_stock_loaded_pair_takes_the_boundary_of_its_kind(pack, folder, inputs, start_image,
+                                                                                variant, boundary):
+    positive = inputs["positive"] if variant == "t2v" else start_image["red"][0]
+    plans = pack["expert_importance"].ExpertBlockImportance.execute(*_stock(folder, variant), inputs["videos"],
+                                                                    positive, 1, 1, SEED, 0.5, 0.5, True,
+                                                                    0).args[1]
+    assert plans.boundary == boundary
+
+
 def test_fp8_scaled_pairs_load_as_the_stock_loader_loads_them(pack, folder, tmp_path):
     """The A14B teacher files as ComfyUI ships them, and a student pair exported as fp8_scaled: each expert is the
     stock Load Diffusion Model's MODEL (the pack's loader keeps only the blocks it holds)."""
