@@ -22,6 +22,8 @@ sys.path.insert(0, str(REPO))  # run as a file: the repository's packages (resea
 
 from workflow_to_prompt import widget_names  # noqa: E402
 
+from fastlightgen.experts import AUTO_BOUNDARY  # noqa: E402
+
 OUT_DIR = REPO / "workflows"
 STUDENT = "toy_student.safetensors"
 TEACHER = "toy_teacher.safetensors"
@@ -33,11 +35,11 @@ WAN22_TINY_VAE = "lighttaew2_2.safetensors"
 # Wan 2.2 A14B, T2V and I2V, with their boundaries: the files ComfyUI's own Wan 2.2 14B templates load, and the
 # student's two files as `python -m train.export -c configs/wan2.2-<variant>-a14b.yaml` writes them
 # (train.export.expert_out)
-A14B_BOUNDARY = {"t2v": 0.875, "i2v": 0.9}
+A14B_VARIANTS = ("t2v", "i2v")
 A14B_TEACHER = {variant: {expert: f"wan2.2_{variant}_{expert}_noise_14B_fp8_scaled.safetensors"
-                          for expert in ("high", "low")} for variant in A14B_BOUNDARY}
+                          for expert in ("high", "low")} for variant in A14B_VARIANTS}
 A14B_STUDENT = {variant: {expert: f"wan2.2-{variant}-a14b-fastlightgen_{expert}_noise.safetensors"
-                          for expert in ("high", "low")} for variant in A14B_BOUNDARY}
+                          for expert in ("high", "low")} for variant in A14B_VARIANTS}
 A14B_SIZE = {"width": 1280, "height": 720, "length": 81, "batch_size": 1}  # 81 frames at 720p, as the configs
 A14B_START_IMAGE = "example.png"
 UMT5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
@@ -129,10 +131,11 @@ def _a14b_video(sampler: str, start: list[Node]) -> list[Node]:
     ]
 
 
-def _expert_pair(files: dict[str, str], boundary: float = 0.875) -> Node:
+def _expert_pair(files: dict[str, str]) -> Node:
+    """The pair's boundary from its files' metadata, else from the model (T2V-A14B's or I2V-A14B's)."""
     return Node("experts", "FastLightGenLoadExpertPair", {"high_noise_name": files["high"],
                                                           "low_noise_name": files["low"], "weight_dtype": "default",
-                                                          "boundary": boundary})
+                                                          "boundary": AUTO_BOUNDARY})
 
 
 def _a14b_stock_expert(variant: str, expert: str, steps: tuple[int, int], first: bool) -> list[Node]:
@@ -184,7 +187,7 @@ def _a14b_stock(variant: str) -> Workflow:
 
 def _a14b_pack(variant: str) -> Workflow:
     """The 4-step student of `variant` in the pack's nodes: Load FastLightGen Expert Pair -> FastLightGen Sampler."""
-    model, boundary = f"{variant.upper()}-A14B", A14B_BOUNDARY[variant]
+    model = f"{variant.upper()}-A14B"
     start, inputs = _a14b_start(variant)
     negative = [Node("negative", "CLIPTextEncode", {"text": ""}, {"clip": ("clip", 0)},
                      title="Negative (WanImageToVideo takes one; unused at CFG 1)")] if variant == "i2v" else []
@@ -195,10 +198,10 @@ def _a14b_pack(variant: str) -> Workflow:
         "reads both experts, the boundary and the recommended 4 steps from their metadata (a swapped or mixed pair "
         "is refused); FastLightGen Sampler gives each step to the expert whose range holds its sigma, as the stock "
         f"template `fastlightgen_wan22_{variant}_a14b_4step_stock` does with two KSamplerAdvanced.", [
-            _expert_pair(A14B_STUDENT[variant], boundary),
+            _expert_pair(A14B_STUDENT[variant]),
             *_a14b_text(),
             *negative,
-            Node("sampler", "FastLightGenSampler", {"seed": 0, "boundary": boundary},
+            Node("sampler", "FastLightGenSampler", {"seed": 0, "boundary": AUTO_BOUNDARY},
                  {"model": ("experts", 0), "model_low_noise": ("experts", 1), "positive": inputs["positive"],
                   "latent_image": inputs["latent_image"], "sigmas": ("experts", 2)}),
             *_a14b_video("sampler", start),
@@ -242,7 +245,7 @@ WORKFLOWS = [
                  Node("data_text", "FastLightGenToyTextEncode", links={"prompt": ("data", 1)}),
                  Node("importance", "FastLightGenExpertBlockImportance",
                       {"num_timesteps": 2, "num_samples": 1, "seed": 0, "keep_ratio_high_noise": 0.7,
-                       "keep_ratio_low_noise": 0.7, "prefix_reuse": True, "boundary": 0.875},
+                       "keep_ratio_low_noise": 0.7, "prefix_reuse": True, "boundary": AUTO_BOUNDARY},
                       {"model_high_noise": ("experts", 0), "model_low_noise": ("experts", 1), "latent": ("data", 0),
                        "positive": ("data_text", 0)}),
                  Node("plot", "SaveImage", {"filename_prefix": "fastlightgen/two_experts_importance"},
@@ -375,14 +378,14 @@ WORKFLOWS = [
                       "`safetensors/`) has the same architecture; Load VAE lists it from `models/vae/` under its "
                       "own name. Decode only: these files do not encode.", beside="tiny_vae"),
              ]),
-    *(workflow for variant in A14B_BOUNDARY for workflow in (_a14b_stock(variant), _a14b_pack(variant))),
+    *(workflow for variant in A14B_VARIANTS for workflow in (_a14b_stock(variant), _a14b_pack(variant))),
     Workflow("fastlightgen_wan22_t2v_a14b_block_importance",
              "# FastLightGen: Stage I of both Wan 2.2 T2V-A14B experts (not run in tests)\nThe A14B teacher "
              f"as ComfyUI's own template loads it ({A14B_TEACHER['t2v']['high']} and {A14B_TEACHER['t2v']['low']} in "
              f"models/diffusion_models), {UMT5}, {WAN21_VAE}, and a real video clip in input/ with its caption. "
-             "Each expert is scored on its part of the schedule (the high-noise one on sigmas above the boundary "
-             "0.875, the low-noise one below) at 480p, 17 frames; the expert plans are saved for "
-             "`python -m train.stage2 --set stage2.plan=PATH stage2.expert=high` (and low).", [
+             "Each expert is scored on its part of the schedule (the high-noise one on sigmas above the boundary, "
+             "T2V-A14B's 0.875 since the files name none, the low-noise one below) at 480p, 17 frames; the expert "
+             "plans are saved for `python -m train.stage2 --set stage2.plan=PATH stage2.expert=high` (and low).", [
                  _expert_pair(A14B_TEACHER["t2v"]),
                  Node("clip", "CLIPLoader", {"clip_name": UMT5, "type": "wan", "device": "default"}),
                  Node("positive", "CLIPTextEncode", {"text": "a dog running on a beach at sunset"},
@@ -396,7 +399,7 @@ WORKFLOWS = [
                  Node("encode", "VAEEncode", links={"pixels": ("resize", 0), "vae": ("vae", 0)}),
                  Node("importance", "FastLightGenExpertBlockImportance",
                       {"num_timesteps": 4, "num_samples": 1, "seed": 0, "keep_ratio_high_noise": 0.7,
-                       "keep_ratio_low_noise": 0.7, "prefix_reuse": True, "boundary": 0.875},
+                       "keep_ratio_low_noise": 0.7, "prefix_reuse": True, "boundary": AUTO_BOUNDARY},
                       {"model_high_noise": ("experts", 0), "model_low_noise": ("experts", 1),
                        "latent": ("encode", 0), "positive": ("positive", 0)}),
                  Node("plot", "SaveImage", {"filename_prefix": "fastlightgen/a14b_importance"},

@@ -28,14 +28,16 @@ import pytest
 import torch
 from tiny_models import save_a14b_pair, save_a14b_teacher_files, save_random_wan21_vae
 
+from fastlightgen.experts import AUTO_BOUNDARY, I2V_BOUNDARY, T2V_BOUNDARY
 from research import comfyui_harness
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
-from build_workflows import A14B_BOUNDARY, A14B_START_IMAGE, A14B_STUDENT, A14B_TEACHER, WAN21_VAE  # noqa: E402
+from build_workflows import A14B_START_IMAGE, A14B_STUDENT, A14B_TEACHER, A14B_VARIANTS, WAN21_VAE  # noqa: E402
 from workflow_to_prompt import workflow_to_prompt  # noqa: E402
 
-VARIANTS = list(A14B_BOUNDARY)
+VARIANTS = list(A14B_VARIANTS)
+BOUNDARY = {"t2v": T2V_BOUNDARY, "i2v": I2V_BOUNDARY}  # what each variant's export writes in the students' metadata
 IMPORTANCE = "fastlightgen_wan22_t2v_a14b_block_importance"
 KEPT = {"high": [0, 2, 3], "low": [0, 1, 3]}
 SIZE, LENGTH = 64, 5  # pixels, frames: an 8x8 latent of 2 frames
@@ -68,7 +70,7 @@ def _start_image(path: Path) -> None:
 @pytest.fixture(scope="module")
 def server(comfy_in_process, tmp_path_factory):
     models = tmp_path_factory.mktemp("a14b_models")
-    files = [(A14B_STUDENT[variant], save_a14b_pair(models, KEPT, A14B_BOUNDARY[variant], prefix=variant,
+    files = [(A14B_STUDENT[variant], save_a14b_pair(models, KEPT, BOUNDARY[variant], prefix=variant,
                                                    variant=variant)) for variant in VARIANTS]
     for names, paths in (*files, (A14B_TEACHER["t2v"], save_a14b_teacher_files(models))):
         for expert, path in paths.items():
@@ -150,7 +152,7 @@ def test_the_workflows_use_the_real_file_names_and_only_stock_nodes_where_promis
     assert (pair["high_noise_name"], pair["low_noise_name"]) == (A14B_STUDENT[variant]["high"],
                                                                  A14B_STUDENT[variant]["low"])
     (sampler,) = [v["inputs"] for v in pack.values() if v["class_type"] == "FastLightGenSampler"]
-    assert pair["boundary"] == sampler["boundary"] == A14B_BOUNDARY[variant]
+    assert pair["boundary"] == sampler["boundary"] == AUTO_BOUNDARY  # from the files, else the model: either variant
     for prompt in (stock, pack):
         _assert_stock_text_encoder_and_vae(prompt)
         latent = {v["class_type"]: k for k, v in prompt.items()
@@ -199,6 +201,17 @@ def test_the_stock_graph_equals_the_packs_sampler_bit_for_bit(server, variant):
     (video,) = [item for v in entry["outputs"].values() for item in v.get("images", [])
                 if item["filename"].endswith(".mp4")]
     assert server.output_path(video).stat().st_size > 0
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_prompts_saved_with_the_variants_own_boundary_still_give_the_same_latent(server, variant):
+    """Before the boundary input was automatic (0), the templates set each variant's own: 0.875, 0.9."""
+    ours = _toy_prompt(_names(variant)[1], server)
+    (sampler,) = _by_class(ours, "FastLightGenSampler")
+    expected = _sampled(server, ours, sampler)
+    for key in (*_by_class(ours, "FastLightGenLoadExpertPair"), sampler):
+        ours[key]["inputs"]["boundary"] = BOUNDARY[variant]
+    assert torch.equal(_sampled(server, ours, sampler), expected)
 
 
 def test_a_swapped_pair_is_refused_before_sampling(server):
