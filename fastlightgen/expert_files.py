@@ -77,3 +77,13 @@ def pair_boundary(high: ExpertTag | None, low: ExpertTag | None, fallback: float
         raise ValueError(f"{high.source} names the boundary {high.boundary} but {low.source} names {low.boundary}: "
                          "the two experts come from different models or exports; use the pair exported together")
     return check_boundary(named.pop() if named else fallback)
+
+
+def pair_channels(high: tuple[int, int], low: tuple[int, int], sources: tuple[str, str]) -> tuple[int, int]:
+    """The (input, output) channels both experts take; experts of two models (T2V-A14B's with I2V-A14B's) are an
+    error."""
+    if high != low:
+        raise ValueError(f"{sources[0]} takes {high[0]} input channels but {sources[1]} takes {low[0]}: they are "
+                         "experts of two different models (I2V-A14B's take 36, T2V-A14B's 16); load both experts of "
+                         "one model")
+    return high

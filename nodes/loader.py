@@ -18,7 +18,7 @@ import torch
 from comfy_api.latest import io
 
 from fastlightgen.checkpoint import LoadedCheckpoint, header_config, read_checkpoint, read_meta, read_safetensors_header
-from fastlightgen.expert_files import ExpertTag, meta_tag, pair_boundary, pair_sampling
+from fastlightgen.expert_files import ExpertTag, meta_tag, pair_boundary, pair_channels, pair_sampling
 from fastlightgen.experts import requested_boundary
 from fastlightgen.sampling import FEW_STEP
 
@@ -183,8 +183,9 @@ class LoadExpertPair(io.ComfyNode):
         names = (high_noise_name, low_noise_name)
         try:  # from the headers, before gigabytes of weights are read
             metas = [read_meta(checkpoint_path(name)) for name in names]
+            channels = pair_channels(*(file_channels(name) for name in names), names)
             boundary = pair_boundary(*(meta_tag(meta, name) for meta, name in zip(metas, names)),
-                                     requested_boundary(boundary, *file_channels(high_noise_name)))
+                                     requested_boundary(boundary, *channels))
             sampling = pair_sampling(*metas, names)
         except ValueError as err:
             raise ValueError(f"{PAIR}: {err}") from None

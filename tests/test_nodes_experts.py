@@ -139,6 +139,14 @@ def test_teacher_files_without_a_boundary_take_the_one_of_their_kind(pack, folde
     assert "boundary 0.95:" in _pair(pack, *names, boundary=0.95)[3]
 
 
+def test_experts_of_two_models_are_refused_by_the_loader(pack, folder):
+    with pytest.raises(ValueError, match=r"Load FastLightGen Expert Pair: toy_t2v_high_noise_14B_fp8_scaled.safetensors "
+                                         r"takes 16 input channels but toy_i2v_low_noise_14B_fp8_scaled.safetensors "
+                                         r"takes 36: they are experts of two different models"):
+        _pair(pack, "toy_t2v_high_noise_14B_fp8_scaled.safetensors", "toy_i2v_low_noise_14B_fp8_scaled.safetensors",
+              boundary=0)
+
+
 @pytest.mark.parametrize("variant, boundary, routed", [
     ("i2v", 0, ["high", "high", "low", "low"]),  # I2V-A14B's 0.9
     ("t2v", 0, ["high", "high", "high", "low"]),  # T2V-A14B's 0.875
