@@ -77,12 +77,13 @@ class Scored:
 
 
 def score(model: Candidate, digest: str, cache: Path, mode: str, prompt_seeds: tuple[int, ...],
-          noise_seeds: tuple[int, ...] = NOISE_SEEDS) -> Scored:
-    """Every video of a mode's draws at `noise_seeds` scored (made first where the cache lacks it)."""
+          noise_seeds: tuple[int, ...] | None = None) -> Scored:
+    """Every video of a mode's draws at `noise_seeds` (default NOISE_SEEDS) scored (made first where the cache lacks
+    it)."""
     rows, labels, draws, noise, clusters = [], [], [], [], []
     for prompt_seed in prompt_seeds:
         prompts = draw(mode, prompt_seed)
-        for noise_seed in noise_seeds:
+        for noise_seed in NOISE_SEEDS if noise_seeds is None else noise_seeds:
             table = evaluate_batch(videos(model, digest, cache, mode, prompt_seed, noise_seed),
                                    list(prompts.factors), t2v=prompts.t2v)
             rows += table.rows
