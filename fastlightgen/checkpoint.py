@@ -14,6 +14,7 @@ all-in-one files whose DiT keys carry the `model.diffusion_model.` prefix (the o
 as ComfyUI's loader does). The scales stay beside the stored weights: `comfy_state_dict` gives ComfyUI the
 file as it is, `weights(dtype)` dequantizes (stored weight * scale, in float32, then `dtype`).
 `save_checkpoint` writes bf16/fp16/fp32, or fp8_scaled as ComfyUI distributes Wan (fastlightgen/fp8.py).
+`read_folder` reads a diffusers transformer folder (one or several safetensors files) the same way.
 Every failure is a `CheckpointError` naming the file and what is wrong.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .diffusers_folder import folder_tensors, weight_files
 from .experts import EXPERTS, check_boundary
 from .fp8 import FP8_SCALED, fp8_scaled_state_dict, marker
 from .io_utils import atomic_path
@@ -183,6 +185,21 @@ def read_checkpoint(path: str | Path, plan: PrunePlan | None = None) -> LoadedCh
     return LoadedCheckpoint(path, state_dict, meta, config, scales, marker, file_metadata, left_out)
 
 
+def read_folder(folder: str | Path) -> LoadedCheckpoint:
+    """Read a diffusers transformer folder (config.json and one or several safetensors files, fastlightgen.
+    diffusers_folder) as `read_checkpoint` reads a file; its names and shapes are checked before any weight is read."""
+    folder = Path(folder)
+    layout, _, _, _ = _split(folder, {name: torch.empty(t.shape, device="meta")
+                                      for name, t in folder_tensors(folder).items()})
+    # the width of a head is not in the tensors' shapes: the folder's config.json names it
+    head_dim = json.loads((folder / "config.json").read_text()).get("attention_head_dim", DEFAULT_HEAD_DIM)
+    config = _config(folder, layout, head_dim)
+    _check_complete(folder, layout, config)
+    tensors = {key: tensor for file in weight_files(folder) for key, tensor in load_file(str(file)).items()}
+    state_dict, _, _, _ = _split(folder, tensors)
+    return LoadedCheckpoint(folder, state_dict, None, config)
+
+
 def read_meta(path: str | Path) -> CheckpointMeta | None:
     """A file's FastLightGen metadata (None for a file without) from its header alone, checked as
     `read_checkpoint` checks it: what a loader decides before gigabytes of weights are read."""
@@ -216,7 +233,7 @@ def _checked_header(path: Path, plan: PrunePlan | None) -> tuple[dict, dict, Che
     meta = _parse_meta(path, file_metadata)
     # Every check of names and shapes runs on the header, before gigabytes of weights are read.
     layout, scale_shapes, marker, _ = _split(path, _meta_tensors(header))
-    config = _config(path, layout, meta)
+    config = _config(path, layout, _head_dim(meta))
     _check_complete(path, layout, config)
     _check_quantization(path, layout, scale_shapes, marker is not None, file_metadata)
     if meta is not None and len(meta.kept_blocks) != config["num_layers"]:
@@ -233,16 +250,20 @@ def header_config(path: str | Path, header: dict) -> dict:
     path, header = Path(path), dict(header)
     meta = _parse_meta(path, dict(header.pop("__metadata__", None) or {}))
     layout, _, _, _ = _split(path, _meta_tensors(header))
-    return _config(path, layout, meta)
+    return _config(path, layout, _head_dim(meta))
 
 
 def _meta_tensors(header: dict) -> dict[str, torch.Tensor]:
     return {k: torch.empty(v["shape"], device="meta") for k, v in header.items()}
 
 
-def _config(path: Path, layout: dict[str, torch.Tensor], meta: CheckpointMeta | None) -> dict:
+def _head_dim(meta: CheckpointMeta | None) -> int:
+    return meta.head_dim if meta else DEFAULT_HEAD_DIM
+
+
+def _config(path: Path, layout: dict[str, torch.Tensor], head_dim: int) -> dict:
     try:
-        return infer_wan_config(layout, meta.head_dim if meta else DEFAULT_HEAD_DIM)
+        return infer_wan_config(layout, head_dim)
     except ValueError as err:
         raise CheckpointError(f"{path}: {err}") from None
 

@@ -5,7 +5,7 @@ from .adapter import ApplyStudentAdapter, register_adapter_folder
 from .expert_importance import ExpertBlockImportance
 from .guidance import TeacherMixSweep, WellGuidedTeacher
 from .importance import BlockImportance
-from .loader import LoadCheckpoint, LoadExpertPair, register_model_folder
+from .loader import LoadCheckpoint, LoadExpertPair, LoadExpertPairFolder, register_model_folder
 from .lora import StudentLoRA
 from .plan import ApplyPrunePlan, LoadPrunePlan, PrunePlanNode, SavePrunePlan, register_plan_folder
 from .preview import VideoGrid
@@ -20,7 +20,7 @@ class FastLightGenExtension(ComfyExtension):
         register_adapter_folder()
         return [
             BlockImportance, ExpertBlockImportance, PrunePlanNode, ApplyPrunePlan, LoadPrunePlan, SavePrunePlan,
-            LoadCheckpoint, LoadExpertPair,
+            LoadCheckpoint, LoadExpertPair, LoadExpertPairFolder,
             WellGuidedTeacher, TeacherMixSweep, VideoGrid, FewStepSigmas, FastLightGenSampler, StudentLoRA,
             ApplyStudentAdapter,
             ToyTextEncode, ToyFirstFrameLatent, ToyDatasetLatents, ToyDecode,

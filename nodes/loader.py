@@ -1,11 +1,13 @@
-"""Load FastLightGen Checkpoint: a (physically pruned) Wan file -> MODEL plus its recommended SIGMAS.
+"""Load FastLightGen Checkpoint: a (physically pruned) Wan file -> MODEL plus its recommended SIGMAS; the two-expert
+loaders: both experts' files, or a downloaded diffusers pipeline folder (models/diffusers), -> two tagged MODELs.
 
 Files come from `models/fastlightgen` (registered here with ComfyUI's folder_paths) or `diffusion_models`.
 `fastlightgen.checkpoint.read_checkpoint` validates the file (gaps in the block numbering, another family,
 truncation, ...) and reads every Wan weight format the stock Load Diffusion Model reads (diffusers or original
 layout, fp16/bf16/fp32, fp8, ComfyUI's fp8_scaled and mixed-precision files, `model.diffusion_model.`
 prefixes); ComfyUI then builds its own Wan from the original-layout tensors with the file's scales and
-metadata and the stock weight_dtype options, so the MODEL is the stock loader's, with only the kept blocks.
+metadata and the stock weight_dtype options, so the MODEL is the stock loader's, with only the kept blocks. A
+diffusers folder's transformers are read by `fastlightgen.checkpoint.read_folder` and built the same way.
 """
 from __future__ import annotations
 
@@ -17,9 +19,11 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from fastlightgen.checkpoint import LoadedCheckpoint, header_config, read_checkpoint, read_meta, read_safetensors_header
+from fastlightgen.checkpoint import (LoadedCheckpoint, header_config, read_checkpoint, read_folder, read_meta,
+                                     read_safetensors_header)
+from fastlightgen.diffusers_folder import PIPELINE_CONFIG, folder_experts
 from fastlightgen.expert_files import ExpertTag, meta_tag, pair_boundary, pair_channels, pair_sampling
-from fastlightgen.experts import requested_boundary
+from fastlightgen.experts import EXPERTS, requested_boundary
 from fastlightgen.sampling import FEW_STEP
 
 from .experts import boundary_input, tag_expert
@@ -29,6 +33,10 @@ from .validate import check_finite, file_choice
 FOLDER = "fastlightgen"
 SEARCHED = (FOLDER, "diffusion_models")
 PAIR = "Load FastLightGen Expert Pair"
+FOLDER_PAIR = "Load FastLightGen Expert Pair (diffusers folder)"
+DIFFUSERS = "diffusers"  # the folder type of the stock Diffusers Loader: models/diffusers
+MISSING_FOLDER = ("put the downloaded pipeline folder (e.g. Wan2.2-T2V-A14B-Diffusers, holding model_index.json, "
+                  "transformer/ and transformer_2/) in models/diffusers and press R to refresh")
 MISSING_CHECKPOINT = (f"put the .safetensors file in models/{FOLDER} or models/diffusion_models and press R to "
                       "refresh; a student of a real model is made with python -m train.export (README, 'For "
                       "creators')")
@@ -64,6 +72,20 @@ def checkpoint_path(name: str) -> str:
     raise ValueError(f"checkpoint {name!r} is in neither models/{FOLDER} nor models/diffusion_models")
 
 
+def pipeline_folders() -> list[str]:
+    """The folders under models/diffusers holding a model_index.json, as the stock Diffusers Loader lists them."""
+    found = {os.path.relpath(root, base) for base in folder_paths.get_folder_paths(DIFFUSERS)
+             for root, _, files in os.walk(base, followlinks=True) if PIPELINE_CONFIG in files}
+    return sorted(found)
+
+
+def pipeline_path(name: str) -> Path:
+    for base in folder_paths.get_folder_paths(DIFFUSERS):
+        if (Path(base) / name).is_dir():
+            return Path(base) / name
+    raise ValueError(f"folder {name!r} is not in models/diffusers: {MISSING_FOLDER}")
+
+
 def file_channels(name: str) -> tuple[int, int]:
     """(input, output) channels of a file's DiT, from its header: an I2V-A14B expert's 36 tell its boundary."""
     path = Path(checkpoint_path(name))
@@ -92,13 +114,32 @@ def describe(ckpt: LoadedCheckpoint) -> str:
 def load_model(ckpt_name: str, weight_dtype: str):
     """(ComfyUI MODEL with only the kept blocks, the checkpoint read) of a file of the model folders."""
     ckpt = read_checkpoint(checkpoint_path(ckpt_name))
+    return comfy_model(ckpt, weight_dtype), ckpt
+
+
+def comfy_model(ckpt: LoadedCheckpoint, weight_dtype: str):
+    """The ComfyUI MODEL of a checkpoint read (a file's or a diffusers folder's), with only its kept blocks."""
     model = comfy.sd.load_diffusion_model_state_dict(ckpt.comfy_state_dict(), dict(WEIGHT_DTYPES[weight_dtype]),
                                                      metadata=dict(ckpt.file_metadata))
     if model is None:
         raise ValueError(f"ComfyUI could not detect the model in {ckpt.path}; is it a Wan 2.x DiT?")
     if ckpt.meta is not None:  # the kept blocks, for FastLightGen LoRA and the misapplied-LoRA guard
         mark_student(model, ckpt.meta.kept_blocks, ckpt.meta.original_num_blocks)
-    return model, ckpt
+    return model
+
+
+def load_pair(read, weight_dtype: str, boundary: float, sigmas: torch.Tensor) -> io.NodeOutput:
+    """Both experts as MODELs tagged with their expert and the boundary, then `sigmas` and the info:
+    `read(expert)` gives (the expert's name for messages, its checkpoint read), one expert at a time."""
+    models, lines = [], []
+    for expert in EXPERTS:
+        name, ckpt = read(expert)
+        model = comfy_model(ckpt, weight_dtype)
+        tag_expert(model, ExpertTag(expert, boundary, name))
+        models.append(model)
+        lines.append(f"{expert}-noise expert {name}: {describe(ckpt)}")
+    lines.append(f"boundary {boundary:g}: steps from a sigma at or above it go to the high-noise expert")
+    return io.NodeOutput(*models, sigmas, "\n".join(lines))
 
 
 class LoadCheckpoint(io.ComfyNode):
@@ -139,6 +180,18 @@ class LoadCheckpoint(io.ComfyNode):
         return io.NodeOutput(model, rec.sigmas, describe(ckpt))
 
 
+def pair_dtype_input() -> io.Combo.Input:
+    return io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
+                          tooltip="As in the stock Load Diffusion Model, for both experts.")
+
+
+def pair_outputs(sigmas: str) -> list:
+    """The two-expert loaders' outputs (`load_pair`'s), with what their SIGMAS are."""
+    return [io.Model.Output(display_name="model_high_noise"), io.Model.Output(display_name="model_low_noise"),
+            io.Sigmas.Output(tooltip=sigmas),
+            io.String.Output(display_name="info", tooltip="Both experts' metadata, weight formats and the boundary.")]
+
+
 class LoadExpertPair(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -158,17 +211,10 @@ class LoadExpertPair(io.ComfyNode):
                                        "student's high expert), in models/fastlightgen or models/diffusion_models."),
                 io.Combo.Input("low_noise_name", options=checkpoint_names(),
                                tooltip="The low-noise expert's file (e.g. ..._low_noise_14B_fp8_scaled)."),
-                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
-                               tooltip="As in the stock Load Diffusion Model, for both experts."),
+                pair_dtype_input(),
                 boundary_input(),
             ],
-            outputs=[
-                io.Model.Output(display_name="model_high_noise"),
-                io.Model.Output(display_name="model_low_noise"),
-                io.Sigmas.Output(tooltip="The recommended few-step schedule (defaults when the files name none)."),
-                io.String.Output(display_name="info", tooltip="Both experts' metadata, weight formats and the "
-                                                              "boundary."),
-            ],
+            outputs=pair_outputs("The recommended few-step schedule (defaults when the files name none)."),
         )
 
     @classmethod
@@ -189,11 +235,43 @@ class LoadExpertPair(io.ComfyNode):
             sampling = pair_sampling(*metas, names)
         except ValueError as err:
             raise ValueError(f"{PAIR}: {err}") from None
-        models, lines = [], []
-        for expert, name in zip(("high", "low"), names):
-            model, ckpt = load_model(name, weight_dtype)
-            tag_expert(model, ExpertTag(expert, boundary, name))
-            models.append(model)
-            lines.append(f"{expert}-noise expert {name}: {describe(ckpt)}")
-        lines.append(f"boundary {boundary:g}: steps from a sigma at or above it go to the high-noise expert")
-        return io.NodeOutput(*models, sampling.sigmas, "\n".join(lines))
+        files = dict(zip(EXPERTS, names))
+        return load_pair(lambda expert: (files[expert], read_checkpoint(checkpoint_path(files[expert]))),
+                         weight_dtype, boundary, sampling.sigmas)
+
+
+class LoadExpertPairFolder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FastLightGenLoadExpertPairFolder",
+            display_name=FOLDER_PAIR,
+            category="FastLightGen",
+            description="Loads both experts of a two-expert model downloaded as a Hugging Face diffusers folder (e.g. "
+                        "Wan2.2-T2V-A14B-Diffusers in models/diffusers: the high-noise expert in transformer/, the "
+                        "low-noise one in transformer_2/, single or sharded safetensors) as two MODELs, with the "
+                        "default few-step SIGMAS. The boundary is the folder's model_index.json boundary_ratio "
+                        "(0.875 for T2V-A14B, 0.9 for I2V-A14B). Connect both to FastLightGen Sampler (model, "
+                        "model_low_noise).",
+            inputs=[
+                io.Combo.Input("folder_name", options=pipeline_folders(),
+                               tooltip="A pipeline folder in models/diffusers holding model_index.json, transformer/ "
+                                       "and transformer_2/."),
+                pair_dtype_input(),
+            ],
+            outputs=pair_outputs("The default few-step schedule (a teacher's folder recommends none)."),
+        )
+
+    @classmethod
+    def validate_inputs(cls, folder_name: str) -> bool | str:
+        return file_choice(folder_name, pipeline_folders(), "diffusers folder", MISSING_FOLDER)
+
+    @classmethod
+    def execute(cls, folder_name: str, weight_dtype: str) -> io.NodeOutput:
+        try:  # every part, the boundary and every weight file, before gigabytes of weights are read
+            experts = folder_experts(pipeline_path(folder_name))
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(f"{FOLDER_PAIR}: {err}") from None
+        return load_pair(lambda expert: (f"{folder_name}/{experts.folder(expert).name}",
+                                         read_folder(experts.folder(expert))),
+                         weight_dtype, experts.boundary, FEW_STEP.sigmas)

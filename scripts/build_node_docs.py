@@ -45,6 +45,10 @@ TYPICAL = {
     "recommended `SIGMAS`) -> FastLightGen Sampler (`model`, `model_low_noise`, `sigmas`), with CLIPLoader type "
     "wan + CLIP Text Encode and EmptyHunyuanLatentVideo (I2V-A14B: WanImageToVideo with Load Image, its positive "
     "and latent) -> VAE Decode (Wan 2.1 VAE) -> Create Video -> Save Video; or -> Block Importance (two experts).",
+    "FastLightGenLoadExpertPairFolder": "Load FastLightGen Expert Pair (diffusers folder) (the downloaded "
+    "Wan2.2-T2V-A14B-Diffusers folder in models/diffusers; `model_high_noise`, `model_low_noise`, `SIGMAS`) -> "
+    "FastLightGen Sampler (`model`, `model_low_noise`), as Load FastLightGen Expert Pair; or -> Block Importance "
+    "(two experts).",
     "FastLightGenLoadCheckpoint": "Load FastLightGen Checkpoint -> FastLightGen Sampler (`MODEL` and the "
     "recommended `SIGMAS`), with a text encoder (CLIPLoader type wan + CLIP Text Encode) and "
     "Wan22ImageToVideoLatent for the start latent -> VAE Decode -> Create Video -> Save Video.",

@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 import torch
-from tiny_models import save_a14b_pair, save_a14b_teacher_files, save_random_wan21_vae
+from tiny_models import save_a14b_pair, save_a14b_teacher_files, save_random_wan21_vae, tiny_wan_a14b_folder
 
 SEED = 3
 LAYERS = 4
@@ -193,6 +193,96 @@ def test_fp8_scaled_pairs_load_as_the_stock_loader_loads_them(pack, folder, tmp_
             assert all(ours[k].dtype == stock[k].dtype and torch.equal(ours[k].float(), stock[k].float())
                        for k in ours)
         assert pair[0].model.diffusion_model.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn
+
+
+# ---------------------------------------------------------------- the diffusers folder (models/diffusers)
+
+
+@pytest.fixture(scope="module")
+def diffusers_folders(pack, folder, tmp_path_factory):
+    """models/diffusers holding tiny A14B pipeline folders as Hugging Face distributes them (T2V, I2V, T2V with
+    sharded experts) and broken copies; each pipeline's experts also as ComfyUI-layout files in models/fastlightgen
+    (dfolder_<name>_<expert>_noise.safetensors). {name: pipeline}."""
+    import json
+    import shutil
+
+    import folder_paths
+    from safetensors.torch import save_file
+
+    from fastlightgen.wan_keys import diffusers_to_original
+
+    root = tmp_path_factory.mktemp("diffusers")
+    pipes = {variant: tiny_wan_a14b_folder(root / variant, variant, LAYERS, comfy=True) for variant in ("t2v", "i2v")}
+    pipes["t2v"].save_pretrained(str(root / "t2v_sharded"), max_shard_size="1MB")
+    for name, pipe in pipes.items():
+        for expert, transformer in (("high", pipe.transformer), ("low", pipe.transformer_2)):
+            save_file({k: v.contiguous() for k, v in diffusers_to_original(transformer.state_dict()).items()},
+                      str(folder / f"dfolder_{name}_{expert}_noise.safetensors"))
+    shutil.copytree(root / "t2v", root / "one_expert", ignore=shutil.ignore_patterns("transformer_2"))
+    shutil.copytree(root / "t2v", root / "no_boundary")
+    index = json.loads((root / "no_boundary" / "model_index.json").read_text())
+    (root / "no_boundary" / "model_index.json").write_text(json.dumps({**index, "boundary_ratio": None}))
+    shutil.copytree(root / "t2v_sharded", root / "missing_shard")
+    next((root / "missing_shard" / "transformer_2").glob("*-00002-of-*.safetensors")).unlink()
+    folder_paths.add_model_folder_path("diffusers", str(root))
+    return pipes
+
+
+def _folder_pair(pack, name):
+    return pack["loader"].LoadExpertPairFolder.execute(name, "default").args
+
+
+def _predictions(model, pipe) -> torch.Tensor:
+    """The MODEL's diffusion model on a fixed input of `pipe`'s shapes."""
+    config = pipe.transformer.config
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, config.in_channels, 2, 8, 8, generator=g)
+    context = torch.randn(1, 6, config.text_dim, generator=g)
+    with torch.inference_mode():
+        return model.model.diffusion_model(x, torch.tensor([700.0]), context)
+
+
+@pytest.mark.parametrize("name, pipe, boundary", [("t2v", "t2v", 0.875), ("i2v", "i2v", 0.9),
+                                                  ("t2v_sharded", "t2v", 0.875)])
+def test_a_diffusers_folder_loads_as_the_experts_files_load(pack, diffusers_folders, name, pipe, boundary):
+    """Both experts predict as the same weights loaded from ComfyUI-layout files, tagged with their expert and the
+    boundary of model_index.json; a sharded folder loads as a single-file one."""
+    from FastLightGen.nodes.experts import expert_tag
+
+    from fastlightgen.sampling import FEW_STEP
+
+    if name == "t2v_sharded":
+        assert len(list((pack["loader"].pipeline_path(name) / "transformer").glob("*.safetensors"))) > 1
+    high, low, sigmas, info = _folder_pair(pack, name)
+    files = _pair(pack, f"dfolder_{pipe}_high_noise.safetensors", f"dfolder_{pipe}_low_noise.safetensors", 0)
+    for expert, model, from_file in (("high", high, files[0]), ("low", low, files[1])):
+        assert (expert_tag(model).expert, expert_tag(model).boundary) == (expert, boundary)
+        assert torch.equal(_predictions(model, diffusers_folders[pipe]), _predictions(from_file, diffusers_folders[pipe]))
+    assert not torch.equal(_predictions(high, diffusers_folders[pipe]), _predictions(low, diffusers_folders[pipe]))
+    assert torch.equal(sigmas, FEW_STEP.sigmas)
+    assert f"boundary {boundary:g}" in info and f"{name}/transformer_2" in info
+
+
+@pytest.mark.parametrize("name, message", [
+    ("one_expert", "has no transformer_2/ with its config.json"),
+    ("no_boundary", "names no boundary_ratio"),
+    ("missing_shard", "no diffusion_pytorch_model-00002-of-"),
+])
+def test_bad_diffusers_folders_are_refused_before_any_weight_is_read(pack, diffusers_folders, monkeypatch, name,
+                                                                     message):
+    def unread(folder):
+        raise AssertionError(f"{folder} was read")
+
+    monkeypatch.setattr(pack["loader"], "read_folder", unread)
+    with pytest.raises(ValueError, match=message):
+        _folder_pair(pack, name)
+
+
+def test_the_folder_choice_lists_pipeline_folders_and_names_the_fix(pack, diffusers_folders):
+    node = pack["loader"].LoadExpertPairFolder
+    assert {"t2v", "i2v", "t2v_sharded"} <= set(pack["loader"].pipeline_folders())
+    assert node.validate_inputs("t2v") is True
+    assert "in models/diffusers and press R" in node.validate_inputs("Wan2.2-T2V-A14B-Diffusers")
 
 
 # ---------------------------------------------------------------- bad pairs, refused before sampling

@@ -132,11 +132,12 @@ def _tiny_wan_encoders(version: str) -> dict:
     return {"vae": vae, "tokenizer": tokenizer, "text_encoder": encoder}
 
 
-def tiny_wan_a14b_folder(root, variant: str = "t2v", layers: int = 2, seed: int = 0):
+def tiny_wan_a14b_folder(root, variant: str = "t2v", layers: int = 2, seed: int = 0, comfy: bool = False):
     """A Wan 2.2 A14B folder as Hugging Face distributes it (Wan-AI/Wan2.2-T2V-A14B-Diffusers' layout: the pipeline's
     save_pretrained with the high-noise expert in transformer/, the low-noise one in transformer_2/, boundary_ratio
     in model_index.json: 0.875 for "t2v" (WanPipeline), 0.9 for "i2v" (WanImageToVideoPipeline, 36 input channels,
-    no image encoder)), tiny and random; the experts differ (seeds `seed` and `seed` + 1)."""
+    no image encoder)), tiny and random; the experts differ (seeds `seed` and `seed` + 1). `comfy`: experts of the
+    shapes ComfyUI detects (`tiny_a14b_expert`: heads of 128, UMT5's text width), for the pack's loaders."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
 
     from fastlightgen.experts import I2V_BOUNDARY, T2V_BOUNDARY
@@ -145,8 +146,9 @@ def tiny_wan_a14b_folder(root, variant: str = "t2v", layers: int = 2, seed: int 
     kind = "t2v" if variant == "t2v" else "i2v-a14b"
     pipeline, boundary = (WanPipeline, T2V_BOUNDARY) if variant == "t2v" else (WanImageToVideoPipeline, I2V_BOUNDARY)
     encoders = _tiny_wan_encoders("2.1")
-    pipe = pipeline(**encoders, transformer=tiny_wan(kind, layers=layers, seed=seed),
-                    transformer_2=tiny_wan(kind, layers=layers, seed=seed + 1),
+    high, low = ((tiny_a14b_expert(s, layers, variant) for s in (seed, seed + 1)) if comfy else
+                 (tiny_wan(kind, layers=layers, seed=s) for s in (seed, seed + 1)))
+    pipe = pipeline(**encoders, transformer=high, transformer_2=low,
                     scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), boundary_ratio=boundary)
     pipe.save_pretrained(str(root))
     return pipe

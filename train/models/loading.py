@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fastlightgen.diffusers_folder import folder_tensors
 from fastlightgen.experts import EXPERTS, I2V_BOUNDARY, T2V_BOUNDARY, check_boundary
 from fastlightgen.io_utils import atomic_path
 from fastlightgen.plan import PrunePlan, read_plan
@@ -25,7 +26,6 @@ from ..config import Config
 from .record import StageRecord
 
 MODEL_FILE = "model.safetensors"
-DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"  # a diffusers folder's weights (or their index)
 
 
 def model_class(family: str) -> type[nn.Module]:
@@ -199,23 +199,13 @@ def teacher_tensors(cfg: Config) -> dict[str, StoredTensor]:
     folder's safetensors files, or a Wan file of any layout and format (fastlightgen.checkpoint)."""
     path = teacher_path(cfg)
     if path.is_dir():
-        return folder_tensors(path)
+        try:
+            return folder_tensors(path)
+        except FileNotFoundError as err:  # ZeRO-3's sharded loading reads safetensors; from_pretrained reads others
+            raise FileNotFoundError(f"teacher: {err}, or set dist.sharded_load=false") from None
     from fastlightgen.checkpoint import checkpoint_tensors
 
     return checkpoint_tensors(wan_file(cfg, path))
-
-
-def folder_tensors(folder: Path) -> dict[str, StoredTensor]:
-    """The weights of a diffusers model folder: its one safetensors file, or the files its index names."""
-    index = folder / f"{DIFFUSERS_WEIGHTS}.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
-        else [DIFFUSERS_WEIGHTS]
-    missing = [name for name in files if not (folder / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"teacher folder {folder} has no {missing[0]}: ZeRO-3's sharded loading reads "
-                                f"safetensors weights ({DIFFUSERS_WEIGHTS} or its index); download them, or set "
-                                f"dist.sharded_load=false")
-    return {name: stored for file in files for name, stored in stored_tensors(folder / file).items()}
 
 
 def wan_file(cfg: Config, path: Path) -> Path:
