@@ -19,6 +19,7 @@ from .stored import StoredTensor, stored_tensors
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 PIPELINE_CONFIG = "model_index.json"
 EXPERT_PARTS = {"high": "transformer", "low": "transformer_2"}
+BOUNDARY_KEY = "boundary_ratio"  # model_index.json's boundary sigma (diffusers' WanPipeline)
 
 
 def weight_files(folder: str | Path) -> list[Path]:
@@ -41,17 +42,17 @@ def folder_tensors(folder: str | Path) -> dict[str, StoredTensor]:
 
 
 @dataclass(frozen=True)
-class FolderExperts:
-    """A two-expert pipeline folder's experts: each one's transformer folder, and the boundary sigma."""
+class ExpertPaths:
+    """Where a two-expert model's experts are (a transformer folder or a file each), and the boundary sigma."""
     high: Path
     low: Path
     boundary: float
 
-    def folder(self, expert: str) -> Path:
+    def path(self, expert: str) -> Path:
         return self.high if expert == "high" else self.low
 
 
-def folder_experts(root: str | Path) -> FolderExperts:
+def folder_experts(root: str | Path) -> ExpertPaths:
     """The experts of a downloaded two-expert pipeline folder; a folder that is not one (no model_index.json, no
     transformer_2/, no boundary_ratio, missing weight files) is named with its fix before any weight is read."""
     root = Path(root)
@@ -66,12 +67,12 @@ def folder_experts(root: str | Path) -> FolderExperts:
                                     "keeps its high-noise expert in transformer/ and its low-noise one in "
                                     "transformer_2/; download the whole folder (a one-expert model loads with "
                                     "the stock Diffusers Loader or Load FastLightGen Checkpoint)")
-    boundary = json.loads(index.read_text()).get("boundary_ratio")
+    boundary = json.loads(index.read_text()).get(BOUNDARY_KEY)
     if not boundary:
         raise ValueError(f"{index} names no boundary_ratio, the sigma where the low-noise expert takes over: "
                          "download the pipeline's model_index.json again (Wan2.2-T2V-A14B: 0.875, I2V-A14B: 0.9), "
                          "or load the experts' files with Load FastLightGen Expert Pair and set its boundary")
-    experts = FolderExperts(root / EXPERT_PARTS["high"], root / EXPERT_PARTS["low"], check_boundary(float(boundary)))
+    experts = ExpertPaths(root / EXPERT_PARTS["high"], root / EXPERT_PARTS["low"], check_boundary(float(boundary)))
     for part in EXPERT_PARTS:
-        weight_files(experts.folder(part))
+        weight_files(experts.path(part))
     return experts

@@ -272,6 +272,6 @@ class LoadExpertPairFolder(io.ComfyNode):
             experts = folder_experts(pipeline_path(folder_name))
         except (ValueError, FileNotFoundError) as err:
             raise ValueError(f"{FOLDER_PAIR}: {err}") from None
-        return load_pair(lambda expert: (f"{folder_name}/{experts.folder(expert).name}",
-                                         read_folder(experts.folder(expert))),
+        return load_pair(lambda expert: (f"{folder_name}/{experts.path(expert).name}",
+                                         read_folder(experts.path(expert))),
                          weight_dtype, experts.boundary, FEW_STEP.sigmas)

@@ -116,12 +116,13 @@ def test_added_settings_leave_the_identity_of_existing_configs_unchanged():
 # ---- 2. the experts as the user holds them ------------------------------------------------------------
 
 def test_a_diffusers_folder_gives_both_experts_and_its_boundary(folders, tmp_path):
-    from train.models.loading import Experts, model_experts
+    from fastlightgen.diffusers_folder import ExpertPaths
+    from train.models.loading import model_experts
 
     for variant, boundary in (("t2v", T2V_BOUNDARY), ("i2v", I2V_BOUNDARY)):
         root = folders[variant]
         assert model_experts(load_config(None, [f"model.path={root}"])) == \
-            Experts(root / "transformer", root / "transformer_2", boundary)
+            ExpertPaths(root / "transformer", root / "transformer_2", boundary)
     root = folders["t2v"]
     other = tmp_path / "low.safetensors"
     other.write_bytes(b"")

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fastlightgen.diffusers_folder import folder_tensors
+from fastlightgen.diffusers_folder import BOUNDARY_KEY, EXPERT_PARTS, PIPELINE_CONFIG, ExpertPaths, folder_tensors
 from fastlightgen.experts import EXPERTS, I2V_BOUNDARY, T2V_BOUNDARY, check_boundary
 from fastlightgen.io_utils import atomic_path
 from fastlightgen.plan import PrunePlan, read_plan
@@ -57,7 +57,7 @@ def model_part(cfg: Config, part: str) -> Path:
         raise FileNotFoundError(f"no {part}: set model.path to the model's folder as downloaded ({MODEL_LAYOUT}) "
                                 f"or {setting} to the {part} alone")
     root = Path(cfg.model.path)
-    if not (root / "model_index.json").is_file():
+    if not (root / PIPELINE_CONFIG).is_file():
         raise FileNotFoundError(f"model.path {root} holds no model_index.json: point it at the model's root folder, "
                                 f"the one holding {MODEL_LAYOUT}")
     if not (root / part).is_dir():
@@ -70,42 +70,31 @@ def teacher_path(cfg: Config) -> Path:
     return model_part(cfg, "transformer")
 
 
-@dataclass(frozen=True)
-class Experts:
-    """A two-expert model's parts (Wan 2.2 A14B): where each expert's weights are and the boundary sigma."""
-    high: Path  # model.teacher, else model.path/transformer
-    low: Path  # model.teacher_2, else model.path/transformer_2
-    boundary: float
-
-    def path(self, expert: str) -> Path:
-        return self.high if expert == "high" else self.low
-
-
 def pipeline_config(cfg: Config) -> dict:
     """model.path's model_index.json (the pipeline's config), {} without one."""
-    index = Path(cfg.model.path) / "model_index.json" if cfg.model.path else None
+    index = Path(cfg.model.path) / PIPELINE_CONFIG if cfg.model.path else None
     return json.loads(index.read_text()) if index is not None and index.is_file() else {}
 
 
 def expert_count(cfg: Config) -> int:
     """2 for a two-expert model (model.teacher_2 or model.boundary set, or a folder holding transformer_2), else 1.
     Reads no weights: --dry-run's answer too."""
-    in_folder = pipeline_config(cfg).get("transformer_2") not in (None, [None, None])
+    in_folder = pipeline_config(cfg).get(EXPERT_PARTS["low"]) not in (None, [None, None])
     return 2 if cfg.model.teacher_2 or cfg.model.boundary or in_folder else 1
 
 
-def model_experts(cfg: Config) -> Experts | None:
+def model_experts(cfg: Config) -> ExpertPaths | None:
     """The experts of a two-expert model, None for one expert; every part named with its setting and fix before
     anything loads."""
     if expert_count(cfg) == 1:
         return None
-    high, low = teacher_path(cfg), model_part(cfg, "transformer_2")
-    boundary = cfg.model.boundary or pipeline_config(cfg).get("boundary_ratio")
+    high, low = (model_part(cfg, EXPERT_PARTS[expert]) for expert in EXPERTS)
+    boundary = cfg.model.boundary or pipeline_config(cfg).get(BOUNDARY_KEY)
     if not boundary:
         raise ValueError(f"a two-expert model needs the boundary between its experts, and "
                          f"{cfg.model.path or 'model.path'}/model_index.json names no boundary_ratio: set "
                          f"model.boundary (Wan2.2-T2V-A14B {T2V_BOUNDARY}, I2V-A14B {I2V_BOUNDARY})")
-    return Experts(high, low, check_boundary(float(boundary)))
+    return ExpertPaths(high, low, check_boundary(float(boundary)))
 
 
 def stage_expert(cfg: Config, stage: str) -> str | None:
