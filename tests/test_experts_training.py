@@ -453,7 +453,25 @@ STAGE3 = {"stage2.iterations": 1, "stage2.alpha": 0.5, "stage3.iterations": 2, "
           "run.save_every": 1}
 
 
-def test_stage3_takes_each_step_and_each_draw_with_the_expert_of_its_sigma_and_exports_a_pair(folders, shards, tmp_path, monkeypatch):
+def hook_stage3_models(monkeypatch, hook) -> None:
+    """Stage III's models as built, each expert's generator ("generator") and score model ("scores") handed to
+    `hook(models, unit, role, model)` before the run trains."""
+    from train import stage3
+
+    real_build = stage3.build
+
+    def build(cfg):
+        m = real_build(cfg)
+        for unit in m.experts:
+            for role, model in (("generator", unit.generator.module.model), ("scores", unit.lora_model)):
+                hook(m, unit, role, model)
+        return m
+
+    monkeypatch.setattr(stage3, "build", build)
+
+
+def test_stage3_takes_each_step_and_each_draw_with_the_expert_of_its_sigma_and_exports_a_pair(folders, shards, tmp_path,
+                                                                                              monkeypatch):
     """Every forward of a generator, a real score and a fake score runs at sigmas of its own expert's range; the few-step
     list at shift 5 gives its first two steps to the high-noise expert; each expert's student is written with its
     record, pruned to its own plan."""
@@ -462,20 +480,16 @@ def test_stage3_takes_each_step_and_each_draw_with_the_expert_of_its_sigma_and_e
 
     settings = a14b_settings(folders["t2v"], shards, tmp_path, **STAGE3)
     two_expert_stage2(settings)
-    calls = []
-    real_build = stage3.build
+    calls, routes = [], set()
 
-    def build(cfg):
-        m = real_build(cfg)
-        for unit in m.experts:
-            for role, model in (("generator", unit.generator.module.model), ("scores", unit.lora_model)):
-                model.condition_embedder.register_forward_pre_hook(
-                    lambda _, args, role=role, name=unit.name: calls.append((role, name, float(args[0].max()) / 1000)))
-        assert [m.expert_at(s).name for s in m.sigmas[:-1]] == ["high", "high", "low", "low"]
-        return m
+    def record(m, unit, role, model):
+        routes.add(tuple(m.expert_at(s).name for s in m.sigmas[:-1]))
+        model.condition_embedder.register_forward_pre_hook(
+            lambda _, args: calls.append((role, unit.name, float(args[0].max()) / 1000)))
 
-    monkeypatch.setattr(stage3, "build", build)
+    hook_stage3_models(monkeypatch, record)
     out = stage3.run(load_config(None, settings))
+    assert routes == {("high", "high", "low", "low")}
     assert out == tmp_path / "stage3"
     seen = {(role, name) for role, name, _ in calls}
     assert {("scores", "high"), ("scores", "low"), ("generator", "high")} <= seen
@@ -596,16 +610,8 @@ def test_stage3_of_the_i2v_experts_feeds_every_prediction_its_36_channels(folder
     settings = a14b_settings(folders["i2v"], out, tmp_path, **{**STAGE3, "stage3.iterations": 1})
     two_expert_stage2(settings)
     widths = []
-    real_build = stage3.build
-
-    def build(cfg):
-        m = real_build(cfg)
-        for unit in m.experts:
-            for model in (unit.generator.module.model, unit.lora_model):
-                model.patch_embedding.register_forward_pre_hook(lambda _, args: widths.append(args[0].shape[1]))
-        return m
-
-    monkeypatch.setattr(stage3, "build", build)
+    hook_stage3_models(monkeypatch, lambda m, unit, role, model: model.patch_embedding.register_forward_pre_hook(
+        lambda _, args: widths.append(args[0].shape[1])))
     stage3.run(load_config(None, settings))
     assert len(widths) > 4 and set(widths) == {36}
     assert StageRecord.load(tmp_path / "stage3" / "low").sigma_range == (0.0, I2V_BOUNDARY)

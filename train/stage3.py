@@ -197,7 +197,8 @@ def dmd_bounds(m: Stage3Models, unit: ExpertUnits) -> tuple[float, float]:
     none do."""
     lo, hi = m.cfg.stage3.dmd_sigma_range
     a, b = (float(unshift_sigma(s, m.cfg.stage3.shift)) for s in unit.sigma_range)
-    return max(lo, a), max(max(lo, a), min(hi, b))
+    low = max(lo, a)
+    return low, max(low, min(hi, b))
 
 
 def dmd_sigma(m: Stage3Models, g: torch.Generator, n: int, unit: ExpertUnits) -> torch.Tensor:
